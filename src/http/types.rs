@@ -1,0 +1,168 @@
+//! Response bodies that exist only at the HTTP edge (the per-image answer is
+//! [`crate::scoring::ImageScore`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ErrorDetail;
+use crate::{
+    model::{
+        Model,
+        calibration::RiskSource,
+        manifest::{Color, Provenance, QScoreParams},
+    },
+    scoring::ImageScore,
+};
+
+/// `?model=NAME`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelQuery {
+    /// Model to use; the server's default when absent.
+    pub model: Option<String>,
+}
+
+/// One item of a batch answer: the image's answer with its id, or its own error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum BatchItem {
+    /// The image was scored.
+    Scored {
+        /// The client's id for the image.
+        id: String,
+        /// The same answer as `POST /v1/score`.
+        #[serde(flatten)]
+        score: ImageScore,
+    },
+    /// This image alone failed.
+    Failed {
+        /// The client's id for the image.
+        id: String,
+        /// Why.
+        error: ErrorDetail,
+    },
+}
+
+/// The body of `POST /v1/score/batch`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchResponse {
+    /// One item per image, in input order.
+    pub results: Vec<BatchItem>,
+    /// Totals over the batch.
+    pub summary: BatchSummary,
+}
+
+/// Totals over one batch.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchSummary {
+    /// Images received.
+    pub count: usize,
+    /// Images scored.
+    pub scored: usize,
+    /// Images that failed.
+    pub failed: usize,
+    /// Scored images flagged as likely misclassified (0 when uncalibrated).
+    pub flagged: usize,
+    /// Mean Q-Score of the scored images; null when none was scored.
+    pub mean_q_score: Option<f32>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// Name of the model used when a request names none.
+    pub default: String,
+    /// Every loaded model.
+    pub models: Vec<ModelInfo>,
+}
+
+/// What is loaded under one name.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelInfo {
+    /// Model name.
+    pub name: String,
+    /// Model build version.
+    pub version: String,
+    /// What the encoder is.
+    pub description: String,
+    /// Execution provider it runs on (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The input the encoder takes.
+    pub input: InputInfo,
+    /// Size d of the representation.
+    pub embedding_dim: usize,
+    /// Q-Score parameters in use.
+    pub qscore: QScoreParams,
+    /// Whether a calibration is loaded.
+    pub calibrated: bool,
+    /// The calibration in use; null when uncalibrated.
+    pub calibration: Option<CalibrationInfo>,
+    /// Where the weights come from.
+    pub provenance: Provenance,
+}
+
+/// The encoder's input.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InputInfo {
+    /// ONNX input name.
+    pub name: String,
+    /// Channels.
+    pub channels: usize,
+    /// Height in pixels.
+    pub height: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Colour layout.
+    pub color: Color,
+    /// Shorter-side resize before the centre crop; null for a direct resize.
+    pub resize_shorter: Option<u32>,
+}
+
+/// Summary of a loaded calibration.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CalibrationInfo {
+    /// Estimator behind the flag.
+    pub risk_source: RiskSource,
+    /// tau on p_misclassified.
+    pub threshold: f32,
+    /// |D|.
+    pub discriminative_features: usize,
+}
+
+/// `GET /health/*`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `live` or `ready`.
+    pub status: String,
+}
+
+impl From<&Model> for ModelInfo {
+    fn from(m: &Model) -> Self {
+        let man = &m.manifest;
+        Self {
+            name: man.name.clone(),
+            version: man.version.clone(),
+            description: man.description.clone(),
+            device: m.device.to_string(),
+            input: InputInfo {
+                name: man.input.name.clone(),
+                channels: man.input.channels,
+                height: man.input.height,
+                width: man.input.width,
+                color: man.preprocess.color,
+                resize_shorter: man.preprocess.resize_shorter,
+            },
+            embedding_dim: man.output.dim,
+            qscore: QScoreParams {
+                epsilon: m.epsilon,
+                percentiles: m.calibration.as_ref().map_or(man.qscore.percentiles, |c| c.percentiles),
+            },
+            calibrated: m.calibration.is_some(),
+            calibration: m.calibration.as_ref().map(|c| CalibrationInfo {
+                risk_source: c.risk_source,
+                threshold: c.threshold,
+                discriminative_features: c.discriminative_features.len(),
+            }),
+            provenance: man.provenance.clone(),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! From encoded bytes to the model's input tensor: decode with limits, orient, convert, resize,
+//! crop, normalise.
+//!
+//! The format is sniffed from the bytes, never taken from a file name or a content type. Limits
+//! are checked on the header, before any pixel buffer is allocated, so a 74-byte PNG that
+//! declares 100000 x 100000 pixels costs nothing. Resizing uses `fast_image_resize`'s bilinear
+//! convolution, which reproduces Pillow's antialiased bilinear filter: with the same
+//! shorter-side resize and centre crop as torchvision, the tensors match PyTorch's reference
+//! preprocessing (the golden-embedding test holds us to it).
+//!
+//! Everything here is CPU-bound and synchronous; callers run it on a blocking pool.
+
+use std::io::Cursor;
+
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image as FirImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use ndarray::{Array3, ArrayViewMut3};
+
+use crate::{error::Error, model::manifest::Preprocess};
+
+/// Limits applied to every image before it is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    /// Largest encoded size, in bytes.
+    pub max_bytes: usize,
+    /// Largest declared width x height.
+    pub max_pixels: u64,
+}
+
+/// Formats qscore decodes; anything else is `unsupported_image_format`.
+const SUPPORTED: [ImageFormat; 6] =
+    [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff];
+
+/// Decodes one encoded image, applying its EXIF orientation, after checking `limits` on the
+/// header alone.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error> {
+    if bytes.is_empty() {
+        return Err(Error::EmptyImage);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(Error::ImageTooLarge { size: bytes.len(), limit: limits.max_bytes });
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Internal(format!("reading from memory: {e}")))?;
+    match reader.format() {
+        Some(f) if SUPPORTED.contains(&f) => {}
+        _ => return Err(Error::UnsupportedFormat),
+    }
+    if reader.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        return Err(Error::UndecodableImage("the JPEG is truncated: no end-of-image marker after its last scan".into()));
+    }
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(Error::TooManyPixels { width, height, pixels, limit: limits.max_pixels });
+    }
+    if pixels == 0 {
+        return Err(Error::UndecodableImage(format!("the image declares {width}x{height} pixels")));
+    }
+    // Decoders may allocate a little beyond the output (palettes, rows); the pixel check above
+    // already bounds the output, this bounds the rest.
+    let mut decode_limits = image::Limits::default();
+    decode_limits.max_alloc = Some(decoder.total_bytes().saturating_mul(2).saturating_add(64 << 20));
+    decoder.set_limits(decode_limits).map_err(undecodable)?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+/// Whether a JPEG's last scan is followed by an end-of-image marker.
+///
+/// The JPEG decoder fills a truncated scan with grey and reports success, which would score
+/// half a photograph as if it were whole. Entropy-coded data stuffs every 0xFF with 0x00, so an
+/// EOI (FF D9) after the last start-of-scan (FF DA) can only be the real end; an EXIF
+/// thumbnail's own EOI comes before the main image's scans and does not count.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    last_sos.is_some_and(|sos| bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+fn undecodable(e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Unsupported(_) => Error::UnsupportedFormat,
+        image::ImageError::Limits(l) => Error::UndecodableImage(format!("decoder memory limit: {l}")),
+        e => Error::UndecodableImage(e.to_string()),
+    }
+}
+
+/// The target geometry: where the image is resized to, and the centred window cut from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    resized: (u32, u32),
+    crop_left: u32,
+    crop_top: u32,
+}
+
+/// torchvision's `Resize(s)` (shorter side to s, the longer side truncated, as in
+/// `int(s * long / short)`) followed by `CenterCrop` (offsets `int(round((len - crop) / 2))`);
+/// without `resize_shorter`, a plain resize to the input size.
+fn geometry(width: u32, height: u32, p: &Preprocess) -> Geometry {
+    let (out_w, out_h) = (p.width, p.height);
+    let Some(s) = p.resize_shorter else {
+        return Geometry { resized: (out_w, out_h), crop_left: 0, crop_top: 0 };
+    };
+    let resized = if width <= height {
+        (s, ((u64::from(s) * u64::from(height)) / u64::from(width)) as u32)
+    } else {
+        (((u64::from(s) * u64::from(width)) / u64::from(height)) as u32, s)
+    };
+    // Python's round() is half-to-even; offsets are integers or .5, so match it exactly.
+    let offset = |len: u32, crop: u32| ((f64::from(len) - f64::from(crop)) / 2.0).round_ties_even().max(0.0) as u32;
+    Geometry { resized, crop_left: offset(resized.0, out_w), crop_top: offset(resized.1, out_h) }
+}
+
+/// Decoded image → resized, cropped, normalised tensor of shape (channels, height, width).
+pub fn preprocess(image: &DynamicImage, p: &Preprocess) -> Result<Array3<f32>, Error> {
+    let channels = p.channels();
+    // Greyscale models take luma; colour models take RGB with alpha dropped (as Pillow's
+    // convert("RGB") does). 16-bit samples are scaled to 8 bits, as the reference pipeline does.
+    let (pixels, pixel_type) = match channels {
+        1 => (DynamicImage::ImageLuma8(image.to_luma8()), PixelType::U8),
+        _ => (DynamicImage::ImageRgb8(image.to_rgb8()), PixelType::U8x3),
+    };
+    let g = geometry(pixels.width(), pixels.height(), p);
+    let mut resized = FirImage::new(g.resized.0, g.resized.1, pixel_type);
+    Resizer::new()
+        .resize(&pixels, &mut resized, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
+
+    let mut out = Array3::<f32>::zeros((channels, p.height as usize, p.width as usize));
+    normalise_into(resized.buffer(), g, channels, p, out.view_mut());
+    Ok(out)
+}
+
+/// Copies the crop window of an interleaved u8 buffer into planar f32, as
+/// `(x / 255 - mean) / std` per channel.
+fn normalise_into(buf: &[u8], g: Geometry, channels: usize, p: &Preprocess, mut out: ArrayViewMut3<f32>) {
+    let stride = g.resized.0 as usize * channels;
+    let scale: Vec<f32> = p.std.iter().map(|s| 1.0 / (255.0 * s)).collect();
+    let shift: Vec<f32> = p.mean.iter().zip(&p.std).map(|(m, s)| m / s).collect();
+    for y in 0..p.height as usize {
+        let row = &buf[(g.crop_top as usize + y) * stride..];
+        for x in 0..p.width as usize {
+            let px = &row[(g.crop_left as usize + x) * channels..][..channels];
+            for c in 0..channels {
+                out[[c, y, x]] = f32::from(px[c]) * scale[c] - shift[c];
+            }
+        }
+    }
+}
+
+/// Decode then preprocess: the whole path from bytes to tensor.
+pub fn prepare(bytes: &[u8], limits: &ImageLimits, p: &Preprocess) -> Result<Array3<f32>, Error> {
+    preprocess(&decode(bytes, limits)?, p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn imagenet() -> Preprocess {
+        Preprocess {
+            width: 224,
+            height: 224,
+            resize_shorter: Some(256),
+            color: crate::model::manifest::Color::Rgb,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        }
+    }
+
+    /// torchvision: a 640x427 photo resizes to int(256 * 640 / 427) = 383 x 256; the crop
+    /// offsets are round((383 - 224) / 2) = round(79.5) = 80 (half to even) and 16.
+    #[test]
+    fn geometry_matches_torchvision() {
+        let g = geometry(640, 427, &imagenet());
+        assert_eq!(g, Geometry { resized: (383, 256), crop_left: 80, crop_top: 16 });
+        let g = geometry(300, 451, &imagenet());
+        assert_eq!(g.resized, (256, 384));
+        assert_eq!((g.crop_left, g.crop_top), (16, 80));
+        let mut plain = imagenet();
+        plain.resize_shorter = None;
+        assert_eq!(geometry(999, 3, &plain), Geometry { resized: (224, 224), crop_left: 0, crop_top: 0 });
+    }
+
+    #[test]
+    fn normalisation_is_per_channel() {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(300, 300, image::Rgb([255, 0, 128])));
+        let t = preprocess(&img, &imagenet()).unwrap();
+        assert_eq!(t.dim(), (3, 224, 224));
+        let expect = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128.0 / 255.0 - 0.406) / 0.225];
+        for (c, e) in expect.iter().enumerate() {
+            assert!((t[[c, 100, 100]] - e).abs() < 1e-5, "channel {c}: {} vs {e}", t[[c, 100, 100]]);
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_before_decoding() {
+        let limits = ImageLimits { max_bytes: 1 << 20, max_pixels: 1000 };
+        let mut png = Vec::new();
+        DynamicImage::ImageRgb8(image::RgbImage::new(40, 40))
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        assert!(matches!(decode(&png, &limits), Err(Error::TooManyPixels { pixels: 1600, .. })));
+        assert!(matches!(decode(&[], &limits), Err(Error::EmptyImage)));
+        assert!(matches!(decode(b"hello, world", &limits), Err(Error::UnsupportedFormat)));
+        let small = ImageLimits { max_bytes: 10, max_pixels: 1000 };
+        assert!(matches!(decode(&png, &small), Err(Error::ImageTooLarge { .. })));
+    }
+}

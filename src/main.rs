@@ -1,0 +1,94 @@
+//! The `qscore` command: `serve`, `score` and `openapi`.
+
+use std::{io::Write, process::ExitCode};
+
+use bytes::Bytes;
+use clap::Parser;
+use qscore::{
+    config::{Cli, Command, LogFormat, ScoreArgs},
+    http::error::ErrorDetail,
+    server,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Openapi => print_openapi(),
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            runtime().and_then(|rt| rt.block_on(server::serve(args))).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Score(args) => {
+            init_logging(LogFormat::Text);
+            runtime().and_then(|rt| rt.block_on(score_files(args)))
+        }
+    };
+    match result {
+        Ok(code) => code.into(),
+        Err(e) => {
+            eprintln!("qscore: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Decoding is CPU-bound: more blocking threads than cores only adds contention.
+        .max_blocking_threads(cores.max(2))
+        .build()?)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QSCORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print_openapi() -> anyhow::Result<ExitCode> {
+    println!("{}", qscore::http::api_doc().to_pretty_json()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Scores files through the same pipeline as the server; one JSON line per file, in order.
+/// Exits 1 when any file failed, after printing every line.
+async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    let engine = args.engine.clone();
+    let scorer = tokio::task::spawn_blocking(move || server::build_scorer(&engine, 64)).await??;
+    let model = scorer.registry.get(args.engine.model.as_deref())?.clone();
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = false;
+    for chunk in args.files.chunks(scorer.max_batch) {
+        let mut lines = vec![None; chunk.len()];
+        let mut bytes = Vec::new();
+        let mut positions = Vec::new();
+        for (i, path) in chunk.iter().enumerate() {
+            match std::fs::read(path) {
+                Ok(b) => {
+                    positions.push(i);
+                    bytes.push(Bytes::from(b));
+                }
+                Err(e) => lines[i] = Some(serde_json::json!({"file": path, "error": {"code": "unreadable_file", "message": e.to_string()}})),
+            }
+        }
+        for (i, answer) in positions.into_iter().zip(scorer.score(&model, bytes, false).await) {
+            lines[i] = Some(match answer {
+                Ok(s) => serde_json::to_value(s)?,
+                Err(e) => serde_json::json!({"error": ErrorDetail::from(&e)}),
+            });
+        }
+        for (path, line) in chunk.iter().zip(lines) {
+            let mut line = line.expect("every file was answered");
+            failed |= line.get("error").is_some();
+            line.as_object_mut().expect("answers are objects").insert("file".into(), serde_json::json!(path));
+            writeln!(stdout, "{line}")?;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}

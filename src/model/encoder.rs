@@ -1,0 +1,89 @@
+//! One ONNX Runtime session running one encoder: a batch of preprocessed images in, one
+//! representation per image out.
+
+use std::path::Path;
+
+use anyhow::Context;
+use ndarray::{Array2, ArrayView4, Ix2};
+use ort::{
+    environment::Environment,
+    ep,
+    session::{Session, builder::GraphOptimizationLevel},
+    value::TensorRef,
+};
+
+use crate::config::Device;
+
+/// Session settings for every model.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    /// Execution provider.
+    pub device: Device,
+    /// Intra-op threads (0: ONNX Runtime's default).
+    pub intra_threads: usize,
+}
+
+/// An encoder session with the names of its input and output.
+pub struct Encoder {
+    session: Session,
+    input: String,
+    output: String,
+    dim: usize,
+}
+
+impl Encoder {
+    /// Builds a session for `model_path` on the requested device. A CUDA request whose
+    /// provider cannot register is an error carrying ONNX Runtime's reason.
+    pub fn load(
+        env: &Environment,
+        model_path: &Path,
+        input: &str,
+        output: &str,
+        dim: usize,
+        opts: SessionOptions,
+    ) -> anyhow::Result<Self> {
+        let fail = |what: &str, e: String| anyhow::anyhow!("{}: {what}: {e}", model_path.display());
+        let mut builder = Session::builder(env)
+            .map_err(|e| fail("session options", e.to_string()))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| fail("optimisation level", e.to_string()))?;
+        if opts.intra_threads > 0 {
+            builder = builder.with_intra_threads(opts.intra_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
+        }
+        if let Device::Cuda(id) = opts.device {
+            builder = builder
+                .with_execution_providers([ep::CUDA::default().with_device_id(id).build().error_on_failure()])
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--device {} was asked for, but ONNX Runtime's CUDA execution provider could not register: {e}. \
+                         Use the CUDA build of ONNX Runtime (`make ort-gpu`, then --ort-lib .ort/libonnxruntime.so) on a machine \
+                         with an NVIDIA driver, CUDA 13 and cuDNN 9 on the library path, or run with --device cpu",
+                        opts.device
+                    )
+                })?;
+        }
+        let session = builder.commit_from_file(model_path).map_err(|e| fail("cannot load the ONNX model", e.to_string()))?;
+        for (what, name, outlets) in [("input", input, session.inputs()), ("output", output, session.outputs())] {
+            if !outlets.iter().any(|o| o.name() == name) {
+                let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+                anyhow::bail!("{}: model.toml names {what} `{name}`, but the graph has {names:?}", model_path.display());
+            }
+        }
+        Ok(Self { session, input: input.to_owned(), output: output.to_owned(), dim })
+    }
+
+    /// Runs a batch (N, C, H, W) and returns the representations (N, d), whatever trailing
+    /// singleton axes the graph leaves (N, d, 1, 1 is common for pooled CNNs).
+    pub fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>> {
+        let n = batch.dim().0;
+        let input = TensorRef::from_array_view(batch).context("building the input tensor")?;
+        let outputs = self.session.run(ort::inputs![self.input.as_str() => input]).context("ONNX Runtime run")?;
+        let view = outputs[self.output.as_str()].try_extract_array::<f32>().context("reading the output tensor")?;
+        let len = view.len();
+        if len != n * self.dim {
+            anyhow::bail!("the model answered {:?} for {n} images; model.toml says {} features each", view.shape(), self.dim);
+        }
+        let flat: Vec<f32> = view.iter().copied().collect();
+        Ok(Array2::from_shape_vec((n, self.dim), flat)?.into_dimensionality::<Ix2>()?)
+    }
+}

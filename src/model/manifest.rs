@@ -1,0 +1,194 @@
+//! `model.toml`: what a model folder declares about its ONNX file.
+//!
+//! The manifest is the contract between a recipe that exports an encoder and the server that
+//! runs it: tensor names, input geometry, the preprocessing the encoder was trained with, and
+//! the Q-Score parameters (design.md section 1). It is validated on load so that a bad manifest
+//! stops start-up with a message naming the file and the field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole `model.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Model name, as used in `?model=`; must equal the folder name.
+    pub name: String,
+    /// Version of this model build.
+    pub version: String,
+    /// One line on what the encoder is.
+    pub description: String,
+    /// Where the weights come from and how the file was built.
+    pub provenance: Provenance,
+    /// The input tensor.
+    pub input: TensorSpec,
+    /// The representation tensor.
+    pub output: OutputSpec,
+    /// How an image becomes the input tensor.
+    pub preprocess: PreprocessSpec,
+    /// Q-Score parameters.
+    #[serde(default)]
+    pub qscore: QScoreParams,
+}
+
+/// Provenance of a model build.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// Architecture and training.
+    pub source: String,
+    /// Where the weights were obtained.
+    pub weights: String,
+    /// The script that produced model.onnx.
+    pub recipe: String,
+    /// Licence of the weights.
+    pub license: String,
+}
+
+/// The ONNX input.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// Tensor name in the ONNX graph.
+    pub name: String,
+    /// Channels: 3 (RGB) or 1 (grey).
+    pub channels: usize,
+    /// Height in pixels.
+    pub height: u32,
+    /// Width in pixels.
+    pub width: u32,
+}
+
+/// The ONNX output holding the representation h.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Tensor name in the ONNX graph.
+    pub name: String,
+    /// Embedding size d.
+    pub dim: usize,
+}
+
+/// Preprocessing as written in the manifest.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSpec {
+    /// Resize the shorter side to this, keeping the aspect ratio, then centre-crop to the input
+    /// size. Absent: resize straight to the input size.
+    pub resize_shorter: Option<u32>,
+    /// Colour the model takes.
+    pub color: Color,
+    /// Per-channel mean, applied after scaling to [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    pub std: Vec<f32>,
+}
+
+/// Colour layout of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    /// Three channels, R G B.
+    Rgb,
+    /// One luma channel.
+    Grey,
+}
+
+/// Q-Score parameters for this model (design.md section 1).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QScoreParams {
+    /// eps in L = { j : h_j > mu + eps * sigma }.
+    pub epsilon: f32,
+    /// (lo, hi) percentiles of the non-zero A_j that bound D.
+    pub percentiles: (f64, f64),
+}
+
+impl Default for QScoreParams {
+    fn default() -> Self {
+        Self { epsilon: 4.0, percentiles: (50.0, 95.0) }
+    }
+}
+
+/// Everything the image path needs, flattened from the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// Shorter-side resize before the centre crop.
+    pub resize_shorter: Option<u32>,
+    /// Colour layout.
+    pub color: Color,
+    /// Per-channel mean.
+    pub mean: Vec<f32>,
+    /// Per-channel std.
+    pub std: Vec<f32>,
+}
+
+impl Preprocess {
+    /// Number of input channels.
+    pub fn channels(&self) -> usize {
+        match self.color {
+            Color::Rgb => 3,
+            Color::Grey => 1,
+        }
+    }
+}
+
+impl Manifest {
+    /// Reads and validates `dir/model.toml`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let manifest: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a valid manifest: {e}", path.display()))?;
+        manifest.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let pre = self.preprocess();
+        let c = pre.channels();
+        if self.input.channels != c {
+            return Err(format!("input.channels = {} but preprocess.color needs {c}", self.input.channels));
+        }
+        if self.preprocess.mean.len() != c || self.preprocess.std.len() != c {
+            return Err(format!("preprocess.mean and preprocess.std need {c} values each"));
+        }
+        if self.preprocess.std.iter().any(|&s| !(s > 0.0)) {
+            return Err("preprocess.std values must be positive".into());
+        }
+        if self.input.width == 0 || self.input.height == 0 || self.output.dim < 2 {
+            return Err("input size must be non-zero and output.dim at least 2".into());
+        }
+        if let Some(s) = self.preprocess.resize_shorter {
+            if s < self.input.width.min(self.input.height) {
+                return Err("preprocess.resize_shorter must be at least the input size".into());
+            }
+        }
+        let (lo, hi) = self.qscore.percentiles;
+        if !(0.0..=100.0).contains(&lo) || !(0.0..=100.0).contains(&hi) || lo > hi {
+            return Err("qscore.percentiles must be 0 <= lo <= hi <= 100".into());
+        }
+        if !(self.qscore.epsilon.is_finite()) {
+            return Err("qscore.epsilon must be finite".into());
+        }
+        Ok(())
+    }
+
+    /// The preprocessing the image path applies.
+    pub fn preprocess(&self) -> Preprocess {
+        Preprocess {
+            width: self.input.width,
+            height: self.input.height,
+            resize_shorter: self.preprocess.resize_shorter,
+            color: self.preprocess.color,
+            mean: self.preprocess.mean.clone(),
+            std: self.preprocess.std.clone(),
+        }
+    }
+}

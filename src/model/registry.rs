@@ -1,0 +1,142 @@
+//! The models loaded at start-up, each with its own inference worker.
+//!
+//! Start-up order, as TEI does it: load every model, check its manifest against the graph, run
+//! one warm-up batch, and only then hand the registry to the server. A model that fails any
+//! step stops start-up with a message naming the folder.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use anyhow::{Context, bail};
+use ndarray::Array4;
+use ort::environment::Environment;
+
+use super::{
+    calibration::Calibration,
+    encoder::{Encoder, SessionOptions},
+    manifest::{Manifest, Preprocess},
+    runtime,
+};
+use crate::{batch::Worker, config::EngineArgs, error::Error, metrics::Metrics, qscore::Discriminative};
+
+/// One loaded model.
+pub struct Model {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The image path's settings, derived from the manifest once.
+    pub preprocess: Preprocess,
+    /// Its calibration, when `calibration.json` is present.
+    pub calibration: Option<Calibration>,
+    /// D: every feature when uncalibrated, calibration's set otherwise.
+    pub discriminative: Discriminative,
+    /// eps used for L: calibration's when calibrated (D was found with it), else the manifest's.
+    pub epsilon: f32,
+    /// Where inference runs.
+    pub device: crate::config::Device,
+    /// Handle to its inference thread.
+    pub worker: Worker,
+}
+
+impl Model {
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+}
+
+/// Every loaded model, by name.
+pub struct Registry {
+    models: BTreeMap<String, Arc<Model>>,
+    default: String,
+    // Sessions borrow the process-wide environment; it lives as long as the registry.
+    _env: Environment,
+}
+
+impl Registry {
+    /// Loads, checks and warms up every model folder under `args.models_dir`.
+    pub fn load(args: &EngineArgs, queue: usize, metrics: &Metrics) -> anyhow::Result<Self> {
+        let lib = runtime::locate(args.ort_lib.as_deref())?;
+        let env = runtime::start(&lib)?;
+        tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
+        let opts = SessionOptions { device: args.device, intra_threads: args.intra_threads };
+
+        let mut models = BTreeMap::new();
+        for dir in model_dirs(&args.models_dir)? {
+            let model = load_model(&env, &dir, opts, queue, metrics)?;
+            tracing::info!(model = model.name(), device = %opts.device, calibrated = model.calibration.is_some(), "model ready");
+            models.insert(model.manifest.name.clone(), Arc::new(model));
+        }
+        let Some(first) = models.keys().next().cloned() else {
+            bail!("no model found under {}: each model is a folder with model.onnx and model.toml", args.models_dir.display());
+        };
+        let default = match &args.model {
+            Some(name) if !models.contains_key(name) => {
+                bail!("--model {name} is not among the loaded models: {}", models.keys().cloned().collect::<Vec<_>>().join(", "))
+            }
+            Some(name) => name.clone(),
+            None => first,
+        };
+        Ok(Self { models, default, _env: env })
+    }
+
+    /// The model called `name`, or the default one.
+    pub fn get(&self, name: Option<&str>) -> Result<&Arc<Model>, Error> {
+        let name = name.unwrap_or(&self.default);
+        self.models.get(name).ok_or_else(|| Error::UnknownModel { name: name.to_owned(), loaded: self.names().join(", ") })
+    }
+
+    /// Every model, by name.
+    pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
+        self.models.values()
+    }
+
+    /// Names of the loaded models.
+    pub fn names(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
+    /// The default model's name.
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+}
+
+/// Sub-folders of `root` that hold a model.toml, sorted by name.
+fn model_dirs(root: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let entries = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read the models folder {} (--models-dir)", root.display()))?;
+    let mut dirs: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("model.toml").is_file())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn load_model(env: &Environment, dir: &Path, opts: SessionOptions, queue: usize, metrics: &Metrics) -> anyhow::Result<Model> {
+    let manifest = Manifest::load(dir)?;
+    let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if manifest.name != folder {
+        bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
+    }
+    let dim = manifest.output.dim;
+    let calibration = Calibration::load(dir, dim)?;
+    let discriminative = match &calibration {
+        Some(c) => c.discriminative_set(dim).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
+        None => Discriminative::All,
+    };
+    let epsilon = calibration.as_ref().map_or(manifest.qscore.epsilon, |c| c.epsilon);
+    let mut encoder =
+        Encoder::load(env, &dir.join("model.onnx"), &manifest.input.name, &manifest.output.name, dim, opts)?;
+
+    let pre = manifest.preprocess();
+    let warmup = Array4::<f32>::zeros((1, pre.channels(), pre.height as usize, pre.width as usize));
+    let out = encoder.embed(warmup.view()).with_context(|| format!("{}: warm-up run failed", dir.display()))?;
+    if out.iter().any(|v| !v.is_finite()) {
+        bail!("{}: the warm-up run produced non-finite values", dir.display());
+    }
+
+    let worker = Worker::spawn(manifest.name.clone(), encoder, queue, metrics.clone())
+        .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
+    Ok(Model { preprocess: pre, manifest, calibration, discriminative, epsilon, device: opts.device, worker })
+}
