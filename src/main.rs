@@ -7,6 +7,7 @@ use clap::Parser;
 use qscore::{
     config::{Cli, Command, LogFormat, ScoreArgs},
     http::error::ErrorDetail,
+    scoring::ImageScore,
     server,
 };
 
@@ -56,6 +57,16 @@ fn print_openapi() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line of `qscore score`: the file, then the /v1/score answer or the error.
+#[derive(serde::Serialize)]
+struct FileLine<'a> {
+    file: &'a std::path::Path,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    score: Option<ImageScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorDetail>,
+}
+
 /// Scores files through the same pipeline as the server; one JSON line per file, in order.
 /// Exits 1 when any file failed, after printing every line.
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
@@ -65,7 +76,7 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for chunk in args.files.chunks(scorer.max_batch) {
-        let mut lines = vec![None; chunk.len()];
+        let mut answers: Vec<Option<Result<ImageScore, ErrorDetail>>> = vec![None; chunk.len()];
         let mut bytes = Vec::new();
         let mut positions = Vec::new();
         for (i, path) in chunk.iter().enumerate() {
@@ -74,19 +85,22 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     positions.push(i);
                     bytes.push(Bytes::from(b));
                 }
-                Err(e) => lines[i] = Some(serde_json::json!({"file": path, "error": {"code": "unreadable_file", "message": e.to_string()}})),
+                Err(e) => {
+                    answers[i] = Some(Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }))
+                }
             }
         }
         for (i, answer) in positions.into_iter().zip(scorer.score(&model, bytes, false).await) {
-            lines[i] = Some(match answer {
-                Ok(s) => serde_json::to_value(s)?,
-                Err(e) => serde_json::json!({"error": ErrorDetail::from(&e)}),
-            });
+            answers[i] = Some(answer.map_err(|e| ErrorDetail::from(&e)));
         }
-        for (path, line) in chunk.iter().zip(lines) {
-            let mut line = line.expect("every file was answered");
-            failed |= line.get("error").is_some();
-            line.as_object_mut().expect("answers are objects").insert("file".into(), serde_json::json!(path));
+        for (file, answer) in chunk.iter().zip(answers) {
+            let line = match answer.expect("every file was answered") {
+                Ok(score) => serde_json::to_string(&FileLine { file, score: Some(score), error: None })?,
+                Err(error) => {
+                    failed = true;
+                    serde_json::to_string(&FileLine { file, score: None, error: Some(error) })?
+                }
+            };
             writeln!(stdout, "{line}")?;
         }
     }

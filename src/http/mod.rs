@@ -16,7 +16,7 @@ use std::{
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    extract::{MatchedPath, Request, State},
     middleware::{self, Next},
     response::Response,
     routing::{get, post},
@@ -84,8 +84,8 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found);
-    api.layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
-        .layer(TraceLayer::new_for_http())
+    // Bodies are read, and limited, by the `Uploads` extractor alone.
+    api.layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(Error::Internal("the request handler panicked".into()))
         }))

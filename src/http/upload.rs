@@ -5,12 +5,16 @@
 //! is dropped: a part under another name is refused, not ignored, and an item with bad base64
 //! keeps its place in the batch with its own error.
 
+use std::time::Duration;
+
 use axum::{
-    extract::{FromRequest, Multipart, Request},
+    body::Body,
+    extract::{FromRequest, Request},
     http::header::CONTENT_TYPE,
 };
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::AppState;
@@ -57,73 +61,98 @@ impl FromRequest<AppState> for Uploads {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_ascii_lowercase();
-        let essence = content_type.split(';').next().unwrap_or("").trim().to_owned();
+            .to_owned();
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let body = read_body(req.into_body(), limits.max_body_bytes).await?;
 
-        if essence == "multipart/form-data" {
-            let mut multipart = Multipart::from_request(req, state)
-                .await
-                .map_err(|e| Error::BadRequest(format!("malformed multipart body: {}", e.body_text())))?;
-            let mut uploads = Vec::new();
-            while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limits.max_body_bytes))? {
-                if field.name() != Some("image") {
-                    return Err(Error::UnexpectedField(field.name().unwrap_or("").to_owned()));
-                }
-                if uploads.len() == limits.max_batch_images {
-                    return Err(Error::TooManyImages { limit: limits.max_batch_images });
-                }
-                let id = field.file_name().map(str::to_owned).unwrap_or_else(|| uploads.len().to_string());
-                let data = field.bytes().await.map_err(|e| multipart_error(e, limits.max_body_bytes))?;
-                uploads.push(Upload { id, data: Ok(data) });
+        match essence.as_str() {
+            "multipart/form-data" => parse_multipart(&content_type, body, limits.max_batch_images).await,
+            "application/json" => parse_json(&body, limits.max_batch_images),
+            e if e.starts_with("image/") || e == "application/octet-stream" => {
+                Ok(Self(vec![Upload { id: "0".into(), data: Ok(body) }]))
             }
-            if uploads.is_empty() {
-                return Err(Error::MissingImage);
-            }
-            return Ok(Self(uploads));
+            "" => Err(Error::UnsupportedMediaType("(none)".into())),
+            _ => Err(Error::UnsupportedMediaType(essence)),
         }
-
-        let body = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                Error::BodyTooLarge { limit: limits.max_body_bytes }
-            } else {
-                Error::BadRequest(format!("cannot read the body: {}", e.body_text()))
-            }
-        })?;
-        if essence.starts_with("image/") || essence == "application/octet-stream" {
-            return Ok(Self(vec![Upload { id: "0".into(), data: Ok(body) }]));
-        }
-        if essence == "application/json" {
-            let batch: JsonBatch = serde_json::from_slice(&body)
-                .map_err(|e| Error::BadRequest(format!("invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}")))?;
-            if batch.images.len() > limits.max_batch_images {
-                return Err(Error::TooManyImages { limit: limits.max_batch_images });
-            }
-            if batch.images.is_empty() {
-                return Err(Error::MissingImage);
-            }
-            let engine = base64::engine::general_purpose::STANDARD;
-            let uploads = batch
-                .images
-                .into_iter()
-                .enumerate()
-                .map(|(i, img)| Upload {
-                    id: img.id.unwrap_or_else(|| i.to_string()),
-                    data: engine
-                        .decode(img.data.as_bytes())
-                        .map(Bytes::from)
-                        .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}"))),
-                })
-                .collect();
-            return Ok(Self(uploads));
-        }
-        Err(Error::UnsupportedMediaType(if essence.is_empty() { "(none)".into() } else { essence }))
     }
 }
 
-fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> Error {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        Error::BodyTooLarge { limit }
-    } else {
-        Error::BadRequest(format!("malformed multipart body: {}", e.body_text()))
+/// How long, and how much beyond the limit, an oversized body is read and discarded before the
+/// 413 is sent. Answering while the client is still writing makes the kernel reset the
+/// connection, and most clients then report a broken pipe instead of our JSON error.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_FACTOR: usize = 4;
+
+/// Reads the whole body, refusing it past `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::BadRequest(format!("cannot read the body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            let mut drained = buf.len() + chunk.len();
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(c)) = stream.next().await {
+                    drained += c.len();
+                    if drained > limit.saturating_mul(LINGER_FACTOR) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Err(Error::BodyTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
     }
+    Ok(buf.freeze())
+}
+
+async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Uploads, Error> {
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| Error::BadRequest(format!("malformed multipart content type: {e}")))?;
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let malformed = |e: multer::Error| Error::BadRequest(format!("malformed multipart body: {e}"));
+    let mut uploads = Vec::new();
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
+        if field.name() != Some("image") {
+            return Err(Error::UnexpectedField(field.name().unwrap_or("").to_owned()));
+        }
+        if uploads.len() == max_images {
+            return Err(Error::TooManyImages { limit: max_images });
+        }
+        let id = field.file_name().map(str::to_owned).unwrap_or_else(|| uploads.len().to_string());
+        let data = field.bytes().await.map_err(malformed)?;
+        uploads.push(Upload { id, data: Ok(data) });
+    }
+    if uploads.is_empty() {
+        return Err(Error::MissingImage);
+    }
+    Ok(Uploads(uploads))
+}
+
+fn parse_json(body: &[u8], max_images: usize) -> Result<Uploads, Error> {
+    let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| {
+        Error::BadRequest(format!("invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"))
+    })?;
+    if batch.images.len() > max_images {
+        return Err(Error::TooManyImages { limit: max_images });
+    }
+    if batch.images.is_empty() {
+        return Err(Error::MissingImage);
+    }
+    let engine = base64::engine::general_purpose::STANDARD;
+    let uploads = batch
+        .images
+        .into_iter()
+        .enumerate()
+        .map(|(i, img)| Upload {
+            id: img.id.unwrap_or_else(|| i.to_string()),
+            data: engine
+                .decode(img.data.as_bytes())
+                .map(Bytes::from)
+                .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}"))),
+        })
+        .collect();
+    Ok(Uploads(uploads))
 }

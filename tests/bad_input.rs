@@ -1,0 +1,96 @@
+//! Every bad input gets its JSON error with the right status, and the server keeps serving.
+
+mod common;
+
+use common::{Server, assert_error, read};
+use reqwest::blocking::multipart::{Form, Part};
+
+#[test]
+fn bad_images_are_refused_with_the_right_status() {
+    let s = Server::start(&[]);
+    let cases: [(&str, Vec<u8>, u16, &str); 6] = [
+        ("empty.jpg", Vec::new(), 400, "empty_image"),
+        ("truncated.jpg", read("bad/truncated.jpg"), 422, "undecodable_image"),
+        ("corrupt.jpg", read("bad/corrupt.jpg"), 422, "undecodable_image"),
+        ("text.jpg", read("bad/not_an_image.txt"), 415, "unsupported_image_format"),
+        ("tiny.ppm", read("bad/tiny.ppm"), 415, "unsupported_image_format"),
+        ("bomb.png", read("bad/bomb_100000x100000.png"), 413, "too_many_pixels"),
+    ];
+    for (name, bytes, status, code) in cases {
+        assert_error(s.post_image("/v1/score", name, bytes.clone()), status, code);
+        assert_error(s.post_raw("/v1/score", "image/jpeg", bytes.clone()), status, code);
+        assert_error(s.post_image("/v1/embed", name, bytes), status, code);
+        s.assert_ready();
+    }
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(metrics.contains("qscore_images_total{model=\"mobilenet_v2-imagenet\",outcome=\"rejected\"} 18"), "{metrics}");
+}
+
+#[test]
+fn malformed_requests_are_refused() {
+    let s = Server::start(&[]);
+    let c = s.client();
+    let url = |p: &str| format!("{}{p}", s.url);
+
+    assert_error(s.post_raw("/v1/score", "image/jpeg", Vec::new()), 400, "empty_image");
+    assert_error(s.post_raw("/v1/score", "text/plain", b"hello".to_vec()), 415, "unsupported_media_type");
+    assert_error(c.post(url("/v1/score")).body(read("photos/china.jpg")).send().unwrap(), 415, "unsupported_media_type");
+    let form = Form::new().part("file", Part::bytes(read("photos/china.jpg")).file_name("china.jpg"));
+    assert_error(c.post(url("/v1/score")).multipart(form).send().unwrap(), 400, "unexpected_field");
+    let form = Form::new().text("note", "no image here");
+    assert_error(c.post(url("/v1/score/batch")).multipart(form).send().unwrap(), 400, "unexpected_field");
+    assert_error(
+        c.post(url("/v1/score")).header("content-type", "multipart/form-data; boundary=xyz").body("--xyz--\r\n").send().unwrap(),
+        400,
+        "missing_image",
+    );
+    assert_error(
+        c.post(url("/v1/score")).header("content-type", "multipart/form-data").body("garbage").send().unwrap(),
+        400,
+        "bad_request",
+    );
+    let two = Form::new()
+        .part("image", Part::bytes(read("photos/china.jpg")).file_name("a.jpg"))
+        .part("image", Part::bytes(read("photos/china.jpg")).file_name("b.jpg"));
+    assert_error(c.post(url("/v1/score")).multipart(two).send().unwrap(), 400, "bad_request");
+    assert_error(s.post_raw("/v1/score/batch", "application/json", b"{\"images\": [".to_vec()), 400, "bad_request");
+    assert_error(s.post_raw("/v1/score/batch", "application/json", b"{\"images\": []}".to_vec()), 400, "missing_image");
+    assert_error(s.post_image("/v1/score?model=nope", "china.jpg", read("photos/china.jpg")), 404, "unknown_model");
+    assert_error(s.post_raw("/v1/score/batch?model=nope", "image/jpeg", read("photos/china.jpg")), 404, "unknown_model");
+    assert_error(s.get("/v2/nothing"), 404, "not_found");
+    assert_error(s.get("/v1/score"), 405, "method_not_allowed");
+    s.assert_ready();
+}
+
+#[test]
+fn request_limits_are_enforced() {
+    let s = Server::start(&["--max-body-bytes", "400000", "--max-batch-images", "3", "--max-image-bytes", "200000"]);
+    let big = read("photos/astronaut.png"); // 791,555 bytes
+    assert!(big.len() > 400_000);
+    assert_error(s.post_image("/v1/score", "astronaut.png", big.clone()), 413, "body_too_large");
+    assert_error(s.post_raw("/v1/score", "image/png", big), 413, "body_too_large");
+    // chelsea.png (240,512 bytes) fits the body limit but not the per-image one.
+    assert_error(s.post_raw("/v1/score", "image/png", read("photos/chelsea.png")), 413, "image_too_large");
+
+    let mut form = Form::new();
+    for i in 0..4 {
+        form = form.part("image", Part::bytes(read("photos/rocket.jpg")).file_name(format!("{i}.jpg")));
+    }
+    assert_error(s.client().post(format!("{}/v1/score/batch", s.url)).multipart(form).send().unwrap(), 413, "too_many_images");
+    let images: Vec<_> = (0..4).map(|_| serde_json::json!({"data": "AAAA"})).collect();
+    let r = s.client().post(format!("{}/v1/score/batch", s.url)).json(&serde_json::json!({ "images": images })).send().unwrap();
+    assert_error(r, 413, "too_many_images");
+
+    let r = s.post_image("/v1/score", "rocket.jpg", read("photos/rocket.jpg"));
+    assert_eq!(r.status(), 200, "a request within the limits still scores");
+    s.assert_ready();
+}
+
+#[test]
+fn pixel_limit_is_configurable() {
+    let s = Server::start(&["--max-image-pixels", "200000"]);
+    // china.jpg is 640 x 427 = 273,280 pixels.
+    let v = assert_error(s.post_image("/v1/score", "china.jpg", read("photos/china.jpg")), 413, "too_many_pixels");
+    assert!(v["error"]["message"].as_str().unwrap().contains("640x427"));
+    assert_eq!(s.post_image("/v1/score", "chelsea.png", read("photos/chelsea.png")).status(), 200);
+}
