@@ -74,7 +74,7 @@ fn request_limits_are_enforced() {
 
     let mut form = Form::new();
     for i in 0..4 {
-        form = form.part("image", Part::bytes(read("photos/rocket.jpg")).file_name(format!("{i}.jpg")));
+        form = form.part("image", Part::bytes(read("formats/chelsea_q95.jpg")).file_name(format!("{i}.jpg")));
     }
     assert_error(s.client().post(format!("{}/v1/score/batch", s.url)).multipart(form).send().unwrap(), 413, "too_many_images");
     let images: Vec<_> = (0..4).map(|_| serde_json::json!({"data": "AAAA"})).collect();
