@@ -156,3 +156,95 @@ impl Calibration {
         Risk { p_misclassified: p, likely_misclassified: p >= self.threshold }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(x: &[f32], y: &[f32]) -> IsotonicMap {
+        IsotonicMap { x: x.to_vec(), y: y.to_vec() }
+    }
+
+    /// Knots (1, 0.8), (3, 0.4), (5, 0.0): decreasing, as for the Q-Score (higher Q, less risk).
+    /// At 2: halfway between 0.8 and 0.4 = 0.6; at 4.5: 0.4 - 0.75 * 0.4 = 0.1; clipped outside.
+    #[test]
+    fn isotonic_interpolates_and_clips() {
+        let m = map(&[1.0, 3.0, 5.0], &[0.8, 0.4, 0.0]);
+        m.validate().unwrap();
+        assert_eq!(m.apply(-10.0), 0.8);
+        assert_eq!(m.apply(1.0), 0.8);
+        assert!((m.apply(2.0) - 0.6).abs() < 1e-6);
+        assert!((m.apply(3.0) - 0.4).abs() < 1e-6);
+        assert!((m.apply(4.5) - 0.1).abs() < 1e-6);
+        assert_eq!(m.apply(99.0), 0.0);
+        assert_eq!(map(&[2.0], &[0.3]).apply(7.0), 0.3);
+    }
+
+    #[test]
+    fn isotonic_rejects_bad_maps() {
+        assert!(map(&[1.0, 1.0], &[0.1, 0.2]).validate().is_err(), "x not strictly ascending");
+        assert!(map(&[1.0, 2.0, 3.0], &[0.1, 0.5, 0.2]).validate().is_err(), "not monotone");
+        assert!(map(&[1.0, 2.0], &[0.1, 1.5]).validate().is_err(), "not a probability");
+        assert!(map(&[], &[]).validate().is_err());
+        assert!(map(&[1.0, 2.0], &[0.1]).validate().is_err());
+    }
+
+    fn calibration(json: serde_json::Value) -> Result<Calibration, String> {
+        let cal: Calibration = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        cal.validate(8).map(|()| cal)
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "format_version": 1, "epsilon": 0.5, "percentiles": [50.0, 95.0],
+            "discriminative_features": [6], "risk_source": "q_score",
+            "isotonic": {"x": [0.0, 2.0, 4.0], "y": [0.9, 0.5, 0.1]}, "threshold": 0.5,
+            "metrics": {"ignored": "by the server"}
+        })
+    }
+
+    /// The hand-computed vector of the Q-Score tests, with D = {6}: Q = 2.75, so
+    /// p = 0.5 - 0.375 * 0.4 = 0.35 < tau = 0.5: not flagged. With D = {} Q = 0: p = 0.9, flagged.
+    #[test]
+    fn risk_follows_the_chosen_source() {
+        let cal = calibration(base()).unwrap();
+        let h = ndarray::array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
+        let s = crate::qscore::score(h.view(), cal.epsilon, &cal.discriminative_set(8).unwrap()).unwrap();
+        let r = cal.risk(&s);
+        assert!((r.p_misclassified - 0.35).abs() < 1e-6, "{r:?}");
+        assert!(!r.likely_misclassified);
+        let none = crate::qscore::score(h.view(), cal.epsilon, &crate::qscore::Discriminative::Mask(vec![false; 8])).unwrap();
+        assert_eq!(cal.risk(&none), Risk { p_misclassified: 0.9, likely_misclassified: true });
+    }
+
+    #[test]
+    fn bad_calibrations_are_refused() {
+        let mut v = base();
+        v["discriminative_features"] = serde_json::json!([3, 8]);
+        assert!(calibration(v).unwrap_err().contains("index 8"));
+        let mut v = base();
+        v["discriminative_features"] = serde_json::json!([4, 2]);
+        assert!(calibration(v).is_err());
+        let mut v = base();
+        v["format_version"] = serde_json::json!(2);
+        assert!(calibration(v).is_err());
+        let mut v = base();
+        v["threshold"] = serde_json::json!(1.5);
+        assert!(calibration(v).is_err());
+        let mut v = base();
+        v["risk_source"] = serde_json::json!("max_softmax");
+        assert!(calibration(v).is_err(), "probe-based sources need a build that serves the probe");
+    }
+
+    #[test]
+    fn missing_file_means_uncalibrated() {
+        let dir = std::env::temp_dir().join(format!("qscore-cal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(Calibration::load(&dir, 8).unwrap().is_none());
+        std::fs::write(dir.join("calibration.json"), base().to_string()).unwrap();
+        assert_eq!(Calibration::load(&dir, 8).unwrap().unwrap().discriminative_features, vec![6]);
+        std::fs::write(dir.join("calibration.json"), "{").unwrap();
+        assert!(Calibration::load(&dir, 8).unwrap_err().to_string().contains("qscore calibrate"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
