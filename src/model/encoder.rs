@@ -55,10 +55,11 @@ impl Encoder {
                 .with_execution_providers([ep::CUDA::default().with_device_id(id).build().error_on_failure()])
                 .map_err(|e| {
                     anyhow::anyhow!(
-                        "--device {} was asked for, but ONNX Runtime's CUDA execution provider could not register: {e}. \
-                         Use the CUDA build of ONNX Runtime (`make ort-gpu`, then --ort-lib .ort/libonnxruntime.so) on a machine \
-                         with an NVIDIA driver, CUDA 13 and cuDNN 9 on the library path, or run with --device cpu",
-                        opts.device
+                        "--device {} was asked for, but ONNX Runtime's CUDA execution provider could not register: {}. \
+                         Use the CUDA build of ONNX Runtime (`make ort-gpu` puts it in ./.ort/) on a machine with an NVIDIA \
+                         driver, and CUDA 13 and cuDNN 9 on the library path; or run with --device cpu",
+                        opts.device,
+                        e.to_string().trim_end_matches('.')
                     )
                 })?;
         }

@@ -48,7 +48,7 @@ pub struct Registry {
     models: BTreeMap<String, Arc<Model>>,
     default: String,
     // Sessions borrow the process-wide environment; it lives as long as the registry.
-    _env: Environment,
+    env: Environment,
 }
 
 impl Registry {
@@ -75,7 +75,7 @@ impl Registry {
             Some(name) => name.clone(),
             None => first,
         };
-        Ok(Self { models, default, _env: env })
+        Ok(Self { models, default, env })
     }
 
     /// The model called `name`, or the default one.
@@ -92,6 +92,12 @@ impl Registry {
     /// Names of the loaded models.
     pub fn names(&self) -> Vec<String> {
         self.models.keys().cloned().collect()
+    }
+
+    /// The process's ONNX Runtime environment (there can be only one), for tools that build
+    /// sessions of their own beside the registry's, such as the benchmarks.
+    pub fn environment(&self) -> &Environment {
+        &self.env
     }
 
     /// The default model's name.
