@@ -76,32 +76,23 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for chunk in args.files.chunks(scorer.max_batch) {
-        let mut answers: Vec<Option<Result<ImageScore, ErrorDetail>>> = vec![None; chunk.len()];
-        let mut bytes = Vec::new();
-        let mut positions = Vec::new();
-        for (i, path) in chunk.iter().enumerate() {
-            match std::fs::read(path) {
-                Ok(b) => {
-                    positions.push(i);
-                    bytes.push(Bytes::from(b));
-                }
-                Err(e) => {
-                    answers[i] = Some(Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }))
-                }
-            }
-        }
-        for (i, answer) in positions.into_iter().zip(scorer.score(&model, bytes, false).await) {
-            answers[i] = Some(answer.map_err(|e| ErrorDetail::from(&e)));
-        }
-        for (file, answer) in chunk.iter().zip(answers) {
-            let line = match answer.expect("every file was answered") {
-                Ok(score) => serde_json::to_string(&FileLine { file, score: Some(score), error: None })?,
-                Err(error) => {
-                    failed = true;
-                    serde_json::to_string(&FileLine { file, score: None, error: Some(error) })?
-                }
+        let reads: Vec<_> = chunk.iter().map(std::fs::read).collect();
+        let readable = reads.iter().filter_map(|r| r.as_ref().ok()).map(|b| Bytes::copy_from_slice(b)).collect();
+        let mut scored = scorer.score(&model, readable, false).await.into_iter();
+        for (file, read) in chunk.iter().zip(reads) {
+            let answer = match read {
+                Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),
+                Ok(_) => scored
+                    .next()
+                    .unwrap_or_else(|| Err(qscore::error::Error::Internal("a file was left unanswered".into())))
+                    .map_err(|e| ErrorDetail::from(&e)),
             };
-            writeln!(stdout, "{line}")?;
+            failed |= answer.is_err();
+            let (score, error) = match answer {
+                Ok(score) => (Some(score), None),
+                Err(error) => (None, Some(error)),
+            };
+            writeln!(stdout, "{}", serde_json::to_string(&FileLine { file, score, error })?)?;
         }
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })

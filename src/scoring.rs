@@ -111,13 +111,12 @@ impl Scorer {
         while rest.peek().is_some() {
             let chunk: Vec<_> = rest.by_ref().take(self.max_batch).collect();
             let mut batch = Array4::<f32>::zeros((chunk.len(), shape.0, shape.1, shape.2));
-            for (slot, (_, (tensor, _))) in batch.axis_iter_mut(Axis(0)).zip(&chunk) {
-                let mut slot = slot;
+            for (mut slot, (_, (tensor, _))) in batch.axis_iter_mut(Axis(0)).zip(&chunk) {
                 slot.assign(tensor);
             }
             match model.worker.embed(batch).await {
                 Ok(inference) => {
-                    let inference_ms = inference.duration.as_secs_f64() * 1e3;
+                    let inference_ms = millis(inference.duration);
                     let rows = qscore::score_batch(inference.embeddings.view(), model.epsilon, &model.discriminative);
                     for (((i, (_, decode_ms)), row), h) in
                         chunk.iter().zip(rows).zip(inference.embeddings.axis_iter(Axis(0)))
@@ -133,7 +132,7 @@ impl Scorer {
             }
         }
 
-        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let total_ms = millis(start.elapsed());
         let name = model.name();
         answers
             .into_iter()
@@ -161,7 +160,7 @@ impl Scorer {
                 let (model, limits) = (Arc::clone(model), self.limits);
                 tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    image::prepare(&bytes, &limits, &model.preprocess).map(|x| (x, t.elapsed().as_secs_f64() * 1e3))
+                    image::prepare(&bytes, &limits, &model.preprocess).map(|x| (x, millis(t.elapsed())))
                 })
             })
             .collect();
@@ -171,6 +170,11 @@ impl Scorer {
         }
         out
     }
+}
+
+/// Milliseconds, to the microsecond.
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
 }
 
 /// Builds one answer from a scored representation.

@@ -14,7 +14,7 @@ use super::{
     types::{BatchItem, BatchResponse, BatchSummary, Health, ModelInfo, ModelList, ModelQuery},
     upload::{JsonBatch, Upload, Uploads},
 };
-use crate::{error::Error, scoring::ImageScore};
+use crate::{error::Error, metrics::Outcome, scoring::ImageScore};
 
 /// A single image as multipart form data.
 #[derive(utoipa::ToSchema)]
@@ -34,7 +34,8 @@ pub struct BatchUpload {
     image: Vec<Vec<u8>>,
 }
 
-/// Splits the uploads into ids and bytes; an upload that could not be read keeps its error.
+/// Scores the readable uploads in one pass; an upload that could not be read (bad base64)
+/// keeps its place with its own error. Answers in upload order, with their ids.
 async fn score_uploads(
     state: &AppState,
     model: Option<&str>,
@@ -42,27 +43,31 @@ async fn score_uploads(
     embedding: bool,
 ) -> Result<Vec<(String, Result<ImageScore, Error>)>, Error> {
     let model = state.scorer.registry.get(model)?;
-    let mut ids = Vec::with_capacity(uploads.len());
+    let mut slots = Vec::with_capacity(uploads.len());
     let mut readable = Vec::with_capacity(uploads.len());
-    let mut unreadable = Vec::new();
-    for (i, u) in uploads.into_iter().enumerate() {
-        ids.push(u.id);
-        match u.data {
-            Ok(bytes) => readable.push((i, bytes)),
-            Err(e) => unreadable.push((i, e)),
+    for Upload { id, data } in uploads {
+        match data {
+            Ok(bytes) => {
+                readable.push(bytes);
+                slots.push((id, None));
+            }
+            Err(e) => {
+                state.scorer.metrics.image(model.name(), Outcome::Rejected);
+                slots.push((id, Some(e)));
+            }
         }
     }
-    let (positions, bytes): (Vec<usize>, Vec<_>) = readable.into_iter().unzip();
-    let scored = state.scorer.score(model, bytes, embedding).await;
-    let mut answers: Vec<Option<Result<ImageScore, Error>>> = vec![None; ids.len()];
-    for (i, a) in positions.into_iter().zip(scored) {
-        answers[i] = Some(a);
-    }
-    for (i, e) in unreadable {
-        state.scorer.metrics.image(model.name(), crate::metrics::Outcome::Rejected);
-        answers[i] = Some(Err(e));
-    }
-    Ok(ids.into_iter().zip(answers.into_iter().map(|a| a.expect("every position was answered"))).collect())
+    let mut scored = state.scorer.score(model, readable, embedding).await.into_iter();
+    Ok(slots
+        .into_iter()
+        .map(|(id, unreadable)| {
+            let answer = match unreadable {
+                Some(e) => Err(e),
+                None => scored.next().unwrap_or_else(|| Err(Error::Internal("an image was left unanswered".into()))),
+            };
+            (id, answer)
+        })
+        .collect())
 }
 
 /// Scores exactly one uploaded image.
@@ -73,8 +78,10 @@ async fn single(state: &AppState, q: ModelQuery, Uploads(uploads): Uploads, embe
             uploads.len()
         )));
     }
-    let (_, answer) = score_uploads(state, q.model.as_deref(), uploads, embedding).await?.pop().expect("one upload");
-    answer.map(Json)
+    match score_uploads(state, q.model.as_deref(), uploads, embedding).await?.pop() {
+        Some((_, answer)) => answer.map(Json),
+        None => Err(Error::MissingImage),
+    }
 }
 
 /// Score one image.
