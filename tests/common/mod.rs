@@ -28,7 +28,9 @@ pub const PHOTOS: [&str; 6] = ["astronaut.png", "chelsea.png", "china.jpg", "cof
 
 pub fn qscore_bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qscore"));
-    cmd.current_dir(root()).env("QSCORE_LOG", "info,ort=warn").env_remove("QSCORE_MODEL");
+    // The bundled models folder holds several models; the tests' default is the ImageNet one,
+    // as it is for `make run`.
+    cmd.current_dir(root()).env("QSCORE_LOG", "info,ort=warn").env("QSCORE_MODEL", "mobilenet_v2-imagenet");
     cmd
 }
 

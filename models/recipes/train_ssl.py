@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Train a self-supervised encoder on Fashion-MNIST and export it as a qscore model.
+
+One backbone for every method: a ResNet-18 adapted to 28 x 28 greyscale images (3x3 stem,
+stride 1, no max-pool; four stages of two BasicBlocks, widths w, 2w, 4w, 8w). The representation
+is the global average pool of the last stage, after its ReLU, so it is non-negative, as the
+paper's ResNets are. Projector and predictor heads are trained and dropped at export.
+
+Methods: simclr, byol, vicreg, barlow_twins. No label is used in training; labels are used once
+at the end, by the linear probe on the frozen encoder (train split -> t10k), which is what the
+model's README reports.
+
+Data: Debian's `dataset-fashion-mnist` (IDX files under /usr/share/datasets/fashion-mnist/).
+
+Outputs, under --out (default models/fmnist-<method>): model.onnx (opset 17, dynamic batch),
+model.toml, README.md (provenance and results), train_log.json, golden.json (PyTorch
+embeddings of the first committed fixture of every class, for qscore's own Rust test).
+
+Reproducible: the same --seed, --epochs and --threads give the same weights on the same
+machine (all randomness flows from seeded generators; CPU kernels are deterministic at a fixed
+thread count).
+
+Usage (`make train-env` makes .venv-train: Debian's CPU PyTorch and scikit-learn plus
+onnxruntime; `make ssl-models` trains all four):
+  .venv-train/bin/python models/recipes/train_ssl.py --method simclr --epochs 3
+"""
+import argparse
+import copy
+import gzip
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MEAN, STD = 0.2860, 0.3530
+CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")
+METHODS = ["simclr", "byol", "vicreg", "barlow_twins"]
+
+
+def load_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fmnist(split):
+    prefix = "train" if split == "train" else "t10k"
+    x = load_idx(DATA / f"{prefix}-images-idx3-ubyte.gz")
+    y = load_idx(DATA / f"{prefix}-labels-idx1-ubyte.gz")
+    return x, y
+
+
+# ---------------------------------------------------------------- backbone
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18Small(nn.Module):
+    """ResNet-18 for 28x28 greyscale: 3x3 stem, no max-pool; output = pooled last stage (8w)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.dim = cin
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+
+def mlp(dims, last_bn=False):
+    layers = []
+    for i in range(len(dims) - 2):
+        layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------- methods
+
+class SimCLR(nn.Module):
+    """Chen et al. 2020: NT-Xent over 2N views, temperature 0.5."""
+
+    def __init__(self, enc, temperature=0.5):
+        super().__init__()
+        self.enc, self.proj, self.t = enc, mlp([enc.dim, 512, 128]), temperature
+
+    def loss(self, x1, x2):
+        z = F.normalize(self.proj(self.enc(torch.cat([x1, x2]))), dim=1)
+        n = x1.shape[0]
+        sim = z @ z.t() / self.t
+        sim.fill_diagonal_(float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(sim, target)
+
+    def after_step(self, progress):
+        pass
+
+
+class BYOL(nn.Module):
+    """Grill et al. 2020: online predictor regresses an EMA target; tau 0.99 -> 1 (cosine)."""
+
+    def __init__(self, enc, tau=0.99):
+        super().__init__()
+        self.enc, self.proj = enc, mlp([enc.dim, 512, 128])
+        self.pred = mlp([128, 512, 128])
+        self.target = copy.deepcopy(nn.ModuleDict({"enc": enc, "proj": self.proj}))
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.tau0 = tau
+
+    def loss(self, x1, x2):
+        x = torch.cat([x1, x2])
+        p = F.normalize(self.pred(self.proj(self.enc(x))), dim=1)
+        with torch.no_grad():
+            z = F.normalize(self.target["proj"](self.target["enc"](x)), dim=1)
+        n = x1.shape[0]
+        z = torch.cat([z[n:], z[:n]])  # each view predicts the other view's target
+        return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        tau = 1 - (1 - self.tau0) * (math.cos(math.pi * progress) + 1) / 2
+        online = list(self.enc.parameters()) + list(self.proj.parameters())
+        for po, pt in zip(online, self.target.parameters()):
+            pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+        online_b = list(self.enc.buffers()) + list(self.proj.buffers())
+        for bo, bt in zip(online_b, self.target.buffers()):
+            bt.copy_(bo)
+
+
+class VICReg(nn.Module):
+    """Bardes et al. 2022: invariance 25, variance 25, covariance 1."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc, self.proj = enc, mlp([enc.dim, 512, 512, 512])
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        z = self.proj(self.enc(torch.cat([x1, x2])))
+        z1, z2 = z[:n], z[n:]
+        inv = F.mse_loss(z1, z2)
+        var = cov = 0
+        for zi in (z1, z2):
+            zc = zi - zi.mean(0)
+            std = torch.sqrt(zc.var(0) + 1e-4)
+            var = var + F.relu(1 - std).mean() / 2
+            c = (zc.t() @ zc) / (n - 1)
+            off = c - torch.diag(torch.diag(c))
+            cov = cov + off.pow(2).sum() / zi.shape[1]
+        return 25 * inv + 25 * var + cov
+
+    def after_step(self, progress):
+        pass
+
+
+class BarlowTwins(nn.Module):
+    """Zbontar et al. 2021: cross-correlation to identity, off-diagonal weight 5e-3."""
+
+    def __init__(self, enc, lambd=5e-3):
+        super().__init__()
+        self.enc, self.proj, self.lambd = enc, mlp([enc.dim, 512, 512, 512], last_bn=True), lambd
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        z = self.proj[:-1](self.enc(torch.cat([x1, x2])))
+        bn = self.proj[-1]
+        z1, z2 = bn(z[:n]), bn(z[n:])  # each view standardised on its own batch
+        c = z1.t() @ z2 / n
+        on = (torch.diagonal(c) - 1).pow(2).sum()
+        off = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
+        return on + self.lambd * off
+
+    def after_step(self, progress):
+        pass
+
+
+def build(method, enc):
+    return {"simclr": SimCLR, "byol": BYOL, "vicreg": VICReg, "barlow_twins": BarlowTwins}[method](enc)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment(x, gen):
+    """Batched SSL views of (B, 1, 28, 28) images in [0, 1]: random resized crop (scale
+    0.2-1, ratio 3/4-4/3), horizontal flip, brightness/contrast jitter (p = 0.8), then
+    normalisation."""
+    b = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=gen)
+    area = 0.2 + 0.8 * u(b)
+    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u(b)
+    ratio = torch.exp(logr)
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (2 * u(b) - 1) * (1 - w)
+    cy = (2 * u(b) - 1) * (1 - h)
+    flip = torch.where(u(b) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    v = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    jitter = (u(b) < 0.8).float().view(b, 1, 1, 1)
+    contrast = 1 + jitter * (0.8 * u(b).view(b, 1, 1, 1) - 0.4)
+    bright = 1 + jitter * (0.8 * u(b).view(b, 1, 1, 1) - 0.4)
+    m = v.mean(dim=(1, 2, 3), keepdim=True)
+    v = ((v - m) * contrast + m) * bright
+    return (v.clamp(0, 1) - MEAN) / STD
+
+
+def normalise(x_uint8):
+    return (torch.from_numpy(x_uint8).float().unsqueeze(1) / 255.0 - MEAN) / STD
+
+
+@torch.no_grad()
+def embed(enc, x_uint8, batch=1000):
+    enc.eval()
+    return torch.cat([enc(normalise(x_uint8[i:i + batch])) for i in range(0, len(x_uint8), batch)]).numpy()
+
+
+EPSILONS = [4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0]
+MIN_COVERAGE = 0.99
+
+
+def choose_epsilon(feats):
+    """The largest eps (from 4 down) for which at least 99% of the training images have a
+    non-empty highly-activating set L = {j : h_j > mu + eps * sigma}. Label-free.
+
+    The paper's eps = 4 suits 2048-d ResNet-50 features; on a 128-d representation almost no
+    feature clears mu + 4 sigma, L is empty for most images, and every such image scores Q = 0,
+    which carries no information. Returns (eps, coverage at that eps, coverage per eps tried)."""
+    mu = feats.mean(axis=1, keepdims=True)
+    sigma = feats.std(axis=1, ddof=1, keepdims=True)
+    coverage = {eps: float(((feats > mu + eps * sigma) & (sigma > 0)).any(axis=1).mean()) for eps in EPSILONS}
+    eps = next((e for e in EPSILONS if coverage[e] >= MIN_COVERAGE), EPSILONS[-1])
+    return eps, coverage[eps], coverage
+
+
+def linear_probe(train_f, train_y, test_f, test_y, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_f)
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    clf.fit(scaler.transform(train_f), train_y)
+    return float((clf.predict(scaler.transform(test_f)) == test_y).mean())
+
+
+# ---------------------------------------------------------------- export
+
+def export(enc, out, test_x, seed):
+    enc.eval()
+    onnx_path = out / "model.onnx"
+    torch.onnx.export(enc, torch.zeros(1, 1, 28, 28), str(onnx_path), input_names=["pixel_values"],
+                      output_names=["embedding"], dynamic_axes={"pixel_values": {0: "batch"}, "embedding": {0: "batch"}},
+                      opset_version=17, do_constant_folding=True)
+    import onnxruntime as ort
+
+    x = normalise(test_x[:256])
+    with torch.no_grad():
+        want = enc(x).numpy()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["embedding"], {"pixel_values": x.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    assert diff <= 1e-4, f"ONNX Runtime differs from PyTorch by {diff}"
+    return diff
+
+
+def fixture_golden(enc, fixtures):
+    """PyTorch embeddings of the first fixture of each class, read from the committed PNGs."""
+    from PIL import Image
+
+    out = {}
+    for cls in CLASSES:
+        path = sorted((fixtures / cls).glob("*.png"))[0]
+        img = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)[None]
+        with torch.no_grad():
+            out[f"{cls}/{path.name}"] = [round(v, 6) for v in enc.eval()(normalise(img))[0].tolist()]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--width", type=int, default=16, help="base width w; the representation has 8w features")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke tests)")
+    ap.add_argument("--out", type=pathlib.Path)
+    ap.add_argument("--fixtures", type=pathlib.Path, default=pathlib.Path("tests/fixtures/fmnist"))
+    args = ap.parse_args()
+    out = args.out or pathlib.Path("models") / f"fmnist-{args.method}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    dev = torch.device(args.device)
+
+    train_x, train_y = load_fmnist("train")
+    test_x, test_y = load_fmnist("t10k")
+    pool = train_x[: args.limit] if args.limit else train_x
+    data = torch.from_numpy(pool).float().unsqueeze(1) / 255.0
+
+    enc = ResNet18Small(args.width)
+    model = build(args.method, enc).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-6)
+    steps_per_epoch = len(data) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    warmup = min(200, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+
+    log = {"epochs": []}
+    t0 = time.time()
+    step = 0
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(data), generator=gen)
+        losses = []
+        te = time.time()
+        for i in range(steps_per_epoch):
+            xb = data[perm[i * args.batch_size:(i + 1) * args.batch_size]]
+            x1, x2 = augment(xb, gen).to(dev), augment(xb, gen).to(dev)
+            loss = model.loss(x1, x2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            model.after_step(step / total)
+            losses.append(loss.item())
+        entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - te, 1)}
+        log["epochs"].append(entry)
+        print(json.dumps(entry), flush=True)
+    train_seconds = time.time() - t0
+
+    enc = enc.cpu().eval()
+    tp = time.time()
+    train_f = embed(enc, train_x)
+    acc = linear_probe(train_f, train_y, embed(enc, test_x), test_y, args.seed)
+    epsilon, eps_coverage, coverage = choose_epsilon(train_f)
+    probe_seconds = time.time() - tp
+    diff = export(enc, out, test_x, args.seed)
+    size = (out / "model.onnx").stat().st_size
+    golden = fixture_golden(enc, args.fixtures) if args.fixtures.is_dir() else {}
+
+    hardware = f"{platform.processor() or platform.machine()}, {args.threads} CPU threads" if args.device == "cpu" else args.device
+    command = "make train-env && .venv-train/bin/python models/recipes/train_ssl.py " + " ".join(sys.argv[1:])
+    log.update({
+        "method": args.method, "seed": args.seed, "epochs_run": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "width": args.width, "embedding_dim": enc.dim, "train_images": len(data), "train_seconds": round(train_seconds, 1),
+        "probe_seconds": round(probe_seconds, 1), "probe_accuracy_t10k": acc, "onnx_max_abs_diff": diff,
+        "onnx_bytes": size, "epsilon": epsilon, "epsilon_coverage": eps_coverage,
+        "coverage_by_epsilon": {str(k): v for k, v in coverage.items()}, "hardware": hardware, "torch": torch.__version__, "command": command,
+    })
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    (out / "golden.json").write_text(json.dumps({"images": golden}) + "\n")
+    write_manifest(out, args, enc.dim, epsilon)
+    write_readme(out, log)
+    print(json.dumps({k: v for k, v in log.items() if k != "epochs"}), flush=True)
+
+
+NAMES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "barlow_twins": "Barlow Twins"}
+
+
+def write_manifest(out, args, dim, epsilon):
+    name = out.name
+    (out / "model.toml").write_text(f'''name = "{name}"
+version = "1.0.0"
+description = "{NAMES[args.method]} ResNet-18 (width {args.width}, 28x28 greyscale) trained self-supervised on Fashion-MNIST train, {args.epochs} epochs: a {dim}-d non-negative representation"
+
+[provenance]
+source = "{NAMES[args.method]}, ResNet-18 adapted to 28x28 (3x3 stem, no max-pool), heads dropped; seed {args.seed}"
+weights = "trained by this project from Debian dataset-fashion-mnist (train split, 60,000 images, no labels)"
+recipe = "models/recipes/train_ssl.py --method {args.method} --epochs {args.epochs} --seed {args.seed} --threads {args.threads}"
+license = "Apache-2.0 (this project); Fashion-MNIST is MIT-licensed"
+
+[input]
+name = "pixel_values"
+channels = 1
+height = 28
+width = 28
+
+[output]
+name = "embedding"
+dim = {dim}
+
+[preprocess]
+color = "grey"
+mean = [{MEAN}]
+std = [{STD}]
+
+[qscore]
+# Largest eps with a non-empty L for >= 99% of the training images (train_ssl.choose_epsilon).
+epsilon = {epsilon}
+percentiles = [50.0, 95.0]
+''')
+
+
+def write_readme(out, log):
+    m = log["method"]
+    rows = "\n".join(f"| {e['epoch']} | {e['loss']:.4f} | {e['seconds']} |" for e in log["epochs"])
+    (out / "README.md").write_text(f"""# {out.name}
+
+A {NAMES[m]} encoder trained by this project, self-supervised, on the 60,000 Fashion-MNIST
+training images (Debian `dataset-fashion-mnist`; no labels used in training). Backbone: ResNet-18
+adapted to 28 x 28 greyscale (3x3 stem, stride 1, no max-pool), base width {log['width']}; the
+representation is the global average pool of the last stage after its ReLU: {log['embedding_dim']}
+non-negative features. The projector{' and predictor' if m == 'byol' else ''} were dropped at export.
+
+## Result
+
+| | |
+|---|---|
+| linear-probe accuracy, t10k (frozen encoder, standardised features, multinomial logistic regression on the 60k train split) | **{100 * log['probe_accuracy_t10k']:.2f}%** |
+| epochs | {log['epochs_run']} (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule) |
+| training time | {log['train_seconds'] / 60:.1f} min on {log['hardware']} |
+| embedding size | {log['embedding_dim']} |
+| model.onnx | {log['onnx_bytes'] / 1e6:.1f} MB, opset 17, dynamic batch |
+| ONNX Runtime vs PyTorch, 256 t10k images | max abs difference {log['onnx_max_abs_diff']:.2e} |
+| Q-Score epsilon (label-free: largest eps giving a non-empty L on >= 99% of train images) | {log['epsilon']} (coverage {100 * log['epsilon_coverage']:.1f}%; at eps = 4: {100 * log['coverage_by_epsilon']['4.0']:.1f}%) |
+
+| epoch | loss | seconds |
+|---|---|---|
+{rows}
+
+## Rebuild
+
+```sh
+{log['command']}
+```
+
+PyTorch {log['torch']} (Debian `python3-torch`), seed {log['seed']}. The same seed, epochs and
+thread count on the same kind of machine give the same weights; `train_log.json` has the full
+record. Preprocessing served by qscore: greyscale, 28 x 28, scale to [0, 1], mean {MEAN}, std {STD}.
+""")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+//! The bundled self-supervised Fashion-MNIST encoders: each loads, is listed, matches its
+//! PyTorch embeddings, and scores the 200 committed t10k fixtures (20 per class).
+
+mod common;
+
+use common::{Server, cosine, floats, root};
+use reqwest::blocking::multipart::{Form, Part};
+use serde_json::Value;
+
+const METHODS: [&str; 4] = ["simclr", "byol", "vicreg", "barlow_twins"];
+const CLASSES: [&str; 10] =
+    ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
+
+fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for class in CLASSES {
+        let dir = root().join("tests/fixtures/fmnist").join(class);
+        let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        assert_eq!(files.len(), 20, "{}", dir.display());
+        for f in files {
+            out.push((format!("{class}/{}", f.file_name().unwrap().to_str().unwrap()), std::fs::read(&f).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_ssl_encoder_is_served_and_scores_the_fixtures() {
+    let s = Server::start(&[]);
+    let list: Value = s.get("/v1/models").json().unwrap();
+    let names: Vec<&str> = list["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(list["default"], "mobilenet_v2-imagenet");
+    let images = fixtures();
+    for method in METHODS {
+        let name = format!("fmnist-{method}");
+        assert!(names.contains(&name.as_str()), "{name} is not loaded: {names:?}");
+        let info: Value = s.get(&format!("/v1/models/{name}")).json().unwrap();
+        assert_eq!(info["input"]["channels"], 1);
+        assert_eq!(info["input"]["color"], "grey");
+        assert_eq!((info["input"]["height"].as_u64(), info["input"]["width"].as_u64()), (Some(28), Some(28)));
+        let dim = info["embedding_dim"].as_u64().unwrap();
+
+        let mut form = Form::new();
+        for (id, bytes) in &images {
+            form = form.part("image", Part::bytes(bytes.clone()).file_name(id.clone()));
+        }
+        let r = s.client().post(format!("{}/v1/score/batch?model={name}", s.url)).multipart(form).send().unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        let b: Value = r.json().unwrap();
+        assert_eq!(b["summary"]["scored"], 200, "{name}: {}", b["summary"]);
+        let scores: Vec<f64> = b["results"].as_array().unwrap().iter().map(|x| x["q_score"].as_f64().unwrap()).collect();
+        assert!(scores.iter().all(|q| q.is_finite() && *q >= 0.0));
+        let distinct: std::collections::BTreeSet<u64> = scores.iter().map(|q| q.to_bits()).collect();
+        assert!(distinct.len() > 150, "{name}: only {} distinct scores over 200 images", distinct.len());
+        for r in b["results"].as_array().unwrap() {
+            assert_eq!(r["model"], name.as_str());
+            assert_eq!(r["stats"]["dim"].as_u64(), Some(dim));
+        }
+
+        let golden: Value = serde_json::from_slice(&std::fs::read(root().join(format!("models/{name}/golden.json"))).unwrap()).unwrap();
+        let golden = golden["images"].as_object().unwrap();
+        assert_eq!(golden.len(), CLASSES.len(), "{name}: one golden embedding per class");
+        for (id, want) in golden {
+            let bytes = &images.iter().find(|(i, _)| i == id).unwrap().1;
+            let e: Value = s.post_raw(&format!("/v1/embed?model={name}"), "image/png", bytes.clone()).json().unwrap();
+            let c = cosine(&floats(&e["embedding"]), &floats(want));
+            assert!(c >= 0.999, "{name} {id}: cosine {c} with PyTorch");
+        }
+    }
+}
