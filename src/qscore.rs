@@ -74,14 +74,23 @@ pub struct ActiveFeature {
     pub z_score: f32,
 }
 
-/// The Q-Score of one representation and the diagnostics answered beside it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// The Q-Score of one representation, its statistics, and L ∩ D.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Score {
     /// Q = mean over L ∩ D of (h_j - mu); 0 when L ∩ D is empty.
     pub q_score: f32,
-    /// Mean of the representation.
+    /// The statistics answered beside Q.
+    pub stats: Stats,
+    /// L ∩ D, strongest (highest z-score) first.
+    pub features: Vec<ActiveFeature>,
+}
+
+/// Statistics of one representation (design.md section 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// Mean of h.
     pub mu: f32,
-    /// Unbiased standard deviation of the representation.
+    /// Unbiased standard deviation of h.
     pub sigma: f32,
     /// |L|: features above mu + eps * sigma.
     pub active: usize,
@@ -93,9 +102,8 @@ pub struct Score {
     pub q_v1: f32,
     /// ||h||_2, reported because calibration may pick it as the risk estimator.
     pub l2_norm: f32,
-    /// L ∩ D, strongest (highest z-score) first.
-    #[serde(skip)]
-    pub features: Vec<ActiveFeature>,
+    /// d, the size of h.
+    pub dim: usize,
 }
 
 /// Mean and unbiased standard deviation, accumulated in f64.
@@ -148,8 +156,7 @@ pub fn score(h: ArrayView1<f32>, epsilon: f32, d_set: &Discriminative) -> Result
     let q_score = if features.is_empty() { 0.0 } else { sum / features.len() as f64 };
     let z_max = if sigma > 0.0 { (f64::from(max) - mu) / sigma } else { 0.0 };
     let q_v1 = if l1 > 0.0 { z_max / l1 } else { 0.0 };
-    Ok(Score {
-        q_score: q_score as f32,
+    let stats = Stats {
         mu: mu as f32,
         sigma: sigma as f32,
         active,
@@ -157,8 +164,9 @@ pub fn score(h: ArrayView1<f32>, epsilon: f32, d_set: &Discriminative) -> Result
         z_max: z_max as f32,
         q_v1: q_v1 as f32,
         l2_norm: l2 as f32,
-        features,
-    })
+        dim: h.len(),
+    };
+    Ok(Score { q_score: q_score as f32, stats, features })
 }
 
 /// Scores every row of a batch of representations (N x d); one answer per row, in order.
@@ -237,13 +245,13 @@ mod tests {
         let mut h = Array1::<f32>::zeros(10);
         h[9] = 10.0;
         let s = score(h.view(), 2.0, &Discriminative::All).unwrap();
-        assert!(close(s.mu, 1.0));
-        assert!(close(s.sigma, 10f64.sqrt()));
-        assert_eq!((s.active, s.active_discriminative), (1, 1));
+        assert!(close(s.stats.mu, 1.0));
+        assert!(close(s.stats.sigma, 10f64.sqrt()));
+        assert_eq!((s.stats.active, s.stats.active_discriminative), (1, 1));
         assert!(close(s.q_score, 9.0));
-        assert!(close(s.z_max, 9.0 / 10f64.sqrt()));
-        assert!(close(s.q_v1, 9.0 / 10f64.sqrt() / 10.0));
-        assert!(close(s.l2_norm, 10.0));
+        assert!(close(s.stats.z_max, 9.0 / 10f64.sqrt()));
+        assert!(close(s.stats.q_v1, 9.0 / 10f64.sqrt() / 10.0));
+        assert!(close(s.stats.l2_norm, 10.0));
         assert_eq!(s.features[0].index, 9);
         assert!(close(s.features[0].z_score, 9.0 / 10f64.sqrt()));
     }
@@ -257,16 +265,16 @@ mod tests {
         let h = array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
         let sigma = (39.5_f64 / 7.0).sqrt();
         let all = score(h.view(), 0.5, &Discriminative::All).unwrap();
-        assert!(close(all.sigma, sigma));
-        assert_eq!(all.active, 2);
+        assert!(close(all.stats.sigma, sigma));
+        assert_eq!(all.stats.active, 2);
         assert!(close(all.q_score, 3.75));
         assert_eq!(all.features.iter().map(|f| f.index).collect::<Vec<_>>(), vec![7, 6]);
 
         let d = Discriminative::from_indices(&[6], 8).unwrap();
         let masked = score(h.view(), 0.5, &d).unwrap();
-        assert_eq!((masked.active, masked.active_discriminative), (2, 1));
+        assert_eq!((masked.stats.active, masked.stats.active_discriminative), (2, 1));
         assert!(close(masked.q_score, 2.75));
-        assert!(close(masked.z_max, 4.75 / sigma), "z_max ignores D");
+        assert!(close(masked.stats.z_max, 4.75 / sigma), "z_max ignores D");
     }
 
     #[test]
@@ -274,8 +282,8 @@ mod tests {
         let h = array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
         let d = Discriminative::from_indices(&[0, 1], 8).unwrap();
         let s = score(h.view(), 0.5, &d).unwrap();
-        assert_eq!(s.active, 2);
-        assert_eq!(s.active_discriminative, 0);
+        assert_eq!(s.stats.active, 2);
+        assert_eq!(s.stats.active_discriminative, 0);
         assert_eq!(s.q_score, 0.0);
         assert!(s.features.is_empty());
     }
@@ -284,11 +292,11 @@ mod tests {
     fn constant_vector_has_no_active_features() {
         let h = Array1::<f32>::from_elem(16, 3.5);
         let s = score(h.view(), 4.0, &Discriminative::All).unwrap();
-        assert_eq!((s.sigma, s.active, s.q_score, s.z_max), (0.0, 0, 0.0, 0.0));
-        assert!(close(s.q_v1, 0.0));
+        assert_eq!((s.stats.sigma, s.stats.active, s.q_score, s.stats.z_max), (0.0, 0, 0.0, 0.0));
+        assert!(close(s.stats.q_v1, 0.0));
         let zeros = Array1::<f32>::zeros(16);
         let z = score(zeros.view(), 4.0, &Discriminative::All).unwrap();
-        assert_eq!((z.q_score, z.q_v1, z.l2_norm), (0.0, 0.0, 0.0));
+        assert_eq!((z.q_score, z.stats.q_v1, z.stats.l2_norm), (0.0, 0.0, 0.0));
     }
 
     /// One huge feature among 1279 zeros: mu = 1e30 / 1280; every other deviation is -mu.
@@ -302,8 +310,8 @@ mod tests {
         let s = score(h.view(), 4.0, &Discriminative::All).unwrap();
         let n = d as f64;
         assert!(s.q_score.is_finite());
-        assert_eq!(s.active, 1);
-        assert!(close(s.z_max, (n - 1.0) / n.sqrt()));
+        assert_eq!(s.stats.active, 1);
+        assert!(close(s.stats.z_max, (n - 1.0) / n.sqrt()));
         assert!(close(s.q_score, 1e30 * (1.0 - 1.0 / n)));
     }
 

@@ -17,7 +17,7 @@ use crate::{
     image::{self, ImageLimits},
     metrics::{Metrics, Outcome},
     model::{Model, Registry, calibration::RiskSource},
-    qscore::{self, ActiveFeature, Score},
+    qscore::{self, ActiveFeature, Score, Stats},
 };
 
 /// The answer for one image: the body of `POST /v1/score`.
@@ -44,27 +44,6 @@ pub struct ImageScore {
     /// The representation h, only from `/v1/embed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
-}
-
-/// Statistics of one representation (design.md section 1).
-#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
-pub struct Stats {
-    /// Mean of h.
-    pub mu: f32,
-    /// Unbiased standard deviation of h.
-    pub sigma: f32,
-    /// |L|, features above mu + eps * sigma.
-    pub active: usize,
-    /// |L ∩ D|.
-    pub active_discriminative: usize,
-    /// (max h - mu) / sigma.
-    pub z_max: f32,
-    /// z_max / ||h||_1.
-    pub q_v1: f32,
-    /// ||h||_2.
-    pub l2_norm: f32,
-    /// Size of the representation, d.
-    pub dim: usize,
 }
 
 /// Per-image timings in milliseconds.
@@ -187,16 +166,7 @@ fn answer(model: &Model, s: Score, timings: Timings, embedding: Option<Vec<f32>>
         likely_misclassified: risk.map(|(_, r)| r.likely_misclassified),
         p_misclassified: risk.map(|(_, r)| r.p_misclassified),
         risk_source: risk.map(|(source, _)| source),
-        stats: Stats {
-            mu: s.mu,
-            sigma: s.sigma,
-            active: s.active,
-            active_discriminative: s.active_discriminative,
-            z_max: s.z_max,
-            q_v1: s.q_v1,
-            l2_norm: s.l2_norm,
-            dim: model.manifest.output.dim,
-        },
+        stats: s.stats,
         discriminative_features: s.features,
         timings_ms: timings,
         embedding,

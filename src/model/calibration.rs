@@ -54,9 +54,9 @@ impl RiskSource {
     pub fn value(self, s: &Score) -> f32 {
         match self {
             Self::QScore => s.q_score,
-            Self::ZMax => s.z_max,
-            Self::QV1 => s.q_v1,
-            Self::L2Norm => s.l2_norm,
+            Self::ZMax => s.stats.z_max,
+            Self::QV1 => s.stats.q_v1,
+            Self::L2Norm => s.stats.l2_norm,
         }
     }
 }
