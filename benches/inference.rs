@@ -95,7 +95,7 @@ fn benches(c: &mut Criterion) {
         pipe.throughput(Throughput::Elements(n as u64));
         pipe.bench_function(format!("images_{n}"), |b| {
             b.iter(|| {
-                let out = rt.block_on(scorer.score(&model, images.clone(), false));
+                let out = rt.block_on(scorer.score(&model, images.clone(), false)).unwrap();
                 assert!(out.iter().all(Result::is_ok));
                 black_box(out)
             })

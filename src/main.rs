@@ -78,7 +78,7 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     for chunk in args.files.chunks(scorer.max_batch) {
         let reads: Vec<_> = chunk.iter().map(std::fs::read).collect();
         let readable = reads.iter().filter_map(|r| r.as_ref().ok()).map(|b| Bytes::copy_from_slice(b)).collect();
-        let mut scored = scorer.score(&model, readable, false).await.into_iter();
+        let mut scored = scorer.score(&model, readable, false).await?.into_iter();
         for (file, read) in chunk.iter().zip(reads) {
             let answer = match read {
                 Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),

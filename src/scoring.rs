@@ -72,7 +72,15 @@ pub struct Scorer {
 impl Scorer {
     /// Scores `images` with `model`; one answer per image, in input order. With `embedding`,
     /// each answer carries its representation.
-    pub async fn score(&self, model: &Arc<Model>, images: Vec<Bytes>, embedding: bool) -> Vec<Result<ImageScore, Error>> {
+    ///
+    /// A full inference queue or a stopped worker fails the whole request (`Overloaded`,
+    /// `Unavailable`): those say nothing about an image, and the client should retry all of it.
+    pub async fn score(
+        &self,
+        model: &Arc<Model>,
+        images: Vec<Bytes>,
+        embedding: bool,
+    ) -> Result<Vec<Result<ImageScore, Error>>, Error> {
         let start = Instant::now();
         let prepared = self.prepare_all(model, images).await;
         let mut answers: Vec<Option<Result<ImageScore, Error>>> = vec![None; prepared.len()];
@@ -107,13 +115,14 @@ impl Scorer {
                         answers[*i] = Some(answer);
                     }
                 }
+                Err(e @ (Error::Overloaded { .. } | Error::Unavailable(_))) => return Err(e),
                 Err(e) => chunk.iter().for_each(|(i, _)| answers[*i] = Some(Err(e.clone()))),
             }
         }
 
         let total_ms = millis(start.elapsed());
         let name = model.name();
-        answers
+        Ok(answers
             .into_iter()
             .map(|a| {
                 let mut a = a.unwrap_or_else(|| Err(Error::Internal("an image was left unanswered".into())));
@@ -128,7 +137,7 @@ impl Scorer {
                 }
                 a
             })
-            .collect()
+            .collect())
     }
 
     /// Decodes and preprocesses every image in parallel on the blocking pool, keeping order.

@@ -94,3 +94,47 @@ fn pixel_limit_is_configurable() {
     assert!(v["error"]["message"].as_str().unwrap().contains("640x427"));
     assert_eq!(s.post_image("/v1/score", "chelsea.png", read("photos/chelsea.png")).status(), 200);
 }
+
+/// With room for one waiting job, a burst of concurrent batches overflows the queue: the
+/// overflowing requests are answered 429 with Retry-After and a JSON error at once, the others
+/// are scored whole, and the server stays ready.
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = Server::start(&["--max-queued-jobs", "1", "--max-batch", "8"]);
+    let photo = read("photos/rocket.jpg");
+    let url = format!("{}/v1/score/batch", s.url);
+    let answers: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..24)
+            .map(|_| {
+                let (url, photo, client) = (url.clone(), photo.clone(), s.client());
+                scope.spawn(move || {
+                    let mut form = Form::new();
+                    for i in 0..8 {
+                        form = form.part("image", Part::bytes(photo.clone()).file_name(format!("{i}.jpg")));
+                    }
+                    let r = client.post(url).multipart(form).send().unwrap();
+                    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                    (r.status().as_u16(), retry, r.text().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut overloaded = 0;
+    for (status, retry, body) in &answers {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        match status {
+            200 => assert_eq!(v["summary"]["scored"], 8, "{body}"),
+            429 => {
+                assert_eq!(v["error"]["code"], "overloaded", "{body}");
+                assert_eq!(retry.as_deref(), Some("1"));
+                overloaded += 1;
+            }
+            _ => panic!("unexpected {status}: {body}"),
+        }
+    }
+    assert!(overloaded > 0, "24 concurrent batches never overflowed a one-job queue");
+    assert!(overloaded < answers.len(), "nothing was scored");
+    assert_eq!(s.post_image("/v1/score", "rocket.jpg", photo).status(), 200);
+    s.assert_ready();
+}

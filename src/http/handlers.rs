@@ -57,7 +57,7 @@ async fn score_uploads(
             }
         }
     }
-    let mut scored = state.scorer.score(model, readable, embedding).await.into_iter();
+    let mut scored = state.scorer.score(model, readable, embedding).await?.into_iter();
     Ok(slots
         .into_iter()
         .map(|(id, unreadable)| {
