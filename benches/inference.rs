@@ -64,7 +64,8 @@ fn benches(c: &mut Criterion) {
     let model = scorer.registry.get(None).unwrap().clone();
     let photos = jpegs(32);
     let limits = ImageLimits { max_bytes: 16 << 20, max_pixels: 40_000_000 };
-    let tensors: Vec<_> = photos.iter().map(|b| qscore::image::prepare(b, &limits, &model.preprocess).unwrap()).collect();
+    let tensors: Vec<_> =
+        photos.iter().map(|b| qscore::image::prepare(b, &limits, &model.preprocess).unwrap()).collect();
 
     // (a) The raw ceiling: a second session of the same model, fed prepared tensors.
     let mut encoder = Encoder::load(
@@ -118,7 +119,12 @@ fn benches(c: &mut Criterion) {
     let one = photos[2].clone();
     http.bench_function("score_1", |b| {
         b.iter(|| {
-            let r = client.post(format!("{url}/v1/score")).header("content-type", "image/jpeg").body(one.clone()).send().unwrap();
+            let r = client
+                .post(format!("{url}/v1/score"))
+                .header("content-type", "image/jpeg")
+                .body(one.clone())
+                .send()
+                .unwrap();
             assert!(r.status().is_success());
             black_box(r.bytes().unwrap())
         })
@@ -128,7 +134,8 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let mut form = reqwest::blocking::multipart::Form::new();
             for (i, p) in photos.iter().enumerate() {
-                form = form.part("image", reqwest::blocking::multipart::Part::bytes(p.to_vec()).file_name(format!("{i}.jpg")));
+                form = form
+                    .part("image", reqwest::blocking::multipart::Part::bytes(p.to_vec()).file_name(format!("{i}.jpg")));
             }
             let r = client.post(format!("{url}/v1/score/batch")).multipart(form).send().unwrap();
             assert!(r.status().is_success());
@@ -141,7 +148,9 @@ fn benches(c: &mut Criterion) {
     let reps = Array2::from_shape_fn((256, 1280), |(i, j)| ((i * 7919 + j * 104_729) % 1000) as f32 / 250.0);
     let mut math = c.benchmark_group("qscore_math");
     math.throughput(Throughput::Elements(256));
-    math.bench_function("256x1280", |b| b.iter(|| black_box(qscore::qscore::score_batch(reps.view(), 4.0, &Discriminative::All))));
+    math.bench_function("256x1280", |b| {
+        b.iter(|| black_box(qscore::qscore::score_batch(reps.view(), 4.0, &Discriminative::All)))
+    });
     math.finish();
 
     // (e) Decode + resize + normalise.
@@ -153,15 +162,23 @@ fn benches(c: &mut Criterion) {
         buf
     };
     let small = {
-        let img = image::open(root().join("tests/fixtures/photos/astronaut.png")).unwrap().resize_exact(224, 224, image::imageops::FilterType::Triangle);
+        let img = image::open(root().join("tests/fixtures/photos/astronaut.png")).unwrap().resize_exact(
+            224,
+            224,
+            image::imageops::FilterType::Triangle,
+        );
         let mut buf = Vec::new();
         img.to_rgb8().write_to(&mut Cursor::new(&mut buf), image::ImageFormat::Jpeg).unwrap();
         buf
     };
     let mut pre = c.benchmark_group("preprocess");
     pre.throughput(Throughput::Elements(1));
-    pre.bench_function("jpeg_224", |b| b.iter(|| black_box(qscore::image::prepare(&small, &limits, &model.preprocess).unwrap())));
-    pre.bench_function("jpeg_1080p", |b| b.iter(|| black_box(qscore::image::prepare(&big, &limits, &model.preprocess).unwrap())));
+    pre.bench_function("jpeg_224", |b| {
+        b.iter(|| black_box(qscore::image::prepare(&small, &limits, &model.preprocess).unwrap()))
+    });
+    pre.bench_function("jpeg_1080p", |b| {
+        b.iter(|| black_box(qscore::image::prepare(&big, &limits, &model.preprocess).unwrap()))
+    });
     pre.finish();
 }
 

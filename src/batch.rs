@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array2, Array4};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    error::Error,
-    metrics::Metrics,
-    model::encoder::Encoder,
-};
+use crate::{error::Error, metrics::Metrics, model::encoder::Encoder};
 
 /// The representations of one batch and how long the run took.
 #[derive(Debug)]

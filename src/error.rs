@@ -22,7 +22,9 @@ pub enum Error {
     #[error("unexpected multipart field `{0}`; only `image` parts are accepted")]
     UnexpectedField(String),
     /// The body's content type is not one qscore reads.
-    #[error("unsupported content type `{0}`; send multipart/form-data with an `image` part, a raw image/* body, or JSON for the batch endpoint")]
+    #[error(
+        "unsupported content type `{0}`; send multipart/form-data with an `image` part, a raw image/* body, or JSON for the batch endpoint"
+    )]
     UnsupportedMediaType(String),
     /// The bytes are not in an image format qscore decodes.
     #[error("not a supported image: the bytes are none of JPEG, PNG, WebP, GIF, BMP or TIFF")]

@@ -48,7 +48,9 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error>
         _ => return Err(Error::UnsupportedFormat),
     }
     if reader.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
-        return Err(Error::UndecodableImage("the JPEG is truncated: no end-of-image marker after its last scan".into()));
+        return Err(Error::UndecodableImage(
+            "the JPEG is truncated: no end-of-image marker after its last scan".into(),
+        ));
     }
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(code) => code.into(),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("qscore: error: {e:#}");
             ExitCode::FAILURE

@@ -57,7 +57,8 @@ impl Metrics {
         )
         .expect("valid metric");
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("qscore_http_request_duration_seconds", "HTTP request latency, by route.").buckets(latency.clone()),
+            HistogramOpts::new("qscore_http_request_duration_seconds", "HTTP request latency, by route.")
+                .buckets(latency.clone()),
             &["route"],
         )
         .expect("valid metric");
@@ -67,7 +68,8 @@ impl Metrics {
         )
         .expect("valid metric");
         let inference_duration = HistogramVec::new(
-            HistogramOpts::new("qscore_inference_duration_seconds", "Duration of one ONNX Runtime run, by model.").buckets(latency),
+            HistogramOpts::new("qscore_inference_duration_seconds", "Duration of one ONNX Runtime run, by model.")
+                .buckets(latency),
             &["model"],
         )
         .expect("valid metric");

@@ -170,11 +170,7 @@ pub fn score(h: ArrayView1<f32>, epsilon: f32, d_set: &Discriminative) -> Result
 }
 
 /// Scores every row of a batch of representations (N x d); one answer per row, in order.
-pub fn score_batch(
-    reps: ArrayView2<f32>,
-    epsilon: f32,
-    d_set: &Discriminative,
-) -> Vec<Result<Score, ScoreError>> {
+pub fn score_batch(reps: ArrayView2<f32>, epsilon: f32, d_set: &Discriminative) -> Vec<Result<Score, ScoreError>> {
     reps.axis_iter(Axis(0)).map(|h| score(h, epsilon, d_set)).collect()
 }
 
@@ -326,7 +322,10 @@ mod tests {
 
     #[test]
     fn batch_answers_each_row_on_its_own() {
-        let reps = array![[0.0_f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0], [1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]];
+        let reps = array![
+            [0.0_f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0],
+            [1.0, f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        ];
         let out = score_batch(reps.view(), 2.0, &Discriminative::All);
         assert!(close(out[0].as_ref().unwrap().q_score, 9.0));
         assert!(out[1].is_err());

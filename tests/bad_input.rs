@@ -23,7 +23,10 @@ fn bad_images_are_refused_with_the_right_status() {
         s.assert_ready();
     }
     let metrics = s.get("/metrics").text().unwrap();
-    assert!(metrics.contains("qscore_images_total{model=\"mobilenet_v2-imagenet\",outcome=\"rejected\"} 18"), "{metrics}");
+    assert!(
+        metrics.contains("qscore_images_total{model=\"mobilenet_v2-imagenet\",outcome=\"rejected\"} 18"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -34,13 +37,21 @@ fn malformed_requests_are_refused() {
 
     assert_error(s.post_raw("/v1/score", "image/jpeg", Vec::new()), 400, "empty_image");
     assert_error(s.post_raw("/v1/score", "text/plain", b"hello".to_vec()), 415, "unsupported_media_type");
-    assert_error(c.post(url("/v1/score")).body(read("photos/china.jpg")).send().unwrap(), 415, "unsupported_media_type");
+    assert_error(
+        c.post(url("/v1/score")).body(read("photos/china.jpg")).send().unwrap(),
+        415,
+        "unsupported_media_type",
+    );
     let form = Form::new().part("file", Part::bytes(read("photos/china.jpg")).file_name("china.jpg"));
     assert_error(c.post(url("/v1/score")).multipart(form).send().unwrap(), 400, "unexpected_field");
     let form = Form::new().text("note", "no image here");
     assert_error(c.post(url("/v1/score/batch")).multipart(form).send().unwrap(), 400, "unexpected_field");
     assert_error(
-        c.post(url("/v1/score")).header("content-type", "multipart/form-data; boundary=xyz").body("--xyz--\r\n").send().unwrap(),
+        c.post(url("/v1/score"))
+            .header("content-type", "multipart/form-data; boundary=xyz")
+            .body("--xyz--\r\n")
+            .send()
+            .unwrap(),
         400,
         "missing_image",
     );
@@ -56,7 +67,11 @@ fn malformed_requests_are_refused() {
     assert_error(s.post_raw("/v1/score/batch", "application/json", b"{\"images\": [".to_vec()), 400, "bad_request");
     assert_error(s.post_raw("/v1/score/batch", "application/json", b"{\"images\": []}".to_vec()), 400, "missing_image");
     assert_error(s.post_image("/v1/score?model=nope", "china.jpg", read("photos/china.jpg")), 404, "unknown_model");
-    assert_error(s.post_raw("/v1/score/batch?model=nope", "image/jpeg", read("photos/china.jpg")), 404, "unknown_model");
+    assert_error(
+        s.post_raw("/v1/score/batch?model=nope", "image/jpeg", read("photos/china.jpg")),
+        404,
+        "unknown_model",
+    );
     assert_error(s.get("/v2/nothing"), 404, "not_found");
     assert_error(s.get("/v1/score"), 405, "method_not_allowed");
     s.assert_ready();
@@ -76,9 +91,18 @@ fn request_limits_are_enforced() {
     for i in 0..4 {
         form = form.part("image", Part::bytes(read("formats/chelsea_q95.jpg")).file_name(format!("{i}.jpg")));
     }
-    assert_error(s.client().post(format!("{}/v1/score/batch", s.url)).multipart(form).send().unwrap(), 413, "too_many_images");
+    assert_error(
+        s.client().post(format!("{}/v1/score/batch", s.url)).multipart(form).send().unwrap(),
+        413,
+        "too_many_images",
+    );
     let images: Vec<_> = (0..4).map(|_| serde_json::json!({"data": "AAAA"})).collect();
-    let r = s.client().post(format!("{}/v1/score/batch", s.url)).json(&serde_json::json!({ "images": images })).send().unwrap();
+    let r = s
+        .client()
+        .post(format!("{}/v1/score/batch", s.url))
+        .json(&serde_json::json!({ "images": images }))
+        .send()
+        .unwrap();
     assert_error(r, 413, "too_many_images");
 
     let r = s.post_image("/v1/score", "rocket.jpg", read("photos/rocket.jpg"));

@@ -66,8 +66,10 @@ fn photos_score_and_match_section_1_applied_to_their_embedding() {
 
 #[test]
 fn embeddings_match_pytorch_golden_vectors() {
-    let golden: Value =
-        serde_json::from_slice(&std::fs::read(common::root().join("models/mobilenet_v2-imagenet/golden.json")).unwrap()).unwrap();
+    let golden: Value = serde_json::from_slice(
+        &std::fs::read(common::root().join("models/mobilenet_v2-imagenet/golden.json")).unwrap(),
+    )
+    .unwrap();
     let images = golden["images"].as_object().unwrap();
     assert_eq!(images.len(), PHOTOS.len());
     let s = Server::start(&[]);
@@ -128,7 +130,8 @@ fn batch_answers_each_image_alone_in_order() {
     let s = Server::start(&[]);
     let mut form = reqwest::blocking::multipart::Form::new();
     let names = ["china.jpg", "truncated.jpg", "rocket.jpg", "not_an_image.txt", "coffee.png"];
-    let files = ["photos/china.jpg", "bad/truncated.jpg", "photos/rocket.jpg", "bad/not_an_image.txt", "photos/coffee.png"];
+    let files =
+        ["photos/china.jpg", "bad/truncated.jpg", "photos/rocket.jpg", "bad/not_an_image.txt", "photos/coffee.png"];
     for (name, rel) in names.iter().zip(files) {
         form = form.part("image", reqwest::blocking::multipart::Part::bytes(read(rel)).file_name(name.to_string()));
     }
@@ -198,11 +201,17 @@ fn models_are_listed_and_described() {
 #[test]
 fn cli_score_prints_the_same_json_as_the_server() {
     let out = common::qscore_bin()
-        .args(["score", "tests/fixtures/photos/rocket.jpg", "tests/fixtures/bad/truncated.jpg", "tests/fixtures/photos/coffee.png"])
+        .args([
+            "score",
+            "tests/fixtures/photos/rocket.jpg",
+            "tests/fixtures/bad/truncated.jpg",
+            "tests/fixtures/photos/coffee.png",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "a failed file makes the exit status 1");
-    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[1]["error"]["code"], "undecodable_image");
     assert_eq!(lines[1]["file"], "tests/fixtures/bad/truncated.jpg");

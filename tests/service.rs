@@ -60,7 +60,9 @@ fn openapi_document_matches_the_code() {
     let s = Server::start(&[]);
     let served: Value = s.get("/openapi.json").json().unwrap();
     assert_eq!(served, serde_json::from_str::<Value>(&committed).unwrap());
-    for path in ["/v1/score", "/v1/score/batch", "/v1/embed", "/v1/models", "/v1/models/{name}", "/health/ready", "/metrics"] {
+    for path in
+        ["/v1/score", "/v1/score/batch", "/v1/embed", "/v1/models", "/v1/models/{name}", "/health/ready", "/metrics"]
+    {
         assert!(served["paths"].get(path).is_some(), "{path} is not documented");
     }
 }
@@ -177,9 +179,23 @@ fn sigterm_drains_and_exits_cleanly() {
 fn help_documents_every_flag_with_its_variable() {
     let out = common::qscore_bin().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in ["--host", "--port", "--models-dir", "--model", "--ort-lib", "--device", "--max-image-pixels", "--max-body-bytes", "--max-batch-images", "--max-batch"] {
+    for flag in [
+        "--host",
+        "--port",
+        "--models-dir",
+        "--model",
+        "--ort-lib",
+        "--device",
+        "--max-image-pixels",
+        "--max-body-bytes",
+        "--max-batch-images",
+        "--max-batch",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
-    let flags = help.lines().filter(|l| l.trim_start().starts_with("--") && !l.contains("--help") && !l.contains("--version")).count();
+    let flags = help
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--") && !l.contains("--help") && !l.contains("--version"))
+        .count();
     assert_eq!(help.matches("[env: QSCORE_").count(), flags, "every flag names its QSCORE_* variable:\n{help}");
 }

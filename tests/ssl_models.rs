@@ -49,7 +49,8 @@ fn every_ssl_encoder_is_served_and_scores_the_fixtures() {
         assert_eq!(r.status(), 200, "{name}");
         let b: Value = r.json().unwrap();
         assert_eq!(b["summary"]["scored"], 200, "{name}: {}", b["summary"]);
-        let scores: Vec<f64> = b["results"].as_array().unwrap().iter().map(|x| x["q_score"].as_f64().unwrap()).collect();
+        let scores: Vec<f64> =
+            b["results"].as_array().unwrap().iter().map(|x| x["q_score"].as_f64().unwrap()).collect();
         assert!(scores.iter().all(|q| q.is_finite() && *q >= 0.0));
         let distinct: std::collections::BTreeSet<u64> = scores.iter().map(|q| q.to_bits()).collect();
         assert!(distinct.len() > 150, "{name}: only {} distinct scores over 200 images", distinct.len());
@@ -58,7 +59,8 @@ fn every_ssl_encoder_is_served_and_scores_the_fixtures() {
             assert_eq!(r["stats"]["dim"].as_u64(), Some(dim));
         }
 
-        let golden: Value = serde_json::from_slice(&std::fs::read(root().join(format!("models/{name}/golden.json"))).unwrap()).unwrap();
+        let golden: Value =
+            serde_json::from_slice(&std::fs::read(root().join(format!("models/{name}/golden.json"))).unwrap()).unwrap();
         let golden = golden["images"].as_object().unwrap();
         assert_eq!(golden.len(), CLASSES.len(), "{name}: one golden embedding per class");
         for (id, want) in golden {

@@ -71,7 +71,12 @@ async fn score_uploads(
 }
 
 /// Scores exactly one uploaded image.
-async fn single(state: &AppState, q: ModelQuery, Uploads(uploads): Uploads, embedding: bool) -> Result<Json<ImageScore>, Error> {
+async fn single(
+    state: &AppState,
+    q: ModelQuery,
+    Uploads(uploads): Uploads,
+    embedding: bool,
+) -> Result<Json<ImageScore>, Error> {
     if uploads.len() != 1 {
         return Err(Error::BadRequest(format!(
             "this endpoint takes one image and got {}; use POST /v1/score/batch for several",
@@ -100,7 +105,11 @@ async fn single(state: &AppState, q: ModelQuery, Uploads(uploads): Uploads, embe
         (status = 500, description = "Server fault", body = ErrorBody),
     )
 )]
-pub async fn score(State(state): State<AppState>, Query(q): Query<ModelQuery>, uploads: Uploads) -> Result<Json<ImageScore>, Error> {
+pub async fn score(
+    State(state): State<AppState>,
+    Query(q): Query<ModelQuery>,
+    uploads: Uploads,
+) -> Result<Json<ImageScore>, Error> {
     single(&state, q, uploads, false).await
 }
 
@@ -116,7 +125,11 @@ pub async fn score(State(state): State<AppState>, Query(q): Query<ModelQuery>, u
         (status = 500, body = ErrorBody),
     )
 )]
-pub async fn embed(State(state): State<AppState>, Query(q): Query<ModelQuery>, uploads: Uploads) -> Result<Json<ImageScore>, Error> {
+pub async fn embed(
+    State(state): State<AppState>,
+    Query(q): Query<ModelQuery>,
+    uploads: Uploads,
+) -> Result<Json<ImageScore>, Error> {
     single(&state, q, uploads, true).await
 }
 

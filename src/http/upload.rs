@@ -56,12 +56,7 @@ impl FromRequest<AppState> for Uploads {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let limits = &state.limits;
-        let content_type = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let body = read_body(req.into_body(), limits.max_body_bytes).await?;
 
@@ -133,7 +128,9 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
 
 fn parse_json(body: &[u8], max_images: usize) -> Result<Uploads, Error> {
     let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| {
-        Error::BadRequest(format!("invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"))
+        Error::BadRequest(format!(
+            "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
+        ))
     })?;
     if batch.images.len() > max_images {
         return Err(Error::TooManyImages { limit: max_images });

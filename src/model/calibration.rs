@@ -90,7 +90,7 @@ impl IsotonicMap {
         if self.x.is_empty() || self.x.len() != self.y.len() {
             return Err("isotonic.x and isotonic.y must be non-empty and of equal length".into());
         }
-        if self.x.windows(2).any(|w| !(w[0] < w[1])) {
+        if self.x.windows(2).any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less)) {
             return Err("isotonic.x must be strictly ascending".into());
         }
         if self.y.iter().any(|p| !(0.0..=1.0).contains(p)) {
@@ -213,7 +213,8 @@ mod tests {
         let r = cal.risk(&s);
         assert!((r.p_misclassified - 0.35).abs() < 1e-6, "{r:?}");
         assert!(!r.likely_misclassified);
-        let none = crate::qscore::score(h.view(), cal.epsilon, &crate::qscore::Discriminative::Mask(vec![false; 8])).unwrap();
+        let none =
+            crate::qscore::score(h.view(), cal.epsilon, &crate::qscore::Discriminative::Mask(vec![false; 8])).unwrap();
         assert_eq!(cal.risk(&none), Risk { p_misclassified: 0.9, likely_misclassified: true });
     }
 

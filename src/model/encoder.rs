@@ -48,7 +48,8 @@ impl Encoder {
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(|e| fail("optimisation level", e.to_string()))?;
         if opts.intra_threads > 0 {
-            builder = builder.with_intra_threads(opts.intra_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
+            builder =
+                builder.with_intra_threads(opts.intra_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
         }
         if let Device::Cuda(id) = opts.device {
             builder = builder
@@ -63,11 +64,15 @@ impl Encoder {
                     )
                 })?;
         }
-        let session = builder.commit_from_file(model_path).map_err(|e| fail("cannot load the ONNX model", e.to_string()))?;
+        let session =
+            builder.commit_from_file(model_path).map_err(|e| fail("cannot load the ONNX model", e.to_string()))?;
         for (what, name, outlets) in [("input", input, session.inputs()), ("output", output, session.outputs())] {
             if !outlets.iter().any(|o| o.name() == name) {
                 let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
-                anyhow::bail!("{}: model.toml names {what} `{name}`, but the graph has {names:?}", model_path.display());
+                anyhow::bail!(
+                    "{}: model.toml names {what} `{name}`, but the graph has {names:?}",
+                    model_path.display()
+                );
             }
         }
         Ok(Self { session, input: input.to_owned(), output: output.to_owned(), dim })
@@ -82,7 +87,11 @@ impl Encoder {
         let view = outputs[self.output.as_str()].try_extract_array::<f32>().context("reading the output tensor")?;
         let len = view.len();
         if len != n * self.dim {
-            anyhow::bail!("the model answered {:?} for {n} images; model.toml says {} features each", view.shape(), self.dim);
+            anyhow::bail!(
+                "the model answered {:?} for {n} images; model.toml says {} features each",
+                view.shape(),
+                self.dim
+            );
         }
         let flat: Vec<f32> = view.iter().copied().collect();
         Ok(Array2::from_shape_vec((n, self.dim), flat)?.into_dimensionality::<Ix2>()?)

@@ -142,8 +142,8 @@ impl Manifest {
     /// Reads and validates `dir/model.toml`.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("model.toml");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         let manifest: Self =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a valid manifest: {e}", path.display()))?;
         manifest.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -159,16 +159,16 @@ impl Manifest {
         if self.preprocess.mean.len() != c || self.preprocess.std.len() != c {
             return Err(format!("preprocess.mean and preprocess.std need {c} values each"));
         }
-        if self.preprocess.std.iter().any(|&s| !(s > 0.0)) {
+        if self.preprocess.std.iter().any(|&s| !s.is_finite() || s <= 0.0) {
             return Err("preprocess.std values must be positive".into());
         }
         if self.input.width == 0 || self.input.height == 0 || self.output.dim < 2 {
             return Err("input size must be non-zero and output.dim at least 2".into());
         }
-        if let Some(s) = self.preprocess.resize_shorter {
-            if s < self.input.width.min(self.input.height) {
-                return Err("preprocess.resize_shorter must be at least the input size".into());
-            }
+        if let Some(s) = self.preprocess.resize_shorter
+            && s < self.input.width.min(self.input.height)
+        {
+            return Err("preprocess.resize_shorter must be at least the input size".into());
         }
         let (lo, hi) = self.qscore.percentiles;
         if !(0.0..=100.0).contains(&lo) || !(0.0..=100.0).contains(&hi) || lo > hi {

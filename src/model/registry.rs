@@ -66,11 +66,17 @@ impl Registry {
             models.insert(model.manifest.name.clone(), Arc::new(model));
         }
         let Some(first) = models.keys().next().cloned() else {
-            bail!("no model found under {}: each model is a folder with model.onnx and model.toml", args.models_dir.display());
+            bail!(
+                "no model found under {}: each model is a folder with model.onnx and model.toml",
+                args.models_dir.display()
+            );
         };
         let default = match &args.model {
             Some(name) if !models.contains_key(name) => {
-                bail!("--model {name} is not among the loaded models: {}", models.keys().cloned().collect::<Vec<_>>().join(", "))
+                bail!(
+                    "--model {name} is not among the loaded models: {}",
+                    models.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
             }
             Some(name) => name.clone(),
             None => first,
@@ -81,7 +87,9 @@ impl Registry {
     /// The model called `name`, or the default one.
     pub fn get(&self, name: Option<&str>) -> Result<&Arc<Model>, Error> {
         let name = name.unwrap_or(&self.default);
-        self.models.get(name).ok_or_else(|| Error::UnknownModel { name: name.to_owned(), loaded: self.names().join(", ") })
+        self.models
+            .get(name)
+            .ok_or_else(|| Error::UnknownModel { name: name.to_owned(), loaded: self.names().join(", ") })
     }
 
     /// Every model, by name.
@@ -110,16 +118,19 @@ impl Registry {
 fn model_dirs(root: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let entries = std::fs::read_dir(root)
         .with_context(|| format!("cannot read the models folder {} (--models-dir)", root.display()))?;
-    let mut dirs: Vec<_> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.join("model.toml").is_file())
-        .collect();
+    let mut dirs: Vec<_> =
+        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join("model.toml").is_file()).collect();
     dirs.sort();
     Ok(dirs)
 }
 
-fn load_model(env: &Environment, dir: &Path, opts: SessionOptions, queue: usize, metrics: &Metrics) -> anyhow::Result<Model> {
+fn load_model(
+    env: &Environment,
+    dir: &Path,
+    opts: SessionOptions,
+    queue: usize,
+    metrics: &Metrics,
+) -> anyhow::Result<Model> {
     let manifest = Manifest::load(dir)?;
     let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     if manifest.name != folder {

@@ -34,7 +34,10 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 pub fn locate(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         if !p.is_file() {
-            bail!("ONNX Runtime library not found at {} (--ort-lib / QSCORE_ORT_LIB); run `make ort` or fix the path", p.display());
+            bail!(
+                "ONNX Runtime library not found at {} (--ort-lib / QSCORE_ORT_LIB); run `make ort` or fix the path",
+                p.display()
+            );
         }
         return Ok(p.to_path_buf());
     }
@@ -51,8 +54,9 @@ pub fn locate(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Loads the library at `path` and creates the process's single ONNX Runtime environment.
 pub fn start(path: &Path) -> anyhow::Result<Environment> {
-    let builder = ort::init_from(path)
-        .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}; run `make ort` for a fresh copy", path.display()))?;
+    let builder = ort::init_from(path).map_err(|e| {
+        anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}; run `make ort` for a fresh copy", path.display())
+    })?;
     builder
         .with_name("qscore")
         .build()
