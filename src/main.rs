@@ -76,13 +76,13 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for chunk in args.files.chunks(scorer.max_batch) {
-        let reads: Vec<_> = chunk.iter().map(std::fs::read).collect();
-        let readable = reads.iter().filter_map(|r| r.as_ref().ok()).map(|b| Bytes::copy_from_slice(b)).collect();
+        let mut readable = Vec::with_capacity(chunk.len());
+        let reads: Vec<_> = chunk.iter().map(|f| std::fs::read(f).map(|b| readable.push(Bytes::from(b)))).collect();
         let mut scored = scorer.score(&model, readable, false).await?.into_iter();
         for (file, read) in chunk.iter().zip(reads) {
             let answer = match read {
                 Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),
-                Ok(_) => scored
+                Ok(()) => scored
                     .next()
                     .unwrap_or_else(|| Err(qscore::error::Error::Internal("a file was left unanswered".into())))
                     .map_err(|e| ErrorDetail::from(&e)),
