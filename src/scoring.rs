@@ -104,7 +104,8 @@ impl Scorer {
             match model.worker.embed(batch).await {
                 Ok(inference) => {
                     let inference_ms = millis(inference.duration);
-                    let rows = qscore::score_batch(inference.embeddings.view(), model.epsilon, &model.discriminative);
+                    let rows =
+                        qscore::score_batch(inference.embeddings.view(), model.qscore.epsilon, &model.discriminative);
                     for (((i, (_, decode_ms)), row), h) in
                         chunk.iter().zip(rows).zip(inference.embeddings.axis_iter(Axis(0)))
                     {

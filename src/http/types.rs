@@ -152,10 +152,7 @@ impl From<&Model> for ModelInfo {
                 resize_shorter: man.preprocess.resize_shorter,
             },
             embedding_dim: man.output.dim,
-            qscore: QScoreParams {
-                epsilon: m.epsilon,
-                percentiles: m.calibration.as_ref().map_or(man.qscore.percentiles, |c| c.percentiles),
-            },
+            qscore: m.qscore,
             calibrated: m.calibration.is_some(),
             calibration: m.calibration.as_ref().map(|c| CalibrationInfo {
                 risk_source: c.risk_source,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use ndarray::{Array2, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayView4};
 use ort::{
     environment::Environment,
     ep,
@@ -93,7 +93,6 @@ impl Encoder {
                 self.dim
             );
         }
-        let flat: Vec<f32> = view.iter().copied().collect();
-        Ok(Array2::from_shape_vec((n, self.dim), flat)?.into_dimensionality::<Ix2>()?)
+        Ok(Array2::from_shape_vec((n, self.dim), view.iter().copied().collect())?)
     }
 }

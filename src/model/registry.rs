@@ -13,7 +13,7 @@ use ort::environment::Environment;
 use super::{
     calibration::Calibration,
     encoder::{Encoder, SessionOptions},
-    manifest::{Manifest, Preprocess},
+    manifest::{Manifest, Preprocess, QScoreParams},
     runtime,
 };
 use crate::{batch::Worker, config::EngineArgs, error::Error, metrics::Metrics, qscore::Discriminative};
@@ -28,8 +28,9 @@ pub struct Model {
     pub calibration: Option<Calibration>,
     /// D: every feature when uncalibrated, calibration's set otherwise.
     pub discriminative: Discriminative,
-    /// eps used for L: calibration's when calibrated (D was found with it), else the manifest's.
-    pub epsilon: f32,
+    /// The Q-Score parameters in force: calibration's when calibrated (D was found with them),
+    /// else the manifest's.
+    pub qscore: QScoreParams,
     /// Where inference runs.
     pub device: crate::config::Device,
     /// Handle to its inference thread.
@@ -142,7 +143,9 @@ fn load_model(
         Some(c) => c.discriminative_set(dim).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
         None => Discriminative::All,
     };
-    let epsilon = calibration.as_ref().map_or(manifest.qscore.epsilon, |c| c.epsilon);
+    let qscore = calibration
+        .as_ref()
+        .map_or(manifest.qscore, |c| QScoreParams { epsilon: c.epsilon, percentiles: c.percentiles });
     let mut encoder =
         Encoder::load(env, &dir.join("model.onnx"), &manifest.input.name, &manifest.output.name, dim, opts)?;
 
@@ -155,5 +158,5 @@ fn load_model(
 
     let worker = Worker::spawn(manifest.name.clone(), encoder, queue, metrics.clone())
         .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
-    Ok(Model { preprocess: pre, manifest, calibration, discriminative, epsilon, device: opts.device, worker })
+    Ok(Model { preprocess: pre, manifest, calibration, discriminative, qscore, device: opts.device, worker })
 }
