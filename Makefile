@@ -17,8 +17,14 @@ EPOCHS_byol         ?= 10
 EPOCHS_vicreg       ?= 3
 EPOCHS_barlow_twins ?= 3
 CARGO          ?= cargo
+# Scratch folder for the Fashion-MNIST PNGs that calibration reads (70,000 files, ~60 MB).
+FMNIST_DIR     ?= /tmp/qscore-fmnist
+# The Q-Score sweep recorded in every bundled calibration (eps x percentile bands).
+SWEEP_EPSILON     := 1.5,2,2.5,3,4
+SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
 
-.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures
+.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures \
+        fmnist-data calibrate evaluate
 
 all: build
 
@@ -85,6 +91,22 @@ ssl-models: train-env
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:
 	/usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split t10k --per-class 20 --out tests/fixtures/fmnist
+
+# Fashion-MNIST as ImageFolder PNGs (train and t10k) from Debian's IDX files.
+fmnist-data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $$(command -v sudo) apt-get install -y -qq dataset-fashion-mnist python3-pil python3-numpy >/dev/null
+	test -d $(FMNIST_DIR)/train || /usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split train --out $(FMNIST_DIR)/train
+	test -d $(FMNIST_DIR)/t10k || /usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split t10k --out $(FMNIST_DIR)/t10k
+
+# Calibrate every bundled SSL model (fit: the 60k train images; held out: t10k, half to choose,
+# half to measure), then print the cross-model tables of models/README.md.
+calibrate: build fmnist-data
+	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m) --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
+	  --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' > /dev/null &&) true
+	$(MAKE) --no-print-directory evaluate
+
+evaluate: build
+	$(BIN) evaluate --models-dir models
 
 # Regenerate the derived image fixtures (needs Pillow and numpy from Debian).
 fixtures:

@@ -60,7 +60,9 @@ fn jpegs(n: usize) -> Vec<Bytes> {
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
-    let scorer = Arc::new(qscore::server::build_scorer(&engine(), 256).expect("run `make ort` first"));
+    let scorer = Arc::new(
+        qscore::server::build_scorer(&engine(), &qscore::model::Selection::All, 256).expect("run `make ort` first"),
+    );
     let model = scorer.registry.get(None).unwrap().clone();
     let photos = jpegs(32);
     let limits = ImageLimits { max_bytes: 16 << 20, max_pixels: 40_000_000 };
@@ -96,7 +98,7 @@ fn benches(c: &mut Criterion) {
         pipe.throughput(Throughput::Elements(n as u64));
         pipe.bench_function(format!("images_{n}"), |b| {
             b.iter(|| {
-                let out = rt.block_on(scorer.score(&model, images.clone(), false)).unwrap();
+                let out = rt.block_on(scorer.score(&model, images.clone(), qscore::scoring::Embedding::Omit)).unwrap();
                 assert!(out.iter().all(Result::is_ok));
                 black_box(out)
             })

@@ -18,11 +18,17 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing buys nothing")]
 pub enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
     /// Score image files without a server; prints one JSON line per file (the /v1/score answer).
     Score(ScoreArgs),
+    /// Calibrate a model on labelled images: D, the linear probe, every risk estimator measured
+    /// on held-out images, the chosen one's isotonic map and threshold; writes calibration.json.
+    Calibrate(CalibrateArgs),
+    /// Print the held-out evaluation stored in calibrated models' calibration.json, as tables.
+    Evaluate(EvaluateArgs),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -95,6 +101,102 @@ pub struct ScoreArgs {
     pub files: Vec<PathBuf>,
 }
 
+/// Settings of `qscore calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// Models, runtime and image limits; `--model` names the model to calibrate.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Labelled images in ImageFolder layout (DIR/<class>/<image>), split into fit and held-out.
+    #[arg(long, required_unless_present = "fit", conflicts_with_all = ["fit", "holdout"])]
+    pub data: Option<PathBuf>,
+    /// Labelled images to fit on (instead of --data); needs --holdout.
+    #[arg(long, requires = "holdout")]
+    pub fit: Option<PathBuf>,
+    /// Labelled held-out images (with --fit).
+    #[arg(long, requires = "fit")]
+    pub holdout: Option<PathBuf>,
+    /// Share of each class of --data that is fitted on; the rest is held out.
+    #[arg(long, default_value_t = 0.5)]
+    pub fit_fraction: f64,
+    /// Share of each class's held-out images that chooses the estimator, its map and the
+    /// threshold; the rest (the test part) only measures.
+    #[arg(long, default_value_t = 0.5)]
+    pub select_fraction: f64,
+    /// Seed of the stratified splits and of the random feature subsets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// eps of the highly activating set L [default: the model's, from model.toml].
+    #[arg(long)]
+    pub epsilon: Option<f32>,
+    /// Percentile band LO,HI of the non-zero A_j that bounds D [default: the model's].
+    #[arg(long, value_parser = parse_band)]
+    pub percentiles: Option<(f64, f64)>,
+    /// Choose the flag's threshold as the lowest reaching this precision on the select part
+    /// [default: maximum F1].
+    #[arg(long)]
+    pub target_precision: Option<f64>,
+    /// Use this risk estimator instead of the best held-out AUPRC: q_score, z_max, q_v1,
+    /// l2_norm, max_softmax, margin or knn.
+    #[arg(long)]
+    pub risk_source: Option<crate::risk::RiskSource>,
+    /// Neighbours that vote in the k-NN estimator.
+    #[arg(long, default_value_t = 20)]
+    pub neighbours: usize,
+    /// Most fit images kept as the k-NN estimator's reference set (a seeded sample beyond it);
+    /// they ship in calibration.json (2 bytes per feature) and are searched on every request.
+    #[arg(long, default_value_t = 5000)]
+    pub max_neighbours: usize,
+    /// L2 penalty of the linear probe (scikit-learn's 1/C).
+    #[arg(long, default_value_t = 1.0)]
+    pub probe_alpha: f64,
+    /// Random feature subsets the compression result compares D with.
+    #[arg(long, default_value_t = 5)]
+    pub random_subsets: usize,
+    /// Also measure the Q-Score at these eps values (comma-separated)...
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_epsilon: Vec<f32>,
+    /// ...crossed with these bands (LO,HI pairs separated by ';', e.g. "50,95;25,75").
+    #[arg(long, value_delimiter = ';', value_parser = parse_band)]
+    pub sweep_percentiles: Vec<(f64, f64)>,
+    /// Where to write the calibration [default: MODELS_DIR/MODEL/calibration.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Settings of `qscore evaluate`.
+#[derive(Debug, Clone, Args)]
+pub struct EvaluateArgs {
+    /// Folder holding one sub-folder per model.
+    #[arg(long, env = "QSCORE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Models to report (repeatable) [default: every calibrated model].
+    #[arg(long)]
+    pub model: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Markdown)]
+    pub format: ReportFormat,
+}
+
+/// How `qscore evaluate` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// Tables for people.
+    Markdown,
+    /// The evaluations as a JSON array.
+    Json,
+}
+
+fn parse_band(s: &str) -> Result<(f64, f64), String> {
+    let err = || format!("`{s}` is not a percentile band; write LO,HI with 0 <= LO <= HI <= 100, e.g. 50,95");
+    let (lo, hi) = s.split_once(',').ok_or_else(err)?;
+    let (lo, hi): (f64, f64) = (lo.trim().parse().map_err(|_| err())?, hi.trim().parse().map_err(|_| err())?);
+    if !(0.0..=100.0).contains(&lo) || !(0.0..=100.0).contains(&hi) || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -151,6 +253,15 @@ mod tests {
         assert!("cuda:-1".parse::<Device>().is_err());
         assert!("gpu".parse::<Device>().is_err());
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn bands_parse() {
+        assert_eq!(parse_band("50,95"), Ok((50.0, 95.0)));
+        assert_eq!(parse_band(" 0 , 100"), Ok((0.0, 100.0)));
+        assert!(parse_band("95,50").is_err());
+        assert!(parse_band("50").is_err());
+        assert!(parse_band("-1,50").is_err());
     }
 
     #[test]

@@ -72,6 +72,14 @@ pub enum Error {
         /// Comma-separated names of the loaded models.
         loaded: String,
     },
+    /// The request needs a calibration the model does not have.
+    #[error(
+        "model `{model}` has no calibration.json, so it has no discriminative set D; run `qscore calibrate --model {model}` or drop `compressed=true`"
+    )]
+    NotCalibrated {
+        /// The model asked for.
+        model: String,
+    },
     /// No route at this path.
     #[error("no such route; see /openapi.json for the API")]
     NotFound,
@@ -111,6 +119,7 @@ impl Error {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::TooManyImages { .. } => "too_many_images",
             Self::UnknownModel { .. } => "unknown_model",
+            Self::NotCalibrated { .. } => "not_calibrated",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
@@ -123,9 +132,11 @@ impl Error {
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::EmptyImage | Self::MissingImage | Self::UnexpectedField(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRequest(_)
+            | Self::EmptyImage
+            | Self::MissingImage
+            | Self::UnexpectedField(_)
+            | Self::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) | Self::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyPixels { .. }

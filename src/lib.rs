@@ -20,15 +20,25 @@
 //! - [`batch`]: the per-model inference thread.
 //! - [`model`]: manifests, calibration files, ONNX Runtime sessions, the registry.
 //! - [`qscore`]: the maths of design.md section 1, pure and tested on hand-computed cases.
+//! - [`probe`], [`neighbours`], [`risk`], [`isotonic`], [`ranking`]: the pieces calibration
+//!   measures and the server applies: the linear probe, the nearest-neighbour estimator, the
+//!   risk estimators, the isotonic map to p(misclassified), AUROC/AUPRC.
+//! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.
 //! - [`metrics`]: the Prometheus families.
 
 pub mod batch;
+pub mod calibrate;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod image;
+pub mod isotonic;
 pub mod metrics;
 pub mod model;
+pub mod neighbours;
+pub mod probe;
 pub mod qscore;
+pub mod ranking;
+pub mod risk;
 pub mod scoring;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The `qscore` command: `serve`, `score` and `openapi`.
+//! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate` and `openapi`.
 
 use std::{io::Write, process::ExitCode};
 
@@ -23,6 +23,11 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text);
             runtime().and_then(|rt| rt.block_on(score_files(args)))
         }
+        Command::Calibrate(args) => {
+            init_logging(LogFormat::Text);
+            runtime().and_then(|rt| rt.block_on(qscore::calibrate::run(args))).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Evaluate(args) => qscore::calibrate::evaluate(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -71,14 +76,15 @@ struct FileLine<'a> {
 /// Exits 1 when any file failed, after printing every line.
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let engine = args.engine.clone();
-    let scorer = tokio::task::spawn_blocking(move || server::build_scorer(&engine, 64)).await??;
+    let scorer = tokio::task::spawn_blocking(move || server::build_scorer(&engine, &qscore::model::Selection::All, 64))
+        .await??;
     let model = scorer.registry.get(args.engine.model.as_deref())?.clone();
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
     for chunk in args.files.chunks(scorer.max_batch) {
         let mut readable = Vec::with_capacity(chunk.len());
         let reads: Vec<_> = chunk.iter().map(|f| std::fs::read(f).map(|b| readable.push(Bytes::from(b)))).collect();
-        let mut scored = scorer.score(&model, readable, false).await?.into_iter();
+        let mut scored = scorer.score(&model, readable, qscore::scoring::Embedding::Omit).await?.into_iter();
         for (file, read) in chunk.iter().zip(reads) {
             let answer = match read {
                 Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),

@@ -9,16 +9,28 @@
 use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use ndarray::{Array3, Array4, Axis};
+use ndarray::{Array3, Array4, ArrayView1, Axis};
 use serde::Serialize;
 
 use crate::{
     error::Error,
     image::{self, ImageLimits},
     metrics::{Metrics, Outcome},
-    model::{Model, Registry, calibration::RiskSource},
+    model::{Model, Registry},
     qscore::{self, ActiveFeature, Score, Stats},
+    risk::RiskSource,
 };
+
+/// Whether answers carry the representation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Embedding {
+    /// No.
+    Omit,
+    /// All d features.
+    Full,
+    /// Only D's features, with their indices (a calibrated model's compression).
+    Discriminative,
+}
 
 /// The answer for one image: the body of `POST /v1/score`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -35,6 +47,10 @@ pub struct ImageScore {
     pub p_misclassified: Option<f32>,
     /// The estimator behind the flag; null when uncalibrated.
     pub risk_source: Option<RiskSource>,
+    /// The calibration probe's class for the image; null when uncalibrated.
+    pub predicted_class: Option<String>,
+    /// The probe's softmax probability of that class; null when uncalibrated.
+    pub class_probability: Option<f32>,
     /// Features in L ∩ D, strongest first.
     pub discriminative_features: Vec<ActiveFeature>,
     /// Statistics of the representation.
@@ -44,6 +60,9 @@ pub struct ImageScore {
     /// The representation h, only from `/v1/embed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
+    /// Which features `embedding` holds, only from `/v1/embed?compressed=true` (D's indices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_features: Option<Vec<usize>>,
 }
 
 /// Per-image timings in milliseconds.
@@ -70,8 +89,8 @@ pub struct Scorer {
 }
 
 impl Scorer {
-    /// Scores `images` with `model`; one answer per image, in input order. With `embedding`,
-    /// each answer carries its representation.
+    /// Scores `images` with `model`; one answer per image, in input order; `embedding` says
+    /// whether answers carry the representation.
     ///
     /// A full inference queue or a stopped worker fails the whole request (`Overloaded`,
     /// `Unavailable`): those say nothing about an image, and the client should retry all of it.
@@ -79,7 +98,7 @@ impl Scorer {
         &self,
         model: &Arc<Model>,
         images: Vec<Bytes>,
-        embedding: bool,
+        embedding: Embedding,
     ) -> Result<Vec<Result<ImageScore, Error>>, Error> {
         let start = Instant::now();
         let prepared = self.prepare_all(model, images).await;
@@ -112,7 +131,7 @@ impl Scorer {
                         let timings = Timings { decode: *decode_ms, inference: inference_ms, total: 0.0 };
                         let answer = row
                             .map_err(|e| Error::InvalidEmbedding(e.to_string()))
-                            .map(|s| answer(model, s, timings, embedding.then(|| h.to_vec())));
+                            .map(|s| answer(model, s, h, timings, embedding));
                         answers[*i] = Some(answer);
                     }
                 }
@@ -166,19 +185,31 @@ fn millis(d: std::time::Duration) -> f64 {
     d.as_micros() as f64 / 1e3
 }
 
-/// Builds one answer from a scored representation.
-fn answer(model: &Model, s: Score, timings: Timings, embedding: Option<Vec<f32>>) -> ImageScore {
-    let risk = model.calibration.as_ref().map(|c| (c.risk_source, c.risk(&s)));
+/// Builds one answer from a representation and its score.
+fn answer(model: &Model, s: Score, h: ArrayView1<f32>, timings: Timings, embedding: Embedding) -> ImageScore {
+    let calibration = model.calibration.as_ref();
+    let assessed = calibration.map(|c| c.assess(h, &s));
+    let (embedding, embedding_features) = match (embedding, calibration) {
+        (Embedding::Omit, _) => (None, None),
+        (Embedding::Discriminative, Some(c)) => {
+            let d = &c.discriminative_features;
+            (Some(d.iter().map(|&j| h[j]).collect()), Some(d.clone()))
+        }
+        (Embedding::Full | Embedding::Discriminative, _) => (Some(h.to_vec()), None),
+    };
     ImageScore {
         model: model.name().to_owned(),
         q_score: s.q_score,
-        calibrated: model.calibration.is_some(),
-        likely_misclassified: risk.map(|(_, r)| r.likely_misclassified),
-        p_misclassified: risk.map(|(_, r)| r.p_misclassified),
-        risk_source: risk.map(|(source, _)| source),
+        calibrated: calibration.is_some(),
+        likely_misclassified: assessed.as_ref().map(|a| a.likely_misclassified),
+        p_misclassified: assessed.as_ref().map(|a| a.p_misclassified),
+        risk_source: calibration.map(|c| c.risk_source),
+        predicted_class: calibration.zip(assessed.as_ref()).map(|(c, a)| c.probe.classes[a.prediction.class].clone()),
+        class_probability: assessed.as_ref().map(|a| a.prediction.confidence()),
         stats: s.stats,
         discriminative_features: s.features,
         timings_ms: timings,
         embedding,
+        embedding_features,
     }
 }

@@ -19,14 +19,15 @@ use crate::{
     http::{self, AppState, RequestLimits},
     image::ImageLimits,
     metrics::Metrics,
-    model::Registry,
+    model::{Registry, Selection},
     scoring::Scorer,
 };
 
-/// Loads the models and builds the scoring pipeline (shared by `serve` and `score`).
-pub fn build_scorer(engine: &EngineArgs, queue: usize) -> anyhow::Result<Scorer> {
+/// Loads the models and builds the scoring pipeline (shared by `serve`, `score` and
+/// `calibrate`).
+pub fn build_scorer(engine: &EngineArgs, selection: &Selection, queue: usize) -> anyhow::Result<Scorer> {
     let metrics = Metrics::new();
-    let registry = Registry::load(engine, queue, &metrics)?;
+    let registry = Registry::load(engine, selection, queue, &metrics)?;
     Ok(Scorer {
         registry: Arc::new(registry),
         limits: ImageLimits { max_bytes: engine.max_image_bytes, max_pixels: engine.max_image_pixels },
@@ -39,7 +40,7 @@ pub fn build_scorer(engine: &EngineArgs, queue: usize) -> anyhow::Result<Scorer>
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = args.engine.clone();
     let queue = args.max_queued_jobs;
-    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, queue)).await??;
+    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &Selection::All, queue)).await??;
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         scorer: Arc::new(scorer),

@@ -67,70 +67,6 @@ fn openapi_document_matches_the_code() {
     }
 }
 
-/// A models folder holding the bundled model under its own name, with `calibration`.
-fn calibrated_models(tag: &str, calibration: &Value) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("qscore-test-{tag}-{}", std::process::id()));
-    let model = dir.join("mobilenet_v2-imagenet");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&model).unwrap();
-    let src = root().join("models/mobilenet_v2-imagenet");
-    std::os::unix::fs::symlink(src.join("model.onnx"), model.join("model.onnx")).unwrap();
-    std::fs::copy(src.join("model.toml"), model.join("model.toml")).unwrap();
-    std::fs::write(model.join("calibration.json"), calibration.to_string()).unwrap();
-    dir
-}
-
-/// D = {414, 596, 549, 677}: features that fire on the cat (chelsea) and not on the
-/// palace (china), whose only active feature is 783. The isotonic map falls from p = 0.9 at
-/// Q = 0 to p = 0.1 at Q = 3; tau = 0.5.
-fn calibration() -> Value {
-    serde_json::json!({
-        "format_version": 1, "epsilon": 4.0, "percentiles": [50.0, 95.0],
-        "discriminative_features": [414, 549, 596, 677], "risk_source": "q_score",
-        "isotonic": {"x": [0.0, 3.0], "y": [0.9, 0.1]}, "threshold": 0.5
-    })
-}
-
-#[test]
-fn a_calibrated_model_answers_the_flag_from_its_calibration() {
-    let dir = calibrated_models("cal", &calibration());
-    let s = Server::start_with_models(&dir, &[]);
-    let info: Value = s.get("/v1/models/mobilenet_v2-imagenet").json().unwrap();
-    assert_eq!(info["calibrated"], true);
-    assert_eq!(info["calibration"]["risk_source"], "q_score");
-    assert_eq!(info["calibration"]["discriminative_features"], 4);
-
-    let d = [414_usize, 549, 596, 677];
-    for (photo, flagged) in [("chelsea.png", false), ("china.jpg", true)] {
-        let r: Value = s.post_image("/v1/embed", photo, read(&format!("photos/{photo}"))).json().unwrap();
-        assert_eq!(r["calibrated"], true);
-        assert_eq!(r["risk_source"], "q_score");
-        let h = common::floats(&r["embedding"]);
-        let mu = h.iter().sum::<f64>() / h.len() as f64;
-        let sigma = (h.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (h.len() - 1) as f64).sqrt();
-        let in_ld: Vec<f64> = d.iter().map(|&j| h[j]).filter(|&v| v > mu + 4.0 * sigma).collect();
-        let q = if in_ld.is_empty() { 0.0 } else { in_ld.iter().map(|v| v - mu).sum::<f64>() / in_ld.len() as f64 };
-        let answered = r["q_score"].as_f64().unwrap();
-        assert!((answered - q).abs() <= 1e-4 * q.abs().max(1e-6), "{photo}: {answered} vs {q}");
-        assert_eq!(r["stats"]["active_discriminative"].as_u64().unwrap() as usize, in_ld.len());
-        assert!(r["stats"]["active"].as_u64() >= r["stats"]["active_discriminative"].as_u64());
-        for f in r["discriminative_features"].as_array().unwrap() {
-            assert!(d.contains(&(f["index"].as_u64().unwrap() as usize)), "{f} is not in D");
-        }
-        let p = 0.9 - 0.8 * (q / 3.0).min(1.0);
-        assert!((r["p_misclassified"].as_f64().unwrap() - p).abs() < 1e-5, "{photo}: {r}");
-        assert_eq!(r["likely_misclassified"], flagged, "{photo}: p = {p}");
-    }
-
-    let form = reqwest::blocking::multipart::Form::new()
-        .part("image", reqwest::blocking::multipart::Part::bytes(read("photos/china.jpg")).file_name("china.jpg"))
-        .part("image", reqwest::blocking::multipart::Part::bytes(read("photos/chelsea.png")).file_name("chelsea.png"));
-    let b: Value = s.client().post(format!("{}/v1/score/batch", s.url)).multipart(form).send().unwrap().json().unwrap();
-    assert_eq!(b["summary"]["flagged"], 1);
-    drop(s);
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
 fn start_fails(models: &std::path::Path, args: &[&str]) -> String {
     let out = common::qscore_bin()
         .args(["serve", "--host", "127.0.0.1", "--port", "0", "--models-dir"])
@@ -155,13 +91,6 @@ fn start_up_errors_say_what_to_do() {
 
     let unknown = start_fails(&models, &["--model", "resnet-9000"]);
     assert!(unknown.contains("--model resnet-9000") && unknown.contains("mobilenet_v2-imagenet"), "{unknown}");
-
-    let mut bad = calibration();
-    bad["discriminative_features"] = serde_json::json!([1, 5000]);
-    let dir = calibrated_models("badcal", &bad);
-    let e = start_fails(&dir, &[]);
-    assert!(e.contains("calibration.json") && e.contains("index 5000"), "{e}");
-    std::fs::remove_dir_all(dir).unwrap();
 
     let device = common::qscore_bin().args(["serve", "--device", "gpu"]).output().unwrap();
     assert!(String::from_utf8_lossy(&device.stderr).contains("use cpu, cuda or cuda:N"));

@@ -71,3 +71,53 @@ fn every_ssl_encoder_is_served_and_scores_the_fixtures() {
         }
     }
 }
+
+/// The bundled calibrations keep what the calibration issue promised, on their held-out test
+/// part: flagged images are misclassified at least 3x as often as the others, and
+/// p_misclassified's AUPRC is at least 3x the base rate. Served, the flag does the same on the
+/// committed fixtures: the probe's class is wrong far more often among flagged images.
+#[test]
+fn bundled_calibrations_flag_what_the_probe_gets_wrong() {
+    let s = Server::start(&[]);
+    let images = fixtures();
+    for method in METHODS {
+        let name = format!("fmnist-{method}");
+        let cal: Value =
+            serde_json::from_slice(&std::fs::read(root().join(format!("models/{name}/calibration.json"))).unwrap())
+                .unwrap();
+        let e = &cal["evaluation"];
+        let lift = e["flag"]["lift"].as_f64().unwrap();
+        let auprc = e["p_misclassified"]["auprc"].as_f64().unwrap();
+        let base = e["error_rate"].as_f64().unwrap();
+        assert!(lift >= 3.0, "{name}: flagged images are wrong only {lift:.2}x as often");
+        assert!(auprc >= 3.0 * base, "{name}: AUPRC {auprc:.3} against a base rate of {base:.3}");
+
+        let info: Value = s.get(&format!("/v1/models/{name}")).json().unwrap();
+        assert_eq!(info["calibrated"], true, "{name} ships its calibration.json");
+        assert_eq!(info["calibration"]["evaluation"], *e);
+
+        let mut form = Form::new();
+        for (id, bytes) in &images {
+            form = form.part("image", Part::bytes(bytes.clone()).file_name(id.clone()));
+        }
+        let b: Value = s
+            .client()
+            .post(format!("{}/v1/score/batch?model={name}", s.url))
+            .multipart(form)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let (mut wrong, mut count) = ([0_u32; 2], [0_u32; 2]);
+        for r in b["results"].as_array().unwrap() {
+            assert_eq!(r["risk_source"], cal["risk_source"]);
+            let flagged = usize::from(r["likely_misclassified"].as_bool().unwrap());
+            let truth = r["id"].as_str().unwrap().split('/').next().unwrap();
+            count[flagged] += 1;
+            wrong[flagged] += u32::from(r["predicted_class"].as_str().unwrap() != truth);
+        }
+        assert_eq!(b["summary"]["flagged"].as_u64(), Some(u64::from(count[1])));
+        let rate = |i: usize| f64::from(wrong[i]) / f64::from(count[i].max(1));
+        assert!(count[1] > 0 && rate(1) >= 2.0 * rate(0), "{name}: wrong {wrong:?} of {count:?} (unflagged, flagged)");
+    }
+}

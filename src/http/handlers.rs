@@ -11,10 +11,14 @@ use axum::{
 use super::{
     AppState,
     error::ErrorBody,
-    types::{BatchItem, BatchResponse, BatchSummary, Health, ModelInfo, ModelList, ModelQuery},
+    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery},
     upload::{JsonBatch, Upload, Uploads},
 };
-use crate::{error::Error, metrics::Outcome, scoring::ImageScore};
+use crate::{
+    error::Error,
+    metrics::Outcome,
+    scoring::{Embedding, ImageScore},
+};
 
 /// A single image as multipart form data.
 #[derive(utoipa::ToSchema)]
@@ -40,9 +44,12 @@ async fn score_uploads(
     state: &AppState,
     model: Option<&str>,
     uploads: Vec<Upload>,
-    embedding: bool,
+    embedding: Embedding,
 ) -> Result<Vec<(String, Result<ImageScore, Error>)>, Error> {
     let model = state.scorer.registry.get(model)?;
+    if embedding == Embedding::Discriminative && model.calibration.is_none() {
+        return Err(Error::NotCalibrated { model: model.name().to_owned() });
+    }
     let mut slots = Vec::with_capacity(uploads.len());
     let mut readable = Vec::with_capacity(uploads.len());
     for Upload { id, data } in uploads {
@@ -73,9 +80,9 @@ async fn score_uploads(
 /// Scores exactly one uploaded image.
 async fn single(
     state: &AppState,
-    q: ModelQuery,
+    model: Option<&str>,
     Uploads(uploads): Uploads,
-    embedding: bool,
+    embedding: Embedding,
 ) -> Result<Json<ImageScore>, Error> {
     if uploads.len() != 1 {
         return Err(Error::BadRequest(format!(
@@ -83,7 +90,7 @@ async fn single(
             uploads.len()
         )));
     }
-    match score_uploads(state, q.model.as_deref(), uploads, embedding).await?.pop() {
+    match score_uploads(state, model, uploads, embedding).await?.pop() {
         Some((_, answer)) => answer.map(Json),
         None => Err(Error::MissingImage),
     }
@@ -110,27 +117,29 @@ pub async fn score(
     Query(q): Query<ModelQuery>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
-    single(&state, q, uploads, false).await
+    single(&state, q.model.as_deref(), uploads, Embedding::Omit).await
 }
 
-/// Embed one image: its representation h with its Q-Score.
+/// Embed one image: its representation h with its Q-Score; with `compressed=true`, only the
+/// features of the calibrated discriminative set D.
 #[utoipa::path(
-    post, path = "/v1/embed", tag = "scoring", params(ModelQuery),
+    post, path = "/v1/embed", tag = "scoring", params(EmbedQuery),
     request_body(description = "One image: multipart field `image`, or the raw bytes with an image/* content type.",
         content((ImageUpload = "multipart/form-data"), ("image/*"))),
     responses(
-        (status = 200, description = "The answer of /v1/score with `embedding` added", body = ImageScore),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 200, description = "The answer of /v1/score with `embedding` added (and `embedding_features` when compressed)", body = ImageScore),
+        (status = 400, description = "Malformed request, or `compressed=true` on an uncalibrated model", body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
         (status = 500, body = ErrorBody),
     )
 )]
 pub async fn embed(
     State(state): State<AppState>,
-    Query(q): Query<ModelQuery>,
+    Query(q): Query<EmbedQuery>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
-    single(&state, q, uploads, true).await
+    let embedding = if q.compressed { Embedding::Discriminative } else { Embedding::Full };
+    single(&state, q.model.as_deref(), uploads, embedding).await
 }
 
 /// Score many images; each answers on its own.
@@ -149,7 +158,7 @@ pub async fn score_batch(
     Query(q): Query<ModelQuery>,
     Uploads(uploads): Uploads,
 ) -> Result<Json<BatchResponse>, Error> {
-    let answers = score_uploads(&state, q.model.as_deref(), uploads, false).await?;
+    let answers = score_uploads(&state, q.model.as_deref(), uploads, Embedding::Omit).await?;
     let scores: Vec<f32> = answers.iter().filter_map(|(_, a)| a.as_ref().ok().map(|s| s.q_score)).collect();
     let summary = BatchSummary {
         count: answers.len(),

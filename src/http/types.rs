@@ -7,9 +7,10 @@ use super::error::ErrorDetail;
 use crate::{
     model::{
         Model,
-        calibration::RiskSource,
+        calibration::{Evaluation, ThresholdRule},
         manifest::{Color, Provenance, QScoreParams},
     },
+    risk::RiskSource,
     scoring::ImageScore,
 };
 
@@ -19,6 +20,17 @@ use crate::{
 pub struct ModelQuery {
     /// Model to use; the server's default when absent.
     pub model: Option<String>,
+}
+
+/// `?model=NAME&compressed=BOOL` of `/v1/embed`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EmbedQuery {
+    /// Model to use; the server's default when absent.
+    pub model: Option<String>,
+    /// Answer only the features of the calibrated discriminative set D (and which they are).
+    #[serde(default)]
+    pub compressed: bool,
 }
 
 /// One item of a batch answer: the image's answer with its id, or its own error.
@@ -117,15 +129,21 @@ pub struct InputInfo {
     pub resize_shorter: Option<u32>,
 }
 
-/// Summary of a loaded calibration.
+/// A loaded calibration: what drives the flag and what it is worth on held-out data.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CalibrationInfo {
     /// Estimator behind the flag.
     pub risk_source: RiskSource,
     /// tau on p_misclassified.
     pub threshold: f32,
-    /// |D|.
-    pub discriminative_features: usize,
+    /// How tau was chosen.
+    pub threshold_rule: ThresholdRule,
+    /// D's feature indices.
+    pub discriminative_features: Vec<usize>,
+    /// The probe's classes.
+    pub classes: Vec<String>,
+    /// Held-out AUROC/AUPRC of every estimator, the flag's precision and recall, compression.
+    pub evaluation: Evaluation,
 }
 
 /// `GET /health/*`.
@@ -157,7 +175,10 @@ impl From<&Model> for ModelInfo {
             calibration: m.calibration.as_ref().map(|c| CalibrationInfo {
                 risk_source: c.risk_source,
                 threshold: c.threshold,
-                discriminative_features: c.discriminative_features.len(),
+                threshold_rule: c.threshold_rule,
+                discriminative_features: c.discriminative_features.clone(),
+                classes: c.probe.classes.clone(),
+                evaluation: c.evaluation.clone(),
             }),
             provenance: man.provenance.clone(),
         }

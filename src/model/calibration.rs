@@ -1,113 +1,240 @@
-//! `calibration.json`: what `qscore calibrate` learnt about a model on labelled data.
+//! `calibration.json`: everything `qscore calibrate` learnt about a model on labelled data.
 //!
-//! The server needs three things from it: the discriminative set D (which features count in
-//! the Q-Score), the risk estimator that calibration chose with its isotonic map to
-//! p(misclassified), and the threshold tau that turns that probability into the flag. Other
-//! fields that calibration writes (metrics, reference distributions, the probe) are read by the
-//! parts that use them and ignored here.
+//! The server uses D (which features count in the Q-Score), the probe (`predicted_class`), the
+//! chosen risk estimator with its isotonic map to p(misclassified) and the threshold tau that
+//! turns that into the flag. The rest is there for people and for drift monitoring: the held-out
+//! evaluation of every estimator (answered by `GET /v1/models/{name}`), the reference
+//! distribution of Q-Score and risk, and a fingerprint of the data it was fitted on.
+//!
+//! The held-out data is split in two: the *select* part picks the estimator, fits the isotonic
+//! map and the threshold; the *test* part, untouched by any choice, gives every reported figure.
 
 use std::path::Path;
 
+use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
-use crate::qscore::{Discriminative, Score};
+use crate::{
+    isotonic::IsotonicMap,
+    neighbours::Neighbours,
+    probe::{Prediction, Probe},
+    qscore::{Discriminative, Score},
+    ranking::Operating,
+    risk::RiskSource,
+};
 
-/// The calibration file, as far as scoring needs it.
+/// The format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The calibration file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Calibration {
-    /// Format of the file; this build reads version 1.
+    /// Format of the file; see [`FORMAT_VERSION`].
     pub format_version: u32,
+    /// The model it was made for.
+    pub model: String,
     /// eps used to find D; the server scores with the same value.
     pub epsilon: f32,
     /// (lo, hi) percentile band used to find D.
     pub percentiles: (f64, f64),
+    /// A_j in percent, for every feature, over the fit part.
+    pub activation_frequency: Vec<f32>,
     /// Indices of D, ascending.
     pub discriminative_features: Vec<usize>,
+    /// The linear probe trained on the fit part.
+    pub probe: Probe,
+    /// The fit part, standardised, for the nearest-neighbour estimator.
+    pub neighbours: Neighbours,
     /// The estimator that drives `p_misclassified`.
     pub risk_source: RiskSource,
-    /// Monotone map from the estimator's value to p(misclassified).
+    /// Monotone map from the estimator's risk value to p(misclassified).
     pub isotonic: IsotonicMap,
     /// tau: the flag is raised when p_misclassified >= tau.
     pub threshold: f32,
+    /// How tau was chosen.
+    pub threshold_rule: ThresholdRule,
+    /// Distributions on the held-out part: the baseline for drift monitoring.
+    pub reference: Reference,
+    /// Held-out figures of every estimator, the flag and the compression.
+    pub evaluation: Evaluation,
+    /// What data it was fitted on.
+    pub data: DataFingerprint,
 }
 
-/// A risk estimator the server can evaluate from an embedding alone.
-///
-/// Calibration also measures estimators that need the linear probe (max softmax, margin) or the
-/// fit set (nearest neighbours); a calibration that picks one of those needs a build that
-/// serves the probe, and this one refuses it at load rather than guess.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RiskSource {
-    /// The paper's Q-Score.
-    QScore,
-    /// (max h - mu) / sigma.
-    ZMax,
-    /// z_max / ||h||_1.
-    QV1,
-    /// ||h||_2.
-    L2Norm,
+/// How tau was chosen, on the select part.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "rule")]
+pub enum ThresholdRule {
+    /// The threshold with the best F1 for the misclassified class.
+    MaxF1,
+    /// The lowest threshold whose precision reached the target.
+    TargetPrecision {
+        /// The precision asked for.
+        target: f64,
+    },
 }
 
-impl RiskSource {
-    /// The estimator's raw value for one scored representation.
-    pub fn value(self, s: &Score) -> f32 {
-        match self {
-            Self::QScore => s.q_score,
-            Self::ZMax => s.stats.z_max,
-            Self::QV1 => s.stats.q_v1,
-            Self::L2Norm => s.stats.l2_norm,
-        }
-    }
+/// Distributions on the held-out part (select and test together).
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Reference {
+    /// Images they are measured on.
+    pub images: usize,
+    /// Of the Q-Score.
+    pub q_score: Distribution,
+    /// Of p_misclassified.
+    pub p_misclassified: Distribution,
+    /// Share of images flagged at tau.
+    pub flagged_rate: f64,
 }
 
-/// A piecewise-linear monotone map (scikit-learn's `IsotonicRegression` with
-/// `out_of_bounds="clip"`): x ascending, y the fitted p(misclassified) at each x.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct IsotonicMap {
-    /// Knots, strictly ascending.
-    pub x: Vec<f32>,
-    /// Fitted values at the knots, in [0, 1], monotone in either direction.
-    pub y: Vec<f32>,
+/// One distribution: its percentiles and a histogram.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Distribution {
+    /// The 0th, 1st, ..., 100th percentiles (101 values, numpy's linear interpolation).
+    pub percentiles: Vec<f32>,
+    /// Counts in equal-width bins between the minimum and the maximum.
+    pub histogram: Histogram,
 }
 
-impl IsotonicMap {
-    /// p(misclassified) at `v`: linear between knots, clipped to the end values outside them.
-    pub fn apply(&self, v: f32) -> f32 {
-        let (x, y) = (&self.x, &self.y);
-        if v <= x[0] {
-            return y[0];
-        }
-        if v >= x[x.len() - 1] {
-            return y[y.len() - 1];
-        }
-        let i = x.partition_point(|&k| k <= v);
-        let t = (v - x[i - 1]) / (x[i] - x[i - 1]);
-        y[i - 1] + t * (y[i] - y[i - 1])
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if self.x.is_empty() || self.x.len() != self.y.len() {
-            return Err("isotonic.x and isotonic.y must be non-empty and of equal length".into());
-        }
-        if self.x.windows(2).any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less)) {
-            return Err("isotonic.x must be strictly ascending".into());
-        }
-        if self.y.iter().any(|p| !(0.0..=1.0).contains(p)) {
-            return Err("isotonic.y must lie in [0, 1]".into());
-        }
-        let up = self.y.windows(2).all(|w| w[0] <= w[1]);
-        let down = self.y.windows(2).all(|w| w[0] >= w[1]);
-        if !(up || down) {
-            return Err("isotonic.y must be monotone".into());
-        }
-        Ok(())
-    }
+/// A histogram with explicit bin edges.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Histogram {
+    /// Bin edges, ascending; one more than `counts`.
+    pub edges: Vec<f32>,
+    /// Values per bin; the last bin includes its upper edge.
+    pub counts: Vec<u64>,
 }
 
-/// What calibration says about one representation.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Risk {
+/// Held-out evaluation (all on the test part unless a field says otherwise).
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Evaluation {
+    /// Seed of the stratified splits.
+    pub seed: u64,
+    /// Images the probe, A_j and D were fitted on.
+    pub fit_images: usize,
+    /// Images that chose the estimator, its isotonic map and tau.
+    pub select_images: usize,
+    /// Images every figure here is measured on.
+    pub test_images: usize,
+    /// The probe's accuracy.
+    pub probe_accuracy: f64,
+    /// Share misclassified by the probe: the base rate every AUPRC compares with.
+    pub error_rate: f64,
+    /// Every estimator, for "misclassified", paper's first.
+    pub estimators: Vec<EstimatorMetrics>,
+    /// The Q-Score for "correct" (higher Q, more likely correct): the paper's own framing.
+    pub q_score_for_correct: Ranking,
+    /// p_misclassified (the chosen estimator through its isotonic map) for "misclassified".
+    pub p_misclassified: Ranking,
+    /// What the flag does at tau.
+    pub flag: FlagMetrics,
+    /// Probe accuracy on D alone, random subsets of D's size, and everything.
+    pub compression: Compression,
+    /// Q-Score for other epsilons and bands (empty unless asked for).
+    #[serde(default)]
+    pub sweep: Vec<SweepRow>,
+}
+
+/// How one estimator ranks the probe's mistakes.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct EstimatorMetrics {
+    /// Which.
+    pub source: RiskSource,
+    /// AUROC on the test part.
+    pub auroc: Option<f64>,
+    /// AUPRC (average precision) on the test part.
+    pub auprc: Option<f64>,
+    /// AUPRC on the select part, the figure the choice was made on.
+    pub select_auprc: Option<f64>,
+}
+
+/// AUROC and AUPRC of one score for one kind of positive.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Ranking {
+    /// Area under the ROC curve.
+    pub auroc: Option<f64>,
+    /// Average precision.
+    pub auprc: Option<f64>,
+    /// Share of positives: what a random ranking's AUPRC would be.
+    pub base_rate: f64,
+}
+
+/// The flag at tau on the test part.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct FlagMetrics {
+    /// Precision, recall and flagged share at tau.
+    #[serde(flatten)]
+    pub operating: Operating,
+    /// Misclassified share among flagged images.
+    pub error_rate_flagged: f64,
+    /// Misclassified share among images not flagged.
+    pub error_rate_unflagged: f64,
+    /// error_rate_flagged / error_rate_unflagged: how much likelier a flagged image is wrong.
+    pub lift: Option<f64>,
+}
+
+/// The compression result: does keeping only D lose accuracy?
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct Compression {
+    /// d.
+    pub dim: usize,
+    /// |D|.
+    pub discriminative: usize,
+    /// |D| / d.
+    pub kept_ratio: f64,
+    /// Probe accuracy on all d features.
+    pub accuracy_all: f64,
+    /// Probe accuracy on D's features alone.
+    pub accuracy_discriminative: f64,
+    /// Probe accuracy on random subsets of |D| features, one per seed.
+    pub accuracy_random: Vec<f64>,
+    /// Their mean.
+    pub accuracy_random_mean: f64,
+    /// Their sample standard deviation.
+    pub accuracy_random_sd: f64,
+}
+
+/// The Q-Score under other Q-Score parameters, on the test part.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct SweepRow {
+    /// eps.
+    pub epsilon: f32,
+    /// (lo, hi).
+    pub percentiles: (f64, f64),
+    /// |D| found on the fit part.
+    pub discriminative: usize,
+    /// Share of test images with L ∩ D empty (Q = 0).
+    pub zero_share: f64,
+    /// Q for "misclassified" (risk = -Q).
+    pub misclassified: Ranking,
+    /// Probe accuracy on D's features alone.
+    pub accuracy_discriminative: Option<f64>,
+}
+
+/// What the calibration was fitted on.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct DataFingerprint {
+    /// The folders given (`--data`, or `--fit` and `--holdout`).
+    pub sources: Vec<String>,
+    /// Class names, in label order.
+    pub classes: Vec<String>,
+    /// Images per class in the fit part.
+    pub fit_per_class: Vec<usize>,
+    /// Images per class in the select part.
+    pub select_per_class: Vec<usize>,
+    /// Images per class in the test part.
+    pub test_per_class: Vec<usize>,
+    /// SHA-256 of the sorted list of "part/class/file size" lines.
+    pub file_list_sha256: String,
+    /// Files that could not be scored, with why; left out of every figure.
+    pub skipped: Vec<String>,
+}
+
+/// What calibration says about one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assessment {
+    /// The probe's answer.
+    pub prediction: Prediction,
     /// p(misclassified) from the isotonic map.
     pub p_misclassified: f32,
     /// p_misclassified >= tau.
@@ -123,24 +250,43 @@ impl Calibration {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
         };
-        let cal: Self = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("{} is not a calibration this build reads: {e}; re-run `qscore calibrate`", path.display())
-        })?;
-        cal.validate(dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cal = Self::parse(&text, dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(Some(cal))
     }
 
-    fn validate(&self, dim: usize) -> Result<(), String> {
-        if self.format_version != 1 {
-            return Err(format!("format_version {} is not supported (this build reads 1)", self.format_version));
+    /// Parses and checks a calibration for a model with `dim` features.
+    pub fn parse(text: &str, dim: usize) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
         }
+        let version: Version = serde_json::from_str(text)
+            .map_err(|e| format!("not a calibration file ({e}); re-run `qscore calibrate`"))?;
+        if version.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "format_version {} is not supported (this build reads {FORMAT_VERSION}); re-run `qscore calibrate`",
+                version.format_version
+            ));
+        }
+        let cal: Self = serde_json::from_str(text)
+            .map_err(|e| format!("not a calibration this build reads: {e}; re-run `qscore calibrate`"))?;
+        cal.validate(dim)?;
+        Ok(cal)
+    }
+
+    fn validate(&self, dim: usize) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err("threshold must lie in [0, 1]".into());
         }
         if self.discriminative_features.windows(2).any(|w| w[0] >= w[1]) {
             return Err("discriminative_features must be strictly ascending".into());
         }
+        if self.activation_frequency.len() != dim {
+            return Err(format!("activation_frequency must have the model's {dim} features"));
+        }
         self.discriminative_set(dim)?;
+        self.probe.validate(dim)?;
+        self.neighbours.validate(dim, self.probe.classes.len())?;
         self.isotonic.validate()
     }
 
@@ -150,10 +296,14 @@ impl Calibration {
             .map_err(|j| format!("discriminative_features holds index {j}, past the model's {dim} features"))
     }
 
-    /// The calibrated risk of one scored representation.
-    pub fn risk(&self, s: &Score) -> Risk {
-        let p = self.isotonic.apply(self.risk_source.value(s));
-        Risk { p_misclassified: p, likely_misclassified: p >= self.threshold }
+    /// The probe's prediction and the calibrated risk of one representation and its score.
+    pub fn assess(&self, h: ArrayView1<f32>, score: &Score) -> Assessment {
+        let prediction = self.probe.predict(h);
+        let risk = self
+            .risk_source
+            .risk(score, &prediction, || self.neighbours.disagreement(&self.probe.standardise(h), prediction.class));
+        let p = self.isotonic.apply(risk);
+        Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold }
     }
 }
 
@@ -161,80 +311,73 @@ impl Calibration {
 mod tests {
     use super::*;
 
-    fn map(x: &[f32], y: &[f32]) -> IsotonicMap {
-        IsotonicMap { x: x.to_vec(), y: y.to_vec() }
-    }
-
-    /// Knots (1, 0.8), (3, 0.4), (5, 0.0): decreasing, as for the Q-Score (higher Q, less risk).
-    /// At 2: halfway between 0.8 and 0.4 = 0.6; at 4.5: 0.4 - 0.75 * 0.4 = 0.1; clipped outside.
-    #[test]
-    fn isotonic_interpolates_and_clips() {
-        let m = map(&[1.0, 3.0, 5.0], &[0.8, 0.4, 0.0]);
-        m.validate().unwrap();
-        assert_eq!(m.apply(-10.0), 0.8);
-        assert_eq!(m.apply(1.0), 0.8);
-        assert!((m.apply(2.0) - 0.6).abs() < 1e-6);
-        assert!((m.apply(3.0) - 0.4).abs() < 1e-6);
-        assert!((m.apply(4.5) - 0.1).abs() < 1e-6);
-        assert_eq!(m.apply(99.0), 0.0);
-        assert_eq!(map(&[2.0], &[0.3]).apply(7.0), 0.3);
-    }
-
-    #[test]
-    fn isotonic_rejects_bad_maps() {
-        assert!(map(&[1.0, 1.0], &[0.1, 0.2]).validate().is_err(), "x not strictly ascending");
-        assert!(map(&[1.0, 2.0, 3.0], &[0.1, 0.5, 0.2]).validate().is_err(), "not monotone");
-        assert!(map(&[1.0, 2.0], &[0.1, 1.5]).validate().is_err(), "not a probability");
-        assert!(map(&[], &[]).validate().is_err());
-        assert!(map(&[1.0, 2.0], &[0.1]).validate().is_err());
-    }
-
-    fn calibration(json: serde_json::Value) -> Result<Calibration, String> {
-        let cal: Calibration = serde_json::from_value(json).map_err(|e| e.to_string())?;
-        cal.validate(8).map(|()| cal)
-    }
-
+    /// A complete calibration over d = 8 with two classes, Q-Score as the source.
     fn base() -> serde_json::Value {
+        let neighbours = Neighbours::new(1, 8, &[0.0; 16], &[0, 1]);
+        let (zeros, ones) = (vec![0.0_f32; 8], vec![1.0_f32; 8]);
         serde_json::json!({
-            "format_version": 1, "epsilon": 0.5, "percentiles": [50.0, 95.0],
-            "discriminative_features": [6], "risk_source": "q_score",
-            "isotonic": {"x": [0.0, 2.0, 4.0], "y": [0.9, 0.5, 0.1]}, "threshold": 0.5,
-            "metrics": {"ignored": "by the server"}
+            "format_version": 2, "model": "toy", "epsilon": 0.5, "percentiles": [50.0, 95.0],
+            "activation_frequency": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 40.0, 60.0],
+            "discriminative_features": [6],
+            "probe": {"classes": ["a", "b"], "mean": zeros, "scale": ones,
+                      "weights": [zeros, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]], "bias": [0.0, 0.0], "alpha": 1.0},
+            "neighbours": neighbours,
+            "risk_source": "q_score",
+            "isotonic": {"x": [-4.0, -2.0, 0.0], "y": [0.1, 0.5, 0.9]}, "threshold": 0.5,
+            "threshold_rule": {"rule": "max_f1"},
+            "reference": {"images": 0, "flagged_rate": 0.0,
+                "q_score": {"percentiles": [], "histogram": {"edges": [], "counts": []}},
+                "p_misclassified": {"percentiles": [], "histogram": {"edges": [], "counts": []}}},
+            "evaluation": {"seed": 0, "fit_images": 2, "select_images": 0, "test_images": 0, "probe_accuracy": 1.0,
+                "error_rate": 0.0, "estimators": [], "q_score_for_correct": {"auroc": null, "auprc": null, "base_rate": 1.0},
+                "p_misclassified": {"auroc": null, "auprc": null, "base_rate": 0.0},
+                "flag": {"threshold": 0.5, "precision": 0.0, "recall": 0.0, "flagged_rate": 0.0,
+                         "error_rate_flagged": 0.0, "error_rate_unflagged": 0.0, "lift": null},
+                "compression": {"dim": 8, "discriminative": 1, "kept_ratio": 0.125, "accuracy_all": 1.0,
+                    "accuracy_discriminative": 1.0, "accuracy_random": [], "accuracy_random_mean": 0.0, "accuracy_random_sd": 0.0}},
+            "data": {"sources": [], "classes": ["a", "b"], "fit_per_class": [1, 1], "select_per_class": [0, 0],
+                     "test_per_class": [0, 0], "file_list_sha256": "", "skipped": []}
         })
     }
 
-    /// The hand-computed vector of the Q-Score tests, with D = {6}: Q = 2.75, so
-    /// p = 0.5 - 0.375 * 0.4 = 0.35 < tau = 0.5: not flagged. With D = {} Q = 0: p = 0.9, flagged.
+    fn calibration(json: serde_json::Value) -> Result<Calibration, String> {
+        Calibration::parse(&json.to_string(), 8)
+    }
+
+    /// The hand-computed vector of the Q-Score tests, with D = {6} and eps 0.5: Q = 2.75, so the
+    /// risk is -2.75, between knots -4 (0.1) and -2 (0.5): p = 0.1 + 0.625 * 0.4 = 0.35 < tau:
+    /// not flagged. With D = {} Q = 0: risk 0, p = 0.9, flagged. The probe's logits are (0, 7):
+    /// class b.
     #[test]
-    fn risk_follows_the_chosen_source() {
+    fn assessment_follows_the_chosen_source() {
         let cal = calibration(base()).unwrap();
         let h = ndarray::array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
         let s = crate::qscore::score(h.view(), cal.epsilon, &cal.discriminative_set(8).unwrap()).unwrap();
-        let r = cal.risk(&s);
-        assert!((r.p_misclassified - 0.35).abs() < 1e-6, "{r:?}");
-        assert!(!r.likely_misclassified);
-        let none =
-            crate::qscore::score(h.view(), cal.epsilon, &crate::qscore::Discriminative::Mask(vec![false; 8])).unwrap();
-        assert_eq!(cal.risk(&none), Risk { p_misclassified: 0.9, likely_misclassified: true });
+        assert!((s.q_score - 2.75).abs() < 1e-6);
+        let a = cal.assess(h.view(), &s);
+        assert!((a.p_misclassified - 0.35).abs() < 1e-6, "{a:?}");
+        assert!(!a.likely_misclassified);
+        assert_eq!(a.prediction.class, 1);
+        let none = crate::qscore::score(h.view(), cal.epsilon, &Discriminative::Mask(vec![false; 8])).unwrap();
+        let a = cal.assess(h.view(), &none);
+        assert!((a.p_misclassified - 0.9).abs() < 1e-6 && a.likely_misclassified);
     }
 
     #[test]
     fn bad_calibrations_are_refused() {
-        let mut v = base();
-        v["discriminative_features"] = serde_json::json!([3, 8]);
-        assert!(calibration(v).unwrap_err().contains("index 8"));
-        let mut v = base();
-        v["discriminative_features"] = serde_json::json!([4, 2]);
-        assert!(calibration(v).is_err());
-        let mut v = base();
-        v["format_version"] = serde_json::json!(2);
-        assert!(calibration(v).is_err());
-        let mut v = base();
-        v["threshold"] = serde_json::json!(1.5);
-        assert!(calibration(v).is_err());
-        let mut v = base();
-        v["risk_source"] = serde_json::json!("max_softmax");
-        assert!(calibration(v).is_err(), "probe-based sources need a build that serves the probe");
+        let refused = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = base();
+            f(&mut v);
+            calibration(v).unwrap_err()
+        };
+        assert!(refused(&|v| v["discriminative_features"] = serde_json::json!([3, 8])).contains("index 8"));
+        assert!(refused(&|v| v["discriminative_features"] = serde_json::json!([4, 2])).contains("ascending"));
+        assert!(refused(&|v| v["format_version"] = serde_json::json!(1)).contains("re-run `qscore calibrate`"));
+        assert!(refused(&|v| v["threshold"] = serde_json::json!(1.5)).contains("threshold"));
+        assert!(refused(&|v| v["risk_source"] = serde_json::json!("max_softmx")).contains("re-run"));
+        assert!(refused(&|v| v["probe"]["bias"] = serde_json::json!([0.0])).contains("probe"));
+        assert!(refused(&|v| v["activation_frequency"] = serde_json::json!([1.0])).contains("activation_frequency"));
+        assert!(refused(&|v| v["isotonic"]["y"] = serde_json::json!([0.1, 0.9, 0.5])).contains("monotone"));
     }
 
     #[test]

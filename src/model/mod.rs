@@ -7,4 +7,4 @@ pub mod manifest;
 pub mod registry;
 pub mod runtime;
 
-pub use registry::{Model, Registry};
+pub use registry::{Model, Registry, Selection};

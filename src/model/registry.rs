@@ -44,6 +44,16 @@ impl Model {
     }
 }
 
+/// Which models to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every model folder, each with its calibration when it has one: what the server runs.
+    All,
+    /// One model without its calibration: what `qscore calibrate` embeds with, so that a stale
+    /// or broken calibration.json never stands in the way of writing a new one.
+    Uncalibrated(String),
+}
+
 /// Every loaded model, by name.
 pub struct Registry {
     models: BTreeMap<String, Arc<Model>>,
@@ -53,16 +63,25 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Loads, checks and warms up every model folder under `args.models_dir`.
-    pub fn load(args: &EngineArgs, queue: usize, metrics: &Metrics) -> anyhow::Result<Self> {
+    /// Loads, checks and warms up the selected model folders under `args.models_dir`.
+    pub fn load(args: &EngineArgs, selection: &Selection, queue: usize, metrics: &Metrics) -> anyhow::Result<Self> {
         let lib = runtime::locate(args.ort_lib.as_deref())?;
         let env = runtime::start(&lib)?;
         tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
         let opts = SessionOptions { device: args.device, intra_threads: args.intra_threads };
 
+        let mut dirs = model_dirs(&args.models_dir)?;
+        if let Selection::Uncalibrated(name) = selection {
+            let all: Vec<String> = dirs.iter().filter_map(|d| d.file_name()?.to_str().map(str::to_owned)).collect();
+            dirs.retain(|d| d.file_name().is_some_and(|n| n == name.as_str()));
+            if dirs.is_empty() {
+                bail!("no model `{name}` under {}; found: {}", args.models_dir.display(), all.join(", "));
+            }
+        }
+        let with_calibration = *selection == Selection::All;
         let mut models = BTreeMap::new();
-        for dir in model_dirs(&args.models_dir)? {
-            let model = load_model(&env, &dir, opts, queue, metrics)?;
+        for dir in dirs {
+            let model = load_model(&env, &dir, opts, with_calibration, queue, metrics)?;
             tracing::info!(model = model.name(), device = %opts.device, calibrated = model.calibration.is_some(), "model ready");
             models.insert(model.manifest.name.clone(), Arc::new(model));
         }
@@ -129,6 +148,7 @@ fn load_model(
     env: &Environment,
     dir: &Path,
     opts: SessionOptions,
+    with_calibration: bool,
     queue: usize,
     metrics: &Metrics,
 ) -> anyhow::Result<Model> {
@@ -138,7 +158,7 @@ fn load_model(
         bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
     }
     let dim = manifest.output.dim;
-    let calibration = Calibration::load(dir, dim)?;
+    let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
     let discriminative = match &calibration {
         Some(c) => c.discriminative_set(dim).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
         None => Discriminative::All,

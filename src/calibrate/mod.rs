@@ -1,0 +1,212 @@
+//! `qscore calibrate` and `qscore evaluate`: turn the Q-Score into a decision a user can trust,
+//! and say what it is worth.
+//!
+//! The paper's claim is that the Q-Score predicts a linear probe's mistakes. That is measured
+//! here, not assumed: calibration embeds a labelled ImageFolder through the server's own
+//! pipeline, fits D and a probe on one part, and scores seven risk estimators (the Q-Score
+//! among them) on held-out images. The estimator with the best held-out AUPRC drives the flag,
+//! unless the user forces one, and every estimator's figures are written down next to it, so
+//! whoever reads `GET /v1/models/{name}` sees how much the flag is worth.
+
+pub mod dataset;
+pub mod fit;
+pub mod report;
+
+use std::{io::IsTerminal, path::Path};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use ndarray::Array2;
+
+use self::{
+    dataset::{Dataset, Part, Split},
+    fit::{Embedded, Settings},
+};
+use crate::{
+    config::{CalibrateArgs, EvaluateArgs, ReportFormat},
+    model::{
+        Selection,
+        calibration::{Calibration, DataFingerprint},
+        manifest::Manifest,
+    },
+    probe::ProbeSettings,
+    scoring::{Embedding, Scorer},
+    server::build_scorer,
+};
+
+/// Images per call into the pipeline: large enough to keep the worker busy, small enough to
+/// keep memory flat on big folders.
+const CHUNK: usize = 256;
+
+/// Runs `qscore calibrate`: writes the calibration file and prints the model's tables.
+pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    let name = args.engine.model.clone().context("--model is required: it names the model to calibrate")?;
+    let split = Split { fit_fraction: args.fit_fraction, select_fraction: args.select_fraction, seed: args.seed };
+    let (dataset, sources) = match (&args.data, &args.fit, &args.holdout) {
+        (Some(data), _, _) => (Dataset::from_folder(data, split)?, vec![data.clone()]),
+        (None, Some(fit), Some(holdout)) => {
+            (Dataset::from_folders(fit, holdout, split)?, vec![fit.clone(), holdout.clone()])
+        }
+        _ => bail!("give --data DIR, or --fit DIR and --holdout DIR"),
+    };
+
+    let (engine, selection) = (args.engine.clone(), Selection::Uncalibrated(name.clone()));
+    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &selection, 4)).await??;
+    let model = scorer.registry.get(Some(&name))?.clone();
+    let defaults = model.manifest.qscore;
+
+    let (h, kept, mut skipped) = embed(&scorer, &model, &dataset).await?;
+    skipped.extend(dataset.ignored.iter().map(|p| format!("{}: not an image file by its extension", p.display())));
+    for s in &skipped {
+        tracing::warn!("left out: {s}");
+    }
+    let labels: Vec<usize> = kept.iter().map(|&i| dataset.images[i].class).collect();
+    let parts: Vec<Part> = kept.iter().map(|&i| dataset.images[i].part).collect();
+
+    let (epsilon, percentiles) =
+        (args.epsilon.unwrap_or(defaults.epsilon), args.percentiles.unwrap_or(defaults.percentiles));
+    let settings = Settings {
+        epsilon,
+        percentiles,
+        risk_source: args.risk_source,
+        target_precision: args.target_precision,
+        k: args.neighbours,
+        max_neighbours: args.max_neighbours,
+        probe: ProbeSettings { alpha: args.probe_alpha, ..ProbeSettings::default() },
+        random_subsets: args.random_subsets,
+        seed: args.seed,
+        sweep: sweep_grid(&args, epsilon, percentiles),
+    };
+    let fingerprint = DataFingerprint {
+        sources: sources.iter().map(|p| p.display().to_string()).collect(),
+        classes: dataset.classes.clone(),
+        fit_per_class: dataset.per_class(Part::Fit),
+        select_per_class: dataset.per_class(Part::Select),
+        test_per_class: dataset.per_class(Part::Test),
+        file_list_sha256: dataset.fingerprint(),
+        skipped,
+    };
+    let classes = dataset.classes.clone();
+    let model_name = name.clone();
+    tracing::info!(images = labels.len(), "fitting D, the probe and the estimators");
+    let calibration = tokio::task::spawn_blocking(move || {
+        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes };
+        fit::calibrate(&data, &settings, &model_name, fingerprint)
+    })
+    .await??;
+
+    let out = args.out.clone().unwrap_or_else(|| args.engine.models_dir.join(&name).join("calibration.json"));
+    write_atomically(&out, &serde_json::to_string_pretty(&calibration)?)?;
+    tracing::info!(path = %out.display(), risk_source = %calibration.risk_source, "calibration written");
+    println!("{}", report::markdown(&[&calibration]));
+    Ok(())
+}
+
+/// The (eps, band) grid of `--sweep-epsilon` x `--sweep-percentiles`; either alone is crossed
+/// with the calibration's own other value.
+fn sweep_grid(args: &CalibrateArgs, epsilon: f32, band: (f64, f64)) -> Vec<(f32, (f64, f64))> {
+    if args.sweep_epsilon.is_empty() && args.sweep_percentiles.is_empty() {
+        return Vec::new();
+    }
+    let eps = if args.sweep_epsilon.is_empty() { vec![epsilon] } else { args.sweep_epsilon.clone() };
+    let bands = if args.sweep_percentiles.is_empty() { vec![band] } else { args.sweep_percentiles.clone() };
+    eps.iter().flat_map(|&e| bands.iter().map(move |&b| (e, b))).collect()
+}
+
+/// Embeds every image through the server's pipeline. Returns the representations of the
+/// images that scored, their indices in `dataset.images`, and one line per image that did not.
+async fn embed(
+    scorer: &Scorer,
+    model: &std::sync::Arc<crate::model::Model>,
+    dataset: &Dataset,
+) -> anyhow::Result<(Array2<f32>, Vec<usize>, Vec<String>)> {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(dataset.images.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+                .expect("a valid template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_message(format!("embedding with {}", model.name()));
+    let dim = model.manifest.output.dim;
+    let (mut rows, mut kept, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let indices: Vec<usize> = (0..dataset.images.len()).collect();
+    for chunk in indices.chunks(CHUNK) {
+        let mut readable = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let path = &dataset.images[i].path;
+            match std::fs::read(path) {
+                Ok(b) => readable.push((i, Bytes::from(b))),
+                Err(e) => skipped.push(format!("{}: {e}", path.display())),
+            }
+        }
+        let (ids, bytes): (Vec<usize>, Vec<Bytes>) = readable.into_iter().unzip();
+        let answers = scorer.score(model, bytes, Embedding::Full).await?;
+        for (i, answer) in ids.into_iter().zip(answers) {
+            match answer.map(|a| a.embedding) {
+                Ok(Some(h)) if h.len() == dim => {
+                    rows.extend(h);
+                    kept.push(i);
+                }
+                Ok(_) => skipped.push(format!("{}: no embedding came back", dataset.images[i].path.display())),
+                Err(e) => skipped.push(format!("{}: {e}", dataset.images[i].path.display())),
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let h = Array2::from_shape_vec((kept.len(), dim), rows)?;
+    Ok((h, kept, skipped))
+}
+
+/// Writes `text` next to `path` and renames it into place, so a reader never sees half a file.
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+}
+
+/// Runs `qscore evaluate`: prints the stored evaluation of calibrated models.
+pub fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let names = if args.model.is_empty() {
+        let mut found: Vec<String> = std::fs::read_dir(&args.models_dir)
+            .with_context(|| format!("cannot read {}", args.models_dir.display()))?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().join("calibration.json").is_file())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect();
+        found.sort();
+        found
+    } else {
+        args.model.clone()
+    };
+    if names.is_empty() {
+        bail!("no calibrated model under {}; run `qscore calibrate` first", args.models_dir.display());
+    }
+    let cals = names.iter().map(|n| load(&args.models_dir.join(n))).collect::<anyhow::Result<Vec<_>>>()?;
+    match args.format {
+        ReportFormat::Markdown => println!("{}", report::markdown(&cals.iter().collect::<Vec<_>>())),
+        ReportFormat::Json => {
+            let v: Vec<_> = cals
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "model": c.model, "epsilon": c.epsilon, "percentiles": c.percentiles,
+                        "risk_source": c.risk_source, "threshold": c.threshold, "threshold_rule": c.threshold_rule,
+                        "discriminative_features": c.discriminative_features, "evaluation": c.evaluation, "data": c.data,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}
+
+fn load(dir: &Path) -> anyhow::Result<Calibration> {
+    let manifest = Manifest::load(dir)?;
+    Calibration::load(dir, manifest.output.dim)?.with_context(|| {
+        format!("{} has no calibration.json; run `qscore calibrate --model {}`", dir.display(), manifest.name)
+    })
+}
