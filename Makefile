@@ -24,7 +24,7 @@ SWEEP_EPSILON     := 1.5,2,2.5,3,4
 SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures \
-        fmnist-data calibrate evaluate
+        fmnist-data calibrate evaluate load-bench bench-env
 
 all: build
 
@@ -47,12 +47,15 @@ ort-gpu:
 	ln -sf libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
 	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) in $(ORT_DIR)/; run with --device cuda"
 
-# Prometheus' promtool, which the metrics test runs (Debian package `prometheus`).
+# What the tests run beside the server: Prometheus' promtool (Debian package `prometheus`) and
+# schemathesis (PyPI) in .venv-test.
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  $$(command -v sudo) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@test -x .venv-test/bin/st || { echo "installing schemathesis into .venv-test"; \
+	  python3 -m venv .venv-test && .venv-test/bin/pip install -q -r tests/requirements.txt; }
 
 build: ort
 	$(CARGO) build --release --locked
@@ -69,6 +72,15 @@ openapi: build
 
 bench: build
 	$(CARGO) bench --locked --bench inference
+
+# The Python baseline's environment and wrk, for the load benchmark.
+bench-env:
+	@command -v wrk >/dev/null || $$(command -v sudo) apt-get install -y -qq wrk >/dev/null
+	test -x .venv-bench/bin/uvicorn || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -r benches/baseline/requirements.txt; }
+
+# qscore vs the raw ONNX Runtime ceiling vs the Python FastAPI baseline vs --max-batch 1: one table.
+load-bench: build bench-env
+	benches/load/run.sh
 
 # Rebuild the bundled MobileNetV2 encoder and its golden embeddings (needs Debian's CPU PyTorch).
 model:

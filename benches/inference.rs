@@ -17,7 +17,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, Array4, Axis};
 use qscore::{
-    config::{Device, EngineArgs},
+    config::{Device, EngineArgs, GraphOptimization},
     http::{AppState, RequestLimits},
     image::ImageLimits,
     model::encoder::{Encoder, SessionOptions},
@@ -37,7 +37,9 @@ fn engine() -> EngineArgs {
         ort_lib: None,
         device: Device::Cpu,
         intra_threads: 0,
+        graph_optimization: GraphOptimization::All,
         max_batch: 32,
+        max_batch_delay_ms: 2,
         max_image_pixels: 40_000_000,
         max_image_bytes: 16 << 20,
     }
@@ -61,7 +63,8 @@ fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
     let scorer = Arc::new(
-        qscore::server::build_scorer(&engine(), &qscore::model::Selection::All, 256).expect("run `make ort` first"),
+        qscore::server::build_scorer(&engine(), &qscore::model::Selection::All, qscore::server::Capacity::OFFLINE)
+            .expect("run `make ort` first"),
     );
     let model = scorer.registry.get(None).unwrap().clone();
     let photos = jpegs(32);
@@ -76,7 +79,7 @@ fn benches(c: &mut Criterion) {
         "pixel_values",
         "embedding",
         1280,
-        SessionOptions { device: Device::Cpu, intra_threads: 0 },
+        SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All },
     )
     .unwrap();
     let mut raw = c.benchmark_group("ort_raw");
@@ -109,12 +112,17 @@ fn benches(c: &mut Criterion) {
     // (c) Real HTTP on loopback.
     let state = AppState {
         scorer: Arc::clone(&scorer),
-        limits: RequestLimits { max_body_bytes: 64 << 20, max_batch_images: 256 },
+        limits: RequestLimits {
+            max_body_bytes: 64 << 20,
+            max_batch_images: 256,
+            body_timeout: std::time::Duration::from_secs(60),
+        },
+        api_keys: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(async move { axum::serve(listener, qscore::http::router(state)).await });
+    rt.spawn(async move { axum::serve(listener, qscore::http::router(state, &[])).await });
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let mut http = c.benchmark_group("http");
     http.throughput(Throughput::Elements(1));

@@ -1,74 +1,315 @@
-//! The inference worker: one OS thread per model that owns the ONNX Runtime session.
+//! Dynamic batching: one queue and one inference thread per model.
 //!
 //! `Session::run` needs `&mut` and blocks for milliseconds, so it never runs on the async
-//! runtime. Requests reach the thread through a bounded channel and get their answer on a
-//! oneshot; when the channel is full the caller is told at once (`Overloaded`, HTTP 429) rather
-//! than left waiting. The thread owns its session and needs no lock.
+//! runtime. Every prepared image, from any request, is sent to its model's thread as one entry;
+//! the thread owns the queue (the channel) and the session, and gathers entries into one ONNX
+//! Runtime run of at most `max_batch` images. It waits for a batch to fill (at most
+//! `max_delay`) only while more images for the model are being decoded: a lone request is run at
+//! once, and a burst is gathered. This is TEI's shape (`core/src/queue.rs`: a task owns the queue
+//! and is fed by a channel), on an OS thread because the work under it is blocking.
+//!
+//! Entries whose client went away are dropped before they cost inference, and entries still
+//! queued at their deadline are answered `Timeout`. Admission (how many images may be in the
+//! server at once) is decided before decoding, by [`Admission`], so the queue never grows
+//! without bound.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
 
-use ndarray::{Array2, Array4};
-use tokio::sync::{mpsc, oneshot};
+use ndarray::{Array2, Array3, Array4, Axis};
+use tokio::sync::oneshot;
 
-use crate::{error::Error, metrics::Metrics, model::encoder::Encoder};
+use crate::{
+    error::Error,
+    metrics::{Metrics, Rejection},
+    model::encoder::Encoder,
+};
 
-/// The representations of one batch and how long the run took.
+/// How a model's thread forms batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// Most images in one ONNX Runtime run.
+    pub max_batch: usize,
+    /// Longest a queued image waits for its batch to fill while more are on their way.
+    pub max_delay: Duration,
+}
+
+/// One image's representation and what it went through.
 #[derive(Debug)]
-pub struct Inference {
-    /// One row per input image.
-    pub embeddings: Array2<f32>,
-    /// Wall time of the ONNX Runtime run.
-    pub duration: Duration,
+pub struct Embedded {
+    /// The representation h.
+    pub embedding: Vec<f32>,
+    /// Wall time of the ONNX Runtime run it was part of.
+    pub inference: Duration,
+    /// Time from being queued to its run starting.
+    pub queue_wait: Duration,
+    /// Images in its run.
+    pub batch_size: usize,
 }
 
-struct Job {
-    input: Array4<f32>,
-    reply: oneshot::Sender<Result<Inference, String>>,
+struct Entry {
+    input: Array3<f32>,
+    queued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Embedded, Error>>,
 }
 
-/// A cheap, cloneable handle to a model's worker thread.
+/// A cheap, cloneable handle to a model's inference thread.
 #[derive(Clone)]
 pub struct Worker {
-    tx: mpsc::Sender<Job>,
-    model: String,
+    tx: mpsc::Sender<Entry>,
+    model: Arc<str>,
+    /// Images admitted for this model and still being decoded: the thread waits for a batch to
+    /// fill only while this is non-zero.
+    incoming: Arc<AtomicUsize>,
+    /// Images sitting in the queue.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Worker {
-    /// Starts the worker thread for `model`, which takes ownership of `encoder`.
-    pub fn spawn(model: String, mut encoder: Encoder, queue: usize, metrics: Metrics) -> std::io::Result<Self> {
-        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
-        let label = model.clone();
-        std::thread::Builder::new().name(format!("infer-{model}")).spawn(move || {
-            let inference = metrics.inference_duration.with_label_values(&[&label]);
-            let batch_size = metrics.batch_size.with_label_values(&[&label]);
-            while let Some(job) = rx.blocking_recv() {
-                // A client that went away no longer needs its batch run.
-                if job.reply.is_closed() {
-                    continue;
-                }
-                let start = Instant::now();
-                let result = encoder.embed(job.input.view()).map_err(|e| format!("{e:#}"));
-                let duration = start.elapsed();
-                inference.observe(duration.as_secs_f64());
-                batch_size.observe(job.input.dim().0 as f64);
-                let _ = job.reply.send(result.map(|embeddings| Inference { embeddings, duration }));
-            }
-        })?;
-        Ok(Self { tx, model })
+    /// Starts the inference thread for `model`, which takes ownership of `encoder`.
+    pub fn spawn(model: String, encoder: Encoder, settings: BatchSettings, metrics: Metrics) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Entry>();
+        let worker = Self {
+            tx,
+            model: model.as_str().into(),
+            incoming: Arc::new(AtomicUsize::new(0)),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let (incoming, queued) = (Arc::clone(&worker.incoming), Arc::clone(&worker.queued));
+        std::thread::Builder::new()
+            .name(format!("infer-{model}"))
+            .spawn(move || run(&model, encoder, &rx, settings, &incoming, &queued, &metrics))?;
+        Ok(worker)
     }
 
-    /// Embeds a batch (N, C, H, W) on the worker thread.
-    pub async fn embed(&self, input: Array4<f32>) -> Result<Inference, Error> {
+    /// Announces `n` images that are being decoded for this model; they will be queued or
+    /// dropped through the returned guard.
+    pub fn expect(&self, n: usize) -> Incoming {
+        self.incoming.fetch_add(n, Ordering::AcqRel);
+        Incoming { counter: Arc::clone(&self.incoming), left: n }
+    }
+
+    /// Images waiting in this model's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Queues one prepared image (C, H, W) and waits for its representation. `incoming` is
+    /// the guard from [`Worker::expect`] that covered this image.
+    pub async fn embed(
+        &self,
+        input: Array3<f32>,
+        deadline: Instant,
+        incoming: &mut Incoming,
+    ) -> Result<Embedded, Error> {
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send(Job { input, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded { retry_after_s: 1 },
-            mpsc::error::TrySendError::Closed(_) => {
-                Error::Unavailable(format!("the inference worker of `{}` has stopped", self.model))
+        let entry = Entry { input, queued: Instant::now(), deadline, reply };
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.send(entry);
+        incoming.arrived();
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.stopped());
+        }
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Unavailable(format!("the inference worker of `{}` has stopped", self.model))
+    }
+}
+
+/// Images announced with [`Worker::expect`] and not yet queued; whatever is left when it drops
+/// (failed decodes, an abandoned request) is taken back.
+pub struct Incoming {
+    counter: Arc<AtomicUsize>,
+    left: usize,
+}
+
+impl Incoming {
+    /// One announced image has been queued or has failed to decode.
+    pub fn arrived(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.counter.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.left, Ordering::AcqRel);
+    }
+}
+
+/// The thread's loop: gather a batch, drop what nobody waits for, run, answer.
+fn run(
+    model: &str,
+    mut encoder: Encoder,
+    rx: &mpsc::Receiver<Entry>,
+    settings: BatchSettings,
+    incoming: &AtomicUsize,
+    queued: &AtomicUsize,
+    metrics: &Metrics,
+) {
+    let inference = metrics.inference_duration.with_label_values(&[model]);
+    let batch_size = metrics.batch_size.with_label_values(&[model]);
+    let queue_wait = metrics.queue_wait.with_label_values(&[model]);
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let fill_until = Instant::now() + settings.max_delay;
+        while batch.len() < settings.max_batch {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    // Wait only for images already on their way; a lone request runs at once.
+                    let now = Instant::now();
+                    if incoming.load(Ordering::Acquire) == 0 || now >= fill_until {
+                        break;
+                    }
+                    match rx.recv_timeout((fill_until - now).min(Duration::from_micros(200))) {
+                        Ok(e) => batch.push(e),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
             }
-        })?;
-        answer
-            .await
-            .map_err(|_| Error::Unavailable(format!("the inference worker of `{}` stopped mid-request", self.model)))?
-            .map_err(|e| Error::Internal(format!("inference failed: {e}")))
+        }
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
+
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        for e in batch {
+            if e.reply.is_closed() {
+                metrics.rejected(model, Rejection::Cancelled);
+            } else if now >= e.deadline {
+                metrics.rejected(model, Rejection::Timeout);
+                let _ = e.reply.send(Err(Error::Timeout));
+            } else {
+                live.push(e);
+            }
+        }
+        if live.is_empty() {
+            continue;
+        }
+
+        let (c, h, w) = live[0].input.dim();
+        let mut input = Array4::<f32>::zeros((live.len(), c, h, w));
+        for (mut slot, e) in input.axis_iter_mut(Axis(0)).zip(&live) {
+            slot.assign(&e.input);
+        }
+        let start = Instant::now();
+        let result: Result<Array2<f32>, String> = encoder.embed(input.view()).map_err(|e| format!("{e:#}"));
+        let duration = start.elapsed();
+        inference.observe(duration.as_secs_f64());
+        batch_size.observe(live.len() as f64);
+        let n = live.len();
+        match result {
+            Ok(embeddings) => {
+                for (e, row) in live.into_iter().zip(embeddings.axis_iter(Axis(0))) {
+                    let wait = start.saturating_duration_since(e.queued);
+                    queue_wait.observe(wait.as_secs_f64());
+                    let _ = e.reply.send(Ok(Embedded {
+                        embedding: row.to_vec(),
+                        inference: duration,
+                        queue_wait: wait,
+                        batch_size: n,
+                    }));
+                }
+            }
+            Err(msg) => {
+                for e in live {
+                    let _ = e.reply.send(Err(Error::Internal(format!("inference failed: {msg}"))));
+                }
+            }
+        }
+    }
+}
+
+/// How many images may be inside the server at once, across every model and request: past
+/// it, a request is refused at once (429) instead of queueing without bound.
+#[derive(Debug)]
+pub struct Admission {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Admission {
+    /// At most `limit` images in flight.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { limit: limit.max(1), used: AtomicUsize::new(0) })
+    }
+
+    /// Reserves room for `n` images, or says the server is full.
+    pub fn admit(self: &Arc<Self>, n: usize) -> Result<Permit, Error> {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            if used + n > self.limit && used > 0 {
+                return Err(Error::Overloaded { retry_after_s: 1 });
+            }
+            match self.used.compare_exchange_weak(used, used + n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(Permit { admission: Arc::clone(self), n }),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Images in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Room for some images; given back on drop.
+#[derive(Debug)]
+pub struct Permit {
+    admission: Arc<Admission>,
+    n: usize,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Admission refuses past the limit and gives room back on drop. A single request larger
+    /// than the whole limit is still let in when nothing else runs, so it is never refused
+    /// forever (the batch-size limit bounds it).
+    #[test]
+    fn admission_is_bounded_and_released() {
+        let a = Admission::new(4);
+        let p1 = a.admit(3).unwrap();
+        assert!(matches!(a.admit(2), Err(Error::Overloaded { .. })));
+        let p2 = a.admit(1).unwrap();
+        assert_eq!(a.in_flight(), 4);
+        drop((p1, p2));
+        assert_eq!(a.in_flight(), 0);
+        let big = a.admit(10).unwrap();
+        assert!(a.admit(1).is_err());
+        drop(big);
+    }
+
+    #[test]
+    fn incoming_gives_back_what_never_arrived() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        counter.fetch_add(3, Ordering::AcqRel);
+        let mut guard = Incoming { counter: Arc::clone(&counter), left: 3 };
+        guard.arrived();
+        assert_eq!(counter.load(Ordering::Acquire), 2);
+        drop(guard);
+        assert_eq!(counter.load(Ordering::Acquire), 0);
     }
 }

@@ -53,9 +53,17 @@ pub struct EngineArgs {
     /// ONNX Runtime intra-op threads per model (0: ONNX Runtime's default, one per core).
     #[arg(long, env = "QSCORE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
-    /// Most images in one ONNX Runtime run; larger requests are split.
+    /// ONNX Runtime graph optimisation level.
+    #[arg(long, env = "QSCORE_GRAPH_OPTIMIZATION", value_enum, default_value_t = GraphOptimization::All)]
+    pub graph_optimization: GraphOptimization,
+    /// Most images in one ONNX Runtime run; images from many requests are gathered up to it,
+    /// and larger requests are split.
     #[arg(long, env = "QSCORE_MAX_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_batch: u32,
+    /// Longest a queued image waits for its batch to fill, in milliseconds; only while more
+    /// images for the model are being decoded (a lone request runs at once).
+    #[arg(long, env = "QSCORE_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    pub max_batch_delay_ms: u64,
     /// Largest image accepted, in pixels (width x height), checked before decoding.
     #[arg(long, env = "QSCORE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
@@ -82,9 +90,31 @@ pub struct ServeArgs {
     /// Most images in one batch request.
     #[arg(long, env = "QSCORE_MAX_BATCH_IMAGES", default_value_t = 256)]
     pub max_batch_images: usize,
-    /// Most inference jobs waiting per model before requests are answered 429.
-    #[arg(long, env = "QSCORE_MAX_QUEUED_JOBS", default_value_t = 256)]
-    pub max_queued_jobs: usize,
+    /// Most images inside the server at once (decoding, queued or running), across models;
+    /// a request that would pass it is answered 429 with Retry-After at once.
+    #[arg(long, env = "QSCORE_MAX_QUEUED_IMAGES", default_value_t = 512)]
+    pub max_queued_images: usize,
+    /// Deadline of a request in milliseconds: past it the answer is 503 and its queued work is
+    /// dropped. Also bounds how long a client may take to send its body.
+    #[arg(long, env = "QSCORE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// File of API keys, one per line: `/v1/*` then needs `Authorization: Bearer KEY`. Re-read
+    /// on SIGHUP and when it changes. Without it the API is open.
+    #[arg(long, env = "QSCORE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Origins browsers may call the API from (repeatable, or comma-separated; `*` for any).
+    /// CORS is off without it.
+    #[arg(long, env = "QSCORE_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Seconds to finish requests in flight after SIGTERM or SIGINT before exiting anyway.
+    #[arg(long, env = "QSCORE_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+    /// Drift window: most recent answers per calibrated model compared with the reference.
+    #[arg(long, env = "QSCORE_DRIFT_WINDOW", default_value_t = 1000)]
+    pub drift_window: usize,
+    /// Drift window: oldest answer kept, in seconds.
+    #[arg(long, env = "QSCORE_DRIFT_WINDOW_S", default_value_t = 3600)]
+    pub drift_window_s: u64,
     /// Log format.
     #[arg(long, env = "QSCORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -150,6 +180,9 @@ pub struct CalibrateArgs {
     /// L2 penalty of the linear probe (scikit-learn's 1/C).
     #[arg(long, default_value_t = 1.0)]
     pub probe_alpha: f64,
+    /// L-BFGS iteration cap of the linear probe.
+    #[arg(long, default_value_t = 500)]
+    pub probe_max_iterations: u64,
     /// Random feature subsets the compression result compares D with.
     #[arg(long, default_value_t = 5)]
     pub random_subsets: usize,
@@ -195,6 +228,19 @@ fn parse_band(s: &str) -> Result<(f64, f64), String> {
         return Err(err());
     }
     Ok((lo, hi))
+}
+
+/// ONNX Runtime's graph optimisation levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphOptimization {
+    /// No graph optimisation.
+    Disable,
+    /// Constant folding and redundant-node removal.
+    Basic,
+    /// Plus operator fusions.
+    Extended,
+    /// Everything, including layout optimisations.
+    All,
 }
 
 /// Log line format.

@@ -80,6 +80,12 @@ pub enum Error {
         /// The model asked for.
         model: String,
     },
+    /// `/v1/*` needs an API key and the request had none or a wrong one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The client took longer than the request deadline to send its body.
+    #[error("the request body did not arrive within --request-timeout-ms")]
+    BodyTimeout,
     /// No route at this path.
     #[error("no such route; see /openapi.json for the API")]
     NotFound,
@@ -92,6 +98,9 @@ pub enum Error {
         /// Seconds the client should wait.
         retry_after_s: u64,
     },
+    /// The request's deadline passed before it was answered; its queued work was dropped.
+    #[error("the request did not finish within --request-timeout-ms; retry later or send fewer images")]
+    Timeout,
     /// The server is starting or shutting down, or a model worker stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -120,9 +129,12 @@ impl Error {
             Self::TooManyImages { .. } => "too_many_images",
             Self::UnknownModel { .. } => "unknown_model",
             Self::NotCalibrated { .. } => "not_calibrated",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::BodyTimeout => "body_timeout",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Overloaded { .. } => "overloaded",
+            Self::Timeout => "timeout",
             Self::Unavailable(_) => "unavailable",
             Self::InvalidEmbedding(_) => "invalid_embedding",
             Self::Internal(_) => "internal",
@@ -144,9 +156,11 @@ impl Error {
             | Self::BodyTooLarge { .. }
             | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownModel { .. } | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidEmbedding(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

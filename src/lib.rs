@@ -25,10 +25,12 @@
 //!   risk estimators, the isotonic map to p(misclassified), AUROC/AUPRC.
 //! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.
 //! - [`metrics`]: the Prometheus families.
+//! - [`drift`]: rolling windows of recent answers against the calibration reference.
 
 pub mod batch;
 pub mod calibrate;
 pub mod config;
+pub mod drift;
 pub mod error;
 pub mod http;
 pub mod image;

@@ -76,12 +76,14 @@ struct FileLine<'a> {
 /// Exits 1 when any file failed, after printing every line.
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let engine = args.engine.clone();
-    let scorer = tokio::task::spawn_blocking(move || server::build_scorer(&engine, &qscore::model::Selection::All, 64))
-        .await??;
+    let scorer = tokio::task::spawn_blocking(move || {
+        server::build_scorer(&engine, &qscore::model::Selection::All, server::Capacity::OFFLINE)
+    })
+    .await??;
     let model = scorer.registry.get(args.engine.model.as_deref())?.clone();
     let mut stdout = std::io::stdout().lock();
     let mut failed = false;
-    for chunk in args.files.chunks(scorer.max_batch) {
+    for chunk in args.files.chunks(256) {
         let mut readable = Vec::with_capacity(chunk.len());
         let reads: Vec<_> = chunk.iter().map(|f| std::fs::read(f).map(|b| readable.push(Bytes::from(b)))).collect();
         let mut scored = scorer.score(&model, readable, qscore::scoring::Embedding::Omit).await?.into_iter();

@@ -5,7 +5,9 @@
 //! A model name becomes a label only after it matched a loaded model, so clients cannot grow
 //! the label set.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every metric qscore exports, registered in one registry.
 #[derive(Clone)]
@@ -23,6 +25,56 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// Q-Scores answered: the raw material of drift monitoring.
     pub score: HistogramVec,
+    /// Time an image waited in its model's queue before its run started.
+    pub queue_wait: HistogramVec,
+    /// Decode, resize and normalise time of one image.
+    pub preprocess_duration: HistogramVec,
+    /// Images refused or dropped before inference, by model and reason.
+    pub rejected: IntCounterVec,
+    /// Images waiting in each model's queue (set at scrape time).
+    pub queue_depth: IntGaugeVec,
+    /// Images admitted and not yet answered, across models (set at scrape time).
+    pub images_in_flight: IntGauge,
+    /// HTTP requests being handled.
+    pub requests_in_flight: IntGauge,
+    /// 1, labelled with each model's version and device.
+    pub model_info: IntGaugeVec,
+    /// 1, labelled with the build's version.
+    pub build_info: IntGaugeVec,
+    /// KS statistic of each calibrated model's recent Q-Scores against its reference.
+    pub drift_ks: GaugeVec,
+    /// PSI of each calibrated model's recent Q-Scores against its reference.
+    pub drift_psi: GaugeVec,
+    /// Share of the drift window flagged likely misclassified.
+    pub flagged_ratio: GaugeVec,
+    /// Share flagged on the calibration reference.
+    pub expected_flagged_ratio: GaugeVec,
+    /// Answers in the drift window.
+    pub drift_window_images: GaugeVec,
+}
+
+/// Why an image never reached inference (`reason` label of `qscore_rejected_images_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The server was full (429).
+    Overloaded,
+    /// Its request's deadline passed while it was queued (503).
+    Timeout,
+    /// Its client went away before its run.
+    Cancelled,
+    /// The image itself was refused (bad format, too large, undecodable).
+    Invalid,
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Overloaded => "overloaded",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::Invalid => "invalid",
+        }
+    }
 }
 
 /// Outcome label of `qscore_images_total`.
@@ -85,6 +137,59 @@ impl Metrics {
             &["model"],
         )
         .expect("valid metric");
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new("qscore_queue_wait_seconds", "Time an image waited in its model's queue, by model.")
+                .buckets(vec![0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            &["model"],
+        )
+        .expect("valid metric");
+        let preprocess_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "qscore_preprocess_duration_seconds",
+                "Decode, resize and normalise time of one image, by model.",
+            )
+            .buckets(vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            &["model"],
+        )
+        .expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "qscore_rejected_images_total",
+                "Images refused or dropped before inference, by model and reason (overloaded, timeout, cancelled, invalid).",
+            ),
+            &["model", "reason"],
+        )
+        .expect("valid metric");
+        let queue_depth =
+            IntGaugeVec::new(Opts::new("qscore_queue_depth", "Images waiting in a model's queue."), &["model"])
+                .expect("valid metric");
+        let images_in_flight =
+            IntGauge::new("qscore_images_in_flight", "Images admitted and not yet answered, across models.")
+                .expect("valid metric");
+        let requests_in_flight =
+            IntGauge::new("qscore_http_requests_in_flight", "HTTP requests being handled.").expect("valid metric");
+        let model_info = IntGaugeVec::new(
+            Opts::new("qscore_model_info", "Always 1; labels name each loaded model's version and device."),
+            &["model", "version", "device"],
+        )
+        .expect("valid metric");
+        let build_info =
+            IntGaugeVec::new(Opts::new("qscore_build_info", "Always 1; labels name the running build."), &["version"])
+                .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let gauge = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]).expect("valid metric");
+        let drift_ks = gauge(
+            "qscore_drift_ks",
+            "Kolmogorov-Smirnov statistic of the drift window's Q-Scores against the calibration reference.",
+        );
+        let drift_psi = gauge(
+            "qscore_drift_psi",
+            "Population stability index of the drift window's Q-Scores against the reference.",
+        );
+        let flagged_ratio = gauge("qscore_flagged_ratio", "Share of the drift window flagged likely misclassified.");
+        let expected_flagged_ratio =
+            gauge("qscore_expected_flagged_ratio", "Share flagged on the calibration reference (held-out images).");
+        let drift_window_images = gauge("qscore_drift_window_images", "Answers in the drift window.");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -92,10 +197,77 @@ impl Metrics {
             Box::new(inference_duration.clone()),
             Box::new(batch_size.clone()),
             Box::new(score.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(preprocess_duration.clone()),
+            Box::new(rejected.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(images_in_flight.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(model_info.clone()),
+            Box::new(build_info.clone()),
+            Box::new(drift_ks.clone()),
+            Box::new(drift_psi.clone()),
+            Box::new(flagged_ratio.clone()),
+            Box::new(expected_flagged_ratio.clone()),
+            Box::new(drift_window_images.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        Self { registry, http_requests, http_duration, images, inference_duration, batch_size, score }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            images,
+            inference_duration,
+            batch_size,
+            score,
+            queue_wait,
+            preprocess_duration,
+            rejected,
+            queue_depth,
+            images_in_flight,
+            requests_in_flight,
+            model_info,
+            build_info,
+            drift_ks,
+            drift_psi,
+            flagged_ratio,
+            expected_flagged_ratio,
+            drift_window_images,
+        }
+    }
+
+    /// Sets the gauges that describe the server's state, just before a scrape: images in
+    /// flight, and per model its queue depth and drift.
+    pub fn observe_state(&self, in_flight: usize, models: &[(usize, crate::drift::DriftReport)]) {
+        self.images_in_flight.set(in_flight as i64);
+        for (depth, r) in models {
+            let m = [r.model.as_str()];
+            self.queue_depth.with_label_values(&m).set(*depth as i64);
+            if r.status == "no_reference" {
+                continue;
+            }
+            self.drift_window_images.with_label_values(&m).set(r.window_images as f64);
+            for (gauge, value) in [
+                (&self.drift_ks, r.ks),
+                (&self.drift_psi, r.psi),
+                (&self.flagged_ratio, r.flagged_ratio),
+                (&self.expected_flagged_ratio, r.expected_flagged_ratio),
+            ] {
+                match value {
+                    Some(v) => gauge.with_label_values(&m).set(v),
+                    // An empty window has no statistic: export none rather than a stale one.
+                    None => {
+                        let _ = gauge.remove_label_values(&m);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts one image refused or dropped for `reason`.
+    pub fn rejected(&self, model: &str, reason: Rejection) {
+        self.rejected.with_label_values(&[model, reason.label()]).inc();
     }
 
     /// Counts one image's outcome.

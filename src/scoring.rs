@@ -1,21 +1,27 @@
 //! The scoring pipeline shared by the HTTP API and `qscore score`: encoded images in, one
 //! answer per image out, in order.
 //!
-//! Decoding and resizing run on tokio's blocking pool, all images of a request at once;
-//! the good ones are stacked into batches of at most `max_batch` and embedded on the model's
-//! worker thread; each representation is then scored with section 1 of design.md. One bad
-//! image never fails the others: every input gets its own `Result`.
+//! A request is admitted (or refused at once when the server is full), then each image is
+//! decoded on tokio's blocking pool and queued on its model's inference thread, which batches
+//! images from every request ([`crate::batch`]); each representation is then scored with
+//! section 1 of design.md. One bad image never fails the others: every input gets its own
+//! `Result`.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
-use ndarray::{Array3, Array4, ArrayView1, Axis};
+use ndarray::ArrayView1;
 use serde::Serialize;
 
 use crate::{
+    batch::Admission,
+    drift::DriftMonitor,
     error::Error,
     image::{self, ImageLimits},
-    metrics::{Metrics, Outcome},
+    metrics::{Metrics, Outcome, Rejection},
     model::{Model, Registry},
     qscore::{self, ActiveFeature, Score, Stats},
     risk::RiskSource,
@@ -70,8 +76,12 @@ pub struct ImageScore {
 pub struct Timings {
     /// Decode, resize and normalise of this image.
     pub decode: f64,
+    /// Waiting in the model's queue for its batch to run.
+    pub queue: f64,
     /// The ONNX Runtime run that embedded it (shared by its batch).
     pub inference: f64,
+    /// Images in that run (from any request).
+    pub batch_size: usize,
     /// From the start of the request to this answer.
     pub total: f64,
 }
@@ -82,18 +92,26 @@ pub struct Scorer {
     pub registry: Arc<Registry>,
     /// Limits checked on every image.
     pub limits: ImageLimits,
-    /// Most images in one ONNX Runtime run.
-    pub max_batch: usize,
+    /// How many images may be in the server at once.
+    pub admission: Arc<Admission>,
+    /// How long a request may take before it is answered 503 and its work dropped.
+    pub request_timeout: Duration,
     /// Where outcomes are counted.
     pub metrics: Metrics,
+    /// Recent answers of each calibrated model, for drift monitoring.
+    pub drift: DriftMonitor,
 }
 
 impl Scorer {
     /// Scores `images` with `model`; one answer per image, in input order; `embedding` says
     /// whether answers carry the representation.
     ///
-    /// A full inference queue or a stopped worker fails the whole request (`Overloaded`,
-    /// `Unavailable`): those say nothing about an image, and the client should retry all of it.
+    /// Each image is decoded on the blocking pool and queued on its own as soon as it is ready,
+    /// so the model's thread batches it with whatever else is waiting, from any request. A
+    /// full server (`Overloaded`, 429, refused before any work), a passed deadline (`Timeout`,
+    /// 503) or a stopped worker fails the whole request: those say nothing about an image, and
+    /// the client should retry all of it. When this future is dropped (the client went away),
+    /// its queued images are skipped by the worker.
     pub async fn score(
         &self,
         model: &Arc<Model>,
@@ -101,58 +119,39 @@ impl Scorer {
         embedding: Embedding,
     ) -> Result<Vec<Result<ImageScore, Error>>, Error> {
         let start = Instant::now();
-        let prepared = self.prepare_all(model, images).await;
-        let mut answers: Vec<Option<Result<ImageScore, Error>>> = vec![None; prepared.len()];
-        let mut good = Vec::with_capacity(prepared.len());
-        for (i, p) in prepared.into_iter().enumerate() {
-            match p {
-                Ok(t) => good.push((i, t)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-
-        let pre = &model.preprocess;
-        let shape = (pre.channels(), pre.height as usize, pre.width as usize);
-        let mut rest = good.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: Vec<_> = rest.by_ref().take(self.max_batch).collect();
-            let mut batch = Array4::<f32>::zeros((chunk.len(), shape.0, shape.1, shape.2));
-            for (mut slot, (_, (tensor, _))) in batch.axis_iter_mut(Axis(0)).zip(&chunk) {
-                slot.assign(tensor);
-            }
-            match model.worker.embed(batch).await {
-                Ok(inference) => {
-                    let inference_ms = millis(inference.duration);
-                    let rows =
-                        qscore::score_batch(inference.embeddings.view(), model.qscore.epsilon, &model.discriminative);
-                    for (((i, (_, decode_ms)), row), h) in
-                        chunk.iter().zip(rows).zip(inference.embeddings.axis_iter(Axis(0)))
-                    {
-                        let timings = Timings { decode: *decode_ms, inference: inference_ms, total: 0.0 };
-                        let answer = row
-                            .map_err(|e| Error::InvalidEmbedding(e.to_string()))
-                            .map(|s| answer(model, s, h, timings, embedding));
-                        answers[*i] = Some(answer);
-                    }
-                }
-                Err(e @ (Error::Overloaded { .. } | Error::Unavailable(_))) => return Err(e),
-                Err(e) => chunk.iter().for_each(|(i, _)| answers[*i] = Some(Err(e.clone()))),
-            }
+        let name = model.name();
+        let _permit = self.admission.admit(images.len()).inspect_err(|_| {
+            (0..images.len()).for_each(|_| self.metrics.rejected(name, Rejection::Overloaded));
+        })?;
+        let deadline = start + self.request_timeout;
+        let work = images.into_iter().map(|bytes| self.score_one(model, bytes, deadline, embedding));
+        let answers = match tokio::time::timeout_at(deadline.into(), futures_util::future::join_all(work)).await {
+            Ok(answers) => answers,
+            Err(_) => return Err(Error::Timeout),
+        };
+        if let Some(e) = answers.iter().find_map(|a| match a {
+            Err(e @ (Error::Unavailable(_) | Error::Timeout)) => Some(e.clone()),
+            _ => None,
+        }) {
+            return Err(e);
         }
 
         let total_ms = millis(start.elapsed());
-        let name = model.name();
         Ok(answers
             .into_iter()
-            .map(|a| {
-                let mut a = a.unwrap_or_else(|| Err(Error::Internal("an image was left unanswered".into())));
+            .map(|mut a| {
                 match &mut a {
                     Ok(s) => {
                         s.timings_ms.total = total_ms;
                         self.metrics.image(name, Outcome::Scored);
                         self.metrics.score.with_label_values(&[name]).observe(f64::from(s.q_score));
+                        let flagged = s.likely_misclassified == Some(true);
+                        self.drift.record(name, s.q_score, flagged, s.discriminative_features.iter().map(|f| f.index));
                     }
-                    Err(e) if e.is_client_error() => self.metrics.image(name, Outcome::Rejected),
+                    Err(e) if e.is_client_error() => {
+                        self.metrics.image(name, Outcome::Rejected);
+                        self.metrics.rejected(name, Rejection::Invalid);
+                    }
                     Err(_) => self.metrics.image(name, Outcome::Failed),
                 }
                 a
@@ -160,23 +159,36 @@ impl Scorer {
             .collect())
     }
 
-    /// Decodes and preprocesses every image in parallel on the blocking pool, keeping order.
-    async fn prepare_all(&self, model: &Arc<Model>, images: Vec<Bytes>) -> Vec<Result<(Array3<f32>, f64), Error>> {
-        let tasks: Vec<_> = images
-            .into_iter()
-            .map(|bytes| {
-                let (model, limits) = (Arc::clone(model), self.limits);
-                tokio::task::spawn_blocking(move || {
-                    let t = Instant::now();
-                    image::prepare(&bytes, &limits, &model.preprocess).map(|x| (x, millis(t.elapsed())))
-                })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            out.push(task.await.unwrap_or_else(|e| Err(Error::Internal(format!("image task failed: {e}")))));
-        }
-        out
+    /// One image through decode, the model's queue and the maths.
+    async fn score_one(
+        &self,
+        model: &Arc<Model>,
+        bytes: Bytes,
+        deadline: Instant,
+        embedding: Embedding,
+    ) -> Result<ImageScore, Error> {
+        let mut incoming = model.worker.expect(1);
+        let (m, limits) = (Arc::clone(model), self.limits);
+        let (tensor, decode) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            image::prepare(&bytes, &limits, &m.preprocess).map(|x| (x, t.elapsed()))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("image task failed: {e}")))??;
+        self.metrics.preprocess_duration.with_label_values(&[model.name()]).observe(decode.as_secs_f64());
+
+        let out = model.worker.embed(tensor, deadline, &mut incoming).await?;
+        let h = ndarray::ArrayView1::from(&out.embedding);
+        let score = qscore::score(h, model.qscore.epsilon, &model.discriminative)
+            .map_err(|e| Error::InvalidEmbedding(e.to_string()))?;
+        let timings = Timings {
+            decode: millis(decode),
+            queue: millis(out.queue_wait),
+            inference: millis(out.inference),
+            batch_size: out.batch_size,
+            total: 0.0,
+        };
+        Ok(answer(model, score, h, timings, embedding))
     }
 }
 

@@ -10,44 +10,84 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::Context;
 
 use crate::{
+    batch::Admission,
     config::{EngineArgs, ServeArgs},
-    http::{self, AppState, RequestLimits},
+    drift::{DriftMonitor, DriftSettings},
+    http::{self, AppState, RequestLimits, auth::ApiKeys},
     image::ImageLimits,
     metrics::Metrics,
     model::{Registry, Selection},
     scoring::Scorer,
 };
 
+/// How much work the pipeline takes on at once, for how long, and how much it remembers.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Most images inside the pipeline at once.
+    pub max_images: usize,
+    /// Deadline of one call.
+    pub timeout: Duration,
+    /// The drift windows.
+    pub drift: DriftSettings,
+}
+
+impl Capacity {
+    /// For offline tools (`score`, `calibrate`): they feed the pipeline in chunks themselves,
+    /// wait as long as it takes, and watch no drift.
+    pub const OFFLINE: Self = Self {
+        max_images: usize::MAX / 2,
+        timeout: Duration::from_secs(24 * 3600),
+        drift: DriftSettings { max_images: 0, max_age: Duration::ZERO },
+    };
+}
+
 /// Loads the models and builds the scoring pipeline (shared by `serve`, `score` and
 /// `calibrate`).
-pub fn build_scorer(engine: &EngineArgs, selection: &Selection, queue: usize) -> anyhow::Result<Scorer> {
+pub fn build_scorer(engine: &EngineArgs, selection: &Selection, capacity: Capacity) -> anyhow::Result<Scorer> {
     let metrics = Metrics::new();
-    let registry = Registry::load(engine, selection, queue, &metrics)?;
+    let registry = Registry::load(engine, selection, &metrics)?;
+    let drift = DriftMonitor::new(registry.models().map(AsRef::as_ref), capacity.drift);
     Ok(Scorer {
+        drift,
         registry: Arc::new(registry),
         limits: ImageLimits { max_bytes: engine.max_image_bytes, max_pixels: engine.max_image_pixels },
-        max_batch: engine.max_batch as usize,
+        admission: Admission::new(capacity.max_images),
+        request_timeout: capacity.timeout,
         metrics,
     })
 }
 
-/// Runs the server until a shutdown signal.
+/// Runs the server until a shutdown signal, then drains for at most `--shutdown-grace-s`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = args.engine.clone();
-    let queue = args.max_queued_jobs;
-    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &Selection::All, queue)).await??;
+    let capacity = Capacity {
+        max_images: args.max_queued_images,
+        timeout: Duration::from_millis(args.request_timeout_ms),
+        drift: DriftSettings { max_images: args.drift_window, max_age: Duration::from_secs(args.drift_window_s) },
+    };
+    let api_keys = args.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
+    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &Selection::All, capacity)).await??;
+    if let Some(keys) = &api_keys {
+        keys.watch();
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
         scorer: Arc::new(scorer),
-        limits: RequestLimits { max_body_bytes: args.max_body_bytes, max_batch_images: args.max_batch_images },
+        limits: RequestLimits {
+            max_body_bytes: args.max_body_bytes,
+            max_batch_images: args.max_batch_images,
+            body_timeout: capacity.timeout,
+        },
         ready: Arc::clone(&ready),
+        api_keys,
     };
-    let app = http::router(state);
+    let app = http::router(state, &args.cors_origin);
 
     let addr = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -57,14 +97,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ready.store(true, Ordering::Release);
     tracing::info!("qscore listening on http://{local}");
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            ready.store(false, Ordering::Release);
-            tracing::info!("shutting down: finishing requests in flight");
-        })
-        .await
-        .context("server error")
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let notify = Arc::clone(&stopping);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        ready.store(false, Ordering::Release);
+        tracing::info!("shutting down: finishing requests in flight");
+        notify.notify_one();
+    });
+    let grace = Duration::from_secs(args.shutdown_grace_s);
+    tokio::select! {
+        result = server => result.context("server error"),
+        () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("requests still in flight after --shutdown-grace-s {}; exiting", args.shutdown_grace_s);
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -119,12 +119,12 @@ fn pixel_limit_is_configurable() {
     assert_eq!(s.post_image("/v1/score", "chelsea.png", read("photos/chelsea.png")).status(), 200);
 }
 
-/// With room for one waiting job, a burst of concurrent batches overflows the queue: the
+/// With room for 16 images in flight, a burst of 24 concurrent batches of 8 overflows: the
 /// overflowing requests are answered 429 with Retry-After and a JSON error at once, the others
 /// are scored whole, and the server stays ready.
 #[test]
-fn a_full_queue_answers_429_with_retry_after() {
-    let s = Server::start(&["--max-queued-jobs", "1", "--max-batch", "8"]);
+fn a_full_server_answers_429_with_retry_after() {
+    let s = Server::start(&["--max-queued-images", "16", "--max-batch", "8"]);
     let photo = read("photos/rocket.jpg");
     let url = format!("{}/v1/score/batch", s.url);
     let answers: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
@@ -157,7 +157,7 @@ fn a_full_queue_answers_429_with_retry_after() {
             _ => panic!("unexpected {status}: {body}"),
         }
     }
-    assert!(overloaded > 0, "24 concurrent batches never overflowed a one-job queue");
+    assert!(overloaded > 0, "24 concurrent batches of 8 never overflowed room for 16 images");
     assert!(overloaded < answers.len(), "nothing was scored");
     assert_eq!(s.post_image("/v1/score", "rocket.jpg", photo).status(), 200);
     s.assert_ready();

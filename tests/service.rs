@@ -41,10 +41,53 @@ fn metrics_are_valid_prometheus_text() {
         "qscore_score_count{model=\"mobilenet_v2-imagenet\"} 2",
         "qscore_inference_duration_seconds_count{model=\"mobilenet_v2-imagenet\"} 2",
         "qscore_batch_size_count{model=\"mobilenet_v2-imagenet\"} 2",
+        "qscore_queue_wait_seconds_count{model=\"mobilenet_v2-imagenet\"} 2",
+        "qscore_preprocess_duration_seconds_count{model=\"mobilenet_v2-imagenet\"} 2",
+        "qscore_rejected_images_total{model=\"mobilenet_v2-imagenet\",reason=\"invalid\"} 1",
+        "qscore_model_info{device=\"cpu\",model=\"mobilenet_v2-imagenet\",version=\"1.0.0\"} 1",
+        "qscore_queue_depth{model=\"mobilenet_v2-imagenet\"} 0",
+        "qscore_images_in_flight 0",
+        "qscore_http_requests_in_flight 1",
     ] {
         assert!(text.contains(line), "missing `{line}` in:\n{text}");
     }
     assert!(text.contains("qscore_http_request_duration_seconds_bucket{route=\"/v1/score\",le=\"0.5\"}"));
+    assert!(text.contains(&format!("qscore_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+}
+
+/// The shipped alerting rules pass `promtool check rules`, the Prometheus config loads them,
+/// the Grafana dashboard is JSON with a query per panel, and every qscore metric either one
+/// names is one the server exports.
+#[test]
+fn alert_rules_and_dashboard_use_real_metrics() {
+    let deploy = root().join("deploy");
+    for args in [["check", "rules", "prometheus/alerts.yml"], ["check", "config", "prometheus/prometheus.yml"]] {
+        let out = std::process::Command::new("promtool").args(args).current_dir(&deploy).output().unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rules = std::fs::read_to_string(deploy.join("prometheus/alerts.yml")).unwrap();
+    let dashboard_text = std::fs::read_to_string(deploy.join("grafana/qscore.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard_text).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8);
+    for p in panels {
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "panel {} has no query", p["title"]);
+    }
+
+    let s = Server::start(&["--model", "fmnist-simclr"]);
+    assert_eq!(s.post_raw("/v1/score", "image/png", read("fmnist/bag/t10k-00030.png")).status(), 200);
+    assert_eq!(s.post_raw("/v1/score", "image/jpeg", read("bad/truncated.jpg")).status(), 422);
+    let exported = s.get("/metrics").text().unwrap();
+    let names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("qscore_"))
+            .map(|w| w.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count").to_owned())
+            .collect()
+    };
+    let exported = names(&exported);
+    for name in names(&rules).into_iter().chain(names(&dashboard_text)) {
+        assert!(exported.contains(&name), "`{name}` is used in deploy/ but not exported");
+    }
 }
 
 #[test]
@@ -127,4 +170,23 @@ fn help_documents_every_flag_with_its_variable() {
         .filter(|l| l.trim_start().starts_with("--") && !l.contains("--help") && !l.contains("--version"))
         .count();
     assert_eq!(help.matches("[env: QSCORE_").count(), flags, "every flag names its QSCORE_* variable:\n{help}");
+}
+
+/// schemathesis (PyPI, installed into .venv-test by `make tools`) generates requests from the
+/// served OpenAPI document: no answer may be a 5xx or break the documented schema.
+#[test]
+fn schemathesis_finds_no_server_error_and_no_schema_break() {
+    let st = root().join(".venv-test/bin/st");
+    assert!(st.exists(), "{} is missing: run `make tools` (make test does)", st.display());
+    let s = Server::start(&[]);
+    let out = std::process::Command::new(st)
+        .args(["run", &format!("{}/openapi.json", s.url)])
+        .args(["--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25", "--seed", "1"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "schemathesis found problems:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("passed") && !report.contains("failed"), "{report}");
+    s.assert_ready();
 }

@@ -199,11 +199,11 @@ pub fn calibrate(
     let test_y: Vec<usize> = parts.test.iter().map(|&i| data.labels[i]).collect();
     let accuracy_all = 1.0 - error_rate;
     let compression = compression(&fit_h, &fit_y, &test_h, &test_y, &d_set, accuracy_all, data.classes, settings)?;
-    let sweep = parallel_map(&settings.sweep, |&(eps, band)| {
-        sweep_row(&fit_h, &fit_y, &test_h, &test_y, &test_wrong, eps, band, data.classes, settings)
-    })
-    .into_iter()
-    .collect::<anyhow::Result<Vec<_>>>()?;
+    let sweep = settings
+        .sweep
+        .iter()
+        .map(|&(eps, band)| sweep_row(&fit_h, &test_h, &test_wrong, eps, band))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let reference_q: Vec<f32> = select.iter().chain(&test).map(|m| m.score.q_score).collect();
     let reference_p: Vec<f32> = select_p.iter().chain(&test_p).map(|&v| v as f32).collect();
@@ -351,17 +351,13 @@ fn compression(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The Q-Score at another (eps, band): D refitted on the fit part, Q measured on the test part.
 fn sweep_row(
     fit: &Array2<f32>,
-    fit_y: &[usize],
     test: &Array2<f32>,
-    test_y: &[usize],
     test_wrong: &[bool],
     epsilon: f32,
     band: (f64, f64),
-    classes: &[String],
-    settings: &Settings,
 ) -> anyhow::Result<SweepRow> {
     let (_, d_set) = discriminative(fit.view(), epsilon, band)?;
     let mask = Discriminative::from_indices(&d_set, fit.ncols()).expect("indices of A_j are below d");
@@ -370,11 +366,6 @@ fn sweep_row(
         .map(|s| s.map(|s| f64::from(s.q_score)))
         .collect::<Result<_, _>>()?;
     let risk: Vec<f64> = q.iter().map(|v| -v).collect();
-    let accuracy_discriminative = if d_set.is_empty() {
-        None
-    } else {
-        Some(accuracy_on(fit, fit_y, test, test_y, &d_set, classes, settings.probe)?)
-    };
     Ok(SweepRow {
         epsilon,
         percentiles: band,
@@ -385,7 +376,6 @@ fn sweep_row(
             auprc: ranking::auprc(&risk, test_wrong),
             base_rate: rate(test_wrong),
         },
-        accuracy_discriminative,
     })
 }
 

@@ -51,7 +51,9 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     };
 
     let (engine, selection) = (args.engine.clone(), Selection::Uncalibrated(name.clone()));
-    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &selection, 4)).await??;
+    let scorer =
+        tokio::task::spawn_blocking(move || build_scorer(&engine, &selection, crate::server::Capacity::OFFLINE))
+            .await??;
     let model = scorer.registry.get(Some(&name))?.clone();
     let defaults = model.manifest.qscore;
 
@@ -72,7 +74,7 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         target_precision: args.target_precision,
         k: args.neighbours,
         max_neighbours: args.max_neighbours,
-        probe: ProbeSettings { alpha: args.probe_alpha, ..ProbeSettings::default() },
+        probe: ProbeSettings { alpha: args.probe_alpha, max_iterations: args.probe_max_iterations },
         random_subsets: args.random_subsets,
         seed: args.seed,
         sweep: sweep_grid(&args, epsilon, percentiles),

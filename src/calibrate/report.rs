@@ -113,16 +113,14 @@ pub fn markdown(cals: &[&Calibration]) -> String {
 
     if cals.iter().any(|c| !c.evaluation.sweep.is_empty()) {
         let _ = writeln!(out, "\n#### Q-Score under other eps and bands (D refitted on the fit part each time)\n");
-        let _ = writeln!(
-            out,
-            "| model | eps | band | \\|D\\| | Q = 0 | AUPRC (mistakes) | AUROC (mistakes) | probe acc. on D |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ =
+            writeln!(out, "| model | eps | band | \\|D\\| | images with Q = 0 | AUPRC (mistakes) | AUROC (mistakes) |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
         for c in cals {
             for r in &c.evaluation.sweep {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {}-{} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {}-{} | {} | {} | {} | {} |",
                     c.model,
                     r.epsilon,
                     r.percentiles.0,
@@ -130,8 +128,7 @@ pub fn markdown(cals: &[&Calibration]) -> String {
                     r.discriminative,
                     pct(r.zero_share),
                     opt(r.misclassified.auprc),
-                    opt(r.misclassified.auroc),
-                    opt(r.accuracy_discriminative)
+                    opt(r.misclassified.auroc)
                 );
             }
         }

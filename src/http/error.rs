@@ -37,8 +37,14 @@ impl IntoResponse for Error {
             tracing::error!(code = self.code(), "{self}");
         }
         let mut response = (self.status(), Json(ErrorBody { error: ErrorDetail::from(&self) })).into_response();
-        if let Error::Overloaded { retry_after_s } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        match self {
+            Error::Overloaded { retry_after_s } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            Error::Unauthorized(_) => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
     }

@@ -15,6 +15,7 @@ use super::{
     upload::{JsonBatch, Upload, Uploads},
 };
 use crate::{
+    drift::DriftList,
     error::Error,
     metrics::Outcome,
     scoring::{Embedding, ImageScore},
@@ -198,6 +199,23 @@ pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> R
     Ok(Json(ModelInfo::from(state.scorer.registry.get(Some(&name))?.as_ref())))
 }
 
+/// Drift of each model's recent answers from its calibration reference.
+#[utoipa::path(
+    get, path = "/v1/drift", tag = "models", params(ModelQuery),
+    responses(
+        (status = 200, description = "One report per model (or the one asked for); uncalibrated models say they have no reference", body = DriftList),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+    )
+)]
+pub async fn drift(State(state): State<AppState>, Query(q): Query<ModelQuery>) -> Result<Json<DriftList>, Error> {
+    let scorer = &state.scorer;
+    let models: Vec<_> = match q.model.as_deref() {
+        Some(name) => vec![scorer.registry.get(Some(name))?.clone()],
+        None => scorer.registry.models().cloned().collect(),
+    };
+    Ok(Json(DriftList { models: models.iter().map(|m| scorer.drift.report(m)).collect() }))
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/health/live", tag = "health", responses((status = 200, body = Health)))]
 pub async fn live() -> Json<Health> {
@@ -220,7 +238,10 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error>
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], state.scorer.metrics.render())
+    let scorer = &state.scorer;
+    let reports: Vec<_> = scorer.registry.models().map(|m| (m.worker.queue_depth(), scorer.drift.report(m))).collect();
+    scorer.metrics.observe_state(scorer.admission.in_flight(), &reports);
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], scorer.metrics.render())
 }
 
 /// This API's OpenAPI document.

@@ -4,6 +4,7 @@
 //! [`crate::scoring::Scorer`] and turn its answers into JSON. Cross-cutting work (body limits,
 //! tracing, panics, request metrics) lives in layers, not in handlers.
 
+pub mod auth;
 pub mod error;
 pub mod handlers;
 pub mod types;
@@ -33,6 +34,8 @@ pub struct RequestLimits {
     pub max_body_bytes: usize,
     /// Most images in one request.
     pub max_batch_images: usize,
+    /// Longest a client may take to send its body.
+    pub body_timeout: std::time::Duration,
 }
 
 /// State shared by every handler.
@@ -44,6 +47,8 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// True once every model is warmed up; false again while draining.
     pub ready: Arc<AtomicBool>,
+    /// The keys `/v1/*` requires; `None` leaves it open.
+    pub api_keys: Option<Arc<auth::ApiKeys>>,
 }
 
 /// The OpenAPI document of this API.
@@ -51,32 +56,58 @@ pub struct AppState {
 #[openapi(
     info(title = "qscore", description = "Label-free representation quality (Q-Score) and likely-misclassification flags for images, from self-supervised ONNX encoders."),
     paths(
-        handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model,
+        handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
     ),
     tags(
         (name = "scoring", description = "Score and embed images"),
-        (name = "models", description = "What is loaded"),
+        (name = "models", description = "What is loaded, and how its recent answers drift"),
         (name = "health", description = "Probes, metrics and this document"),
     )
 )]
 struct ApiDoc;
 
-/// The OpenAPI document, with the crate's version.
+/// The OpenAPI document, with the crate's version and the API-key scheme on `/v1/*`.
 pub fn api_doc() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let mut scheme = Http::new(HttpAuthScheme::Bearer);
+    scheme.description = Some("Required on /v1/* when the server runs with --api-keys-file.".into());
+    doc.components.get_or_insert_with(Default::default).add_security_scheme("api_key", SecurityScheme::Http(scheme));
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if path.starts_with("/v1/") {
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                op.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
+                let unauthorized = utoipa::openapi::ResponseBuilder::new()
+                    .description("Missing or wrong API key (only with --api-keys-file)")
+                    .content(
+                        "application/json",
+                        utoipa::openapi::ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build();
+                op.responses.responses.insert("401".into(), unauthorized.into());
+            }
+        }
+    }
     doc
 }
 
-/// Builds the router with every route and layer.
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+/// Builds the router with every route and layer. `cors` lists the origins browsers may call
+/// from (`*` for any); empty turns CORS off.
+pub fn router(state: AppState, cors: &[String]) -> Router {
+    // Keys guard /v1/* only: probes, metrics and the API document stay open.
+    let v1 = Router::new()
         .route("/v1/score", post(handlers::score))
         .route("/v1/score/batch", post(handlers::score_batch))
         .route("/v1/embed", post(handlers::embed))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
+        .route("/v1/drift", get(handlers::drift))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
+    let api = v1
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
@@ -85,21 +116,63 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found);
     // Bodies are read, and limited, by the `Uploads` extractor alone.
-    api.layer(TraceLayer::new_for_http())
+    let app = api
+        .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(Error::Internal("the request handler panicked".into()))
         }))
-        .with_state(state)
+        .with_state(state);
+    match cors_layer(cors) {
+        Some(layer) => app.layer(layer),
+        None => app,
+    }
+}
+
+/// CORS for the listed origins, or none.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
 }
 
 /// Counts and times every routed request by its route template and status class.
 async fn track(State(state): State<AppState>, path: MatchedPath, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = path.as_str().to_owned();
+    let m = &state.scorer.metrics;
+    m.requests_in_flight.inc();
+    // Decremented on drop, so a request whose client went away is not counted forever.
+    let _in_flight = scopeguard(|| m.requests_in_flight.dec());
     let response = next.run(req).await;
     let class = format!("{}xx", response.status().as_u16() / 100);
-    let m = &state.scorer.metrics;
     m.http_requests.with_label_values(&[&route, &class]).inc();
     m.http_duration.with_label_values(&[&route]).observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

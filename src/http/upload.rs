@@ -58,7 +58,9 @@ impl FromRequest<AppState> for Uploads {
         let limits = &state.limits;
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let body = read_body(req.into_body(), limits.max_body_bytes).await?;
+        let body = tokio::time::timeout(limits.body_timeout, read_body(req.into_body(), limits.max_body_bytes))
+            .await
+            .map_err(|_| Error::BodyTimeout)??;
 
         match essence.as_str() {
             "multipart/form-data" => parse_multipart(&content_type, body, limits.max_batch_images).await,

@@ -207,8 +207,6 @@ pub struct SweepRow {
     pub zero_share: f64,
     /// Q for "misclassified" (risk = -Q).
     pub misclassified: Ranking,
-    /// Probe accuracy on D's features alone.
-    pub accuracy_discriminative: Option<f64>,
 }
 
 /// What the calibration was fitted on.

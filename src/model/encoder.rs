@@ -12,7 +12,7 @@ use ort::{
     value::TensorRef,
 };
 
-use crate::config::Device;
+use crate::config::{Device, GraphOptimization};
 
 /// Session settings for every model.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +21,8 @@ pub struct SessionOptions {
     pub device: Device,
     /// Intra-op threads (0: ONNX Runtime's default).
     pub intra_threads: usize,
+    /// Graph optimisation level.
+    pub optimization: crate::config::GraphOptimization,
 }
 
 /// An encoder session with the names of its input and output.
@@ -45,7 +47,12 @@ impl Encoder {
         let fail = |what: &str, e: String| anyhow::anyhow!("{}: {what}: {e}", model_path.display());
         let mut builder = Session::builder(env)
             .map_err(|e| fail("session options", e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(match opts.optimization {
+                GraphOptimization::Disable => GraphOptimizationLevel::Disable,
+                GraphOptimization::Basic => GraphOptimizationLevel::Level1,
+                GraphOptimization::Extended => GraphOptimizationLevel::Level2,
+                GraphOptimization::All => GraphOptimizationLevel::Level3,
+            })
             .map_err(|e| fail("optimisation level", e.to_string()))?;
         if opts.intra_threads > 0 {
             builder =

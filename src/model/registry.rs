@@ -16,7 +16,13 @@ use super::{
     manifest::{Manifest, Preprocess, QScoreParams},
     runtime,
 };
-use crate::{batch::Worker, config::EngineArgs, error::Error, metrics::Metrics, qscore::Discriminative};
+use crate::{
+    batch::{BatchSettings, Worker},
+    config::EngineArgs,
+    error::Error,
+    metrics::Metrics,
+    qscore::Discriminative,
+};
 
 /// One loaded model.
 pub struct Model {
@@ -64,11 +70,19 @@ pub struct Registry {
 
 impl Registry {
     /// Loads, checks and warms up the selected model folders under `args.models_dir`.
-    pub fn load(args: &EngineArgs, selection: &Selection, queue: usize, metrics: &Metrics) -> anyhow::Result<Self> {
+    pub fn load(args: &EngineArgs, selection: &Selection, metrics: &Metrics) -> anyhow::Result<Self> {
         let lib = runtime::locate(args.ort_lib.as_deref())?;
         let env = runtime::start(&lib)?;
         tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
-        let opts = SessionOptions { device: args.device, intra_threads: args.intra_threads };
+        let opts = SessionOptions {
+            device: args.device,
+            intra_threads: args.intra_threads,
+            optimization: args.graph_optimization,
+        };
+        let batching = BatchSettings {
+            max_batch: args.max_batch as usize,
+            max_delay: std::time::Duration::from_millis(args.max_batch_delay_ms),
+        };
 
         let mut dirs = model_dirs(&args.models_dir)?;
         if let Selection::Uncalibrated(name) = selection {
@@ -81,7 +95,11 @@ impl Registry {
         let with_calibration = *selection == Selection::All;
         let mut models = BTreeMap::new();
         for dir in dirs {
-            let model = load_model(&env, &dir, opts, with_calibration, queue, metrics)?;
+            let model = load_model(&env, &dir, opts, with_calibration, batching, metrics)?;
+            metrics
+                .model_info
+                .with_label_values(&[model.name(), &model.manifest.version, &opts.device.to_string()])
+                .set(1);
             tracing::info!(model = model.name(), device = %opts.device, calibrated = model.calibration.is_some(), "model ready");
             models.insert(model.manifest.name.clone(), Arc::new(model));
         }
@@ -149,7 +167,7 @@ fn load_model(
     dir: &Path,
     opts: SessionOptions,
     with_calibration: bool,
-    queue: usize,
+    batching: BatchSettings,
     metrics: &Metrics,
 ) -> anyhow::Result<Model> {
     let manifest = Manifest::load(dir)?;
@@ -176,7 +194,7 @@ fn load_model(
         bail!("{}: the warm-up run produced non-finite values", dir.display());
     }
 
-    let worker = Worker::spawn(manifest.name.clone(), encoder, queue, metrics.clone())
+    let worker = Worker::spawn(manifest.name.clone(), encoder, batching, metrics.clone())
         .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
     Ok(Model { preprocess: pre, manifest, calibration, discriminative, qscore, device: opts.device, worker })
 }

@@ -1,0 +1,149 @@
+//! API keys: `Authorization: Bearer KEY` on `/v1/*`, checked in constant time, reloaded from
+//! their file on SIGHUP and when the file changes, without a restart.
+//!
+//! Keys are kept only as SHA-256 digests and a presented key is compared, digest to digest,
+//! with every stored one using `subtle`'s constant-time equality: neither the length nor the
+//! content of a valid key leaks through timing. A reload that fails (file gone, empty) keeps the
+//! keys in force and says so in the log, so a half-written file never locks everyone out.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    extract::{Request, State},
+    http::header::AUTHORIZATION,
+    middleware::Next,
+    response::Response,
+};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use crate::error::Error;
+
+/// How often the key file's modification time is looked at.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The keys in force and where they come from.
+pub struct ApiKeys {
+    path: PathBuf,
+    state: RwLock<KeySet>,
+}
+
+struct KeySet {
+    digests: Vec<[u8; 32]>,
+    modified: Option<SystemTime>,
+}
+
+impl ApiKeys {
+    /// Reads the key file: one key per line; blank lines and `#` comments are skipped.
+    pub fn load(path: &Path) -> anyhow::Result<Arc<Self>> {
+        let set = read(path)?;
+        tracing::info!(keys = set.digests.len(), file = %path.display(), "API keys loaded");
+        Ok(Arc::new(Self { path: path.to_owned(), state: RwLock::new(set) }))
+    }
+
+    /// Re-reads the file; on failure the keys in force stay. Returns how many keys are now in force.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let set = read(&self.path)?;
+        let n = set.digests.len();
+        *self.state.write().expect("key lock") = set;
+        Ok(n)
+    }
+
+    /// Whether `authorization` (the header's value) carries a valid key.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), Error> {
+        let key = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| Error::Unauthorized("send the API key as `Authorization: Bearer KEY`".into()))?;
+        let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let state = self.state.read().expect("key lock");
+        let valid = state.digests.iter().fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&presented));
+        if bool::from(valid) { Ok(()) } else { Err(Error::Unauthorized("the API key is not valid".into())) }
+    }
+
+    /// Reloads on SIGHUP and whenever the file's modification time changes, until the process
+    /// ends.
+    pub fn watch(self: &Arc<Self>) {
+        let keys = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(POLL);
+            loop {
+                let why = tokio::select! {
+                    _ = async { match hup.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                    _ = tick.tick() => {
+                        let now = modified(&keys.path);
+                        if now.is_none() || now == keys.state.read().expect("key lock").modified { continue; }
+                        "file changed"
+                    }
+                };
+                match keys.reload() {
+                    Ok(n) => tracing::info!(keys = n, reason = why, "API keys reloaded"),
+                    Err(e) => tracing::warn!(reason = why, "API keys not reloaded, the previous ones stay: {e:#}"),
+                }
+            }
+        });
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn read(path: &Path) -> anyhow::Result<KeySet> {
+    let modified = modified(path);
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the API keys file {} (--api-keys-file): {e}", path.display()))?;
+    let digests: Vec<[u8; 32]> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|k| Sha256::digest(k.as_bytes()).into())
+        .collect();
+    if digests.is_empty() {
+        anyhow::bail!("the API keys file {} holds no key (one per line)", path.display());
+    }
+    Ok(KeySet { digests, modified })
+}
+
+/// Middleware: refuses a request without a valid key when keys are configured.
+pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, Error> {
+    if let Some(keys) = &state.api_keys {
+        keys.check(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
+    }
+    Ok(next.run(req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_and_reloaded() {
+        let path = std::env::temp_dir().join(format!("qscore-keys-{}", std::process::id()));
+        std::fs::write(&path, "# ops team\nalpha-123\n\n  beta-456  \n").unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        assert!(keys.check(Some("Bearer alpha-123")).is_ok());
+        assert!(keys.check(Some("Bearer beta-456")).is_ok());
+        assert!(matches!(keys.check(Some("Bearer alpha-12")), Err(Error::Unauthorized(_))));
+        assert!(keys.check(Some("alpha-123")).is_err(), "the Bearer scheme is required");
+        assert!(keys.check(None).is_err());
+        assert!(keys.check(Some("Bearer ")).is_err());
+
+        std::fs::write(&path, "gamma-789\n").unwrap();
+        assert_eq!(keys.reload().unwrap(), 1);
+        assert!(keys.check(Some("Bearer alpha-123")).is_err());
+        assert!(keys.check(Some("Bearer gamma-789")).is_ok());
+
+        std::fs::write(&path, "\n# nothing\n").unwrap();
+        assert!(keys.reload().is_err());
+        assert!(keys.check(Some("Bearer gamma-789")).is_ok(), "a bad reload keeps the keys in force");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,314 @@
+//! Production behaviour on a real server over loopback: floods, slow clients, draining on
+//! SIGTERM, API keys and their rotation, dynamic batching, and drift monitoring. Every test is
+//! bounded in time and in requests.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use common::{Server, read, root};
+use reqwest::blocking::multipart::{Form, Part};
+use serde_json::Value;
+
+fn batch_form(photo: &[u8], n: usize) -> Form {
+    (0..n).fold(Form::new(), |f, i| f.part("image", Part::bytes(photo.to_vec()).file_name(format!("{i}.jpg"))))
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// 400 concurrent single-image requests from 32 threads against room for 8 images: only 200s
+/// and 429s come back, none hangs, and resident memory stays bounded.
+#[test]
+fn a_flood_beyond_capacity_answers_only_200_and_429() {
+    let s = Server::start(&["--max-queued-images", "8", "--request-timeout-ms", "20000"]);
+    let photo = read("photos/rocket.jpg");
+    let before = rss_kib(s.pid());
+    let (ok, busy, other) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..32 {
+            let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+            let (photo, url, ok, busy, other) = (&photo, format!("{}/v1/score", s.url), &ok, &busy, &other);
+            scope.spawn(move || {
+                for _ in 0..12 {
+                    let form = Form::new().part("image", Part::bytes(photo.clone()).file_name("r.jpg"));
+                    match client.post(&url).multipart(form).send().map(|r| r.status().as_u16()) {
+                        Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(429) => busy.fetch_add(1, Ordering::Relaxed),
+                        _ => other.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+    });
+    let (ok, busy, other) = (ok.into_inner(), busy.into_inner(), other.into_inner());
+    assert_eq!(other, 0, "only 200 and 429 may come back ({ok} ok, {busy} busy)");
+    assert_eq!(ok + busy, 384);
+    assert!(ok > 0 && busy > 0, "{ok} ok, {busy} busy: the flood must both pass and overflow");
+    assert!(start.elapsed() < Duration::from_secs(120), "the flood took {:?}", start.elapsed());
+    let after = rss_kib(s.pid());
+    assert!(after < before + 512 * 1024, "resident memory grew from {before} KiB to {after} KiB");
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(metrics.contains("qscore_rejected_images_total{model=\"mobilenet_v2-imagenet\",reason=\"overloaded\"}"));
+    assert!(metrics.contains("qscore_images_in_flight 0"), "every permit was given back");
+    s.assert_ready();
+}
+
+/// A client that sends its headers and then trickles its body is cut off at the request
+/// deadline with a 408 JSON error, and the server keeps serving others meanwhile.
+#[test]
+fn a_slow_client_is_cut_off_by_the_deadline() {
+    let s = Server::start(&["--request-timeout-ms", "1500"]);
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        sock,
+        "POST /v1/score HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+    )
+    .unwrap();
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0_u8; 4096];
+    // One byte every 100 ms: alive, but far too slow for the deadline.
+    sock.set_nonblocking(true).unwrap();
+    while start.elapsed() < Duration::from_secs(8) {
+        let _ = sock.write_all(b"x");
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                    break;
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let elapsed = start.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "after {elapsed:?}: {text}");
+    assert!(text.contains("\"body_timeout\""), "{text}");
+    assert!(elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(5), "cut off after {elapsed:?}");
+    assert_eq!(s.post_image("/v1/score", "rocket.jpg", read("photos/rocket.jpg")).status(), 200);
+}
+
+/// SIGTERM while batches are in flight: every request already sent is answered 200, then the
+/// process exits 0.
+#[test]
+fn sigterm_during_load_answers_every_accepted_request() {
+    let s = Server::start(&["--max-batch", "8"]);
+    let photo = read("photos/china.jpg");
+    let url = format!("{}/v1/score/batch", s.url);
+    let sent = AtomicUsize::new(0);
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, photo, client, sent) = (url.clone(), photo.clone(), s.client(), &sent);
+                scope.spawn(move || {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    client.post(url).multipart(batch_form(&photo, 16)).send().map_or(0, |r| r.status().as_u16())
+                })
+            })
+            .collect();
+        while sent.load(Ordering::SeqCst) < 8 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // 8 x 16 images take a second or more on two cores: the signal lands mid-load.
+        std::thread::sleep(Duration::from_millis(300));
+        s.signal("TERM");
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(answers.iter().all(|&c| c == 200), "answers during drain: {answers:?}");
+    let status = s.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// With a keys file, /v1/* needs `Authorization: Bearer KEY` (401 JSON otherwise) while health,
+/// metrics and the API document stay open. Rewriting the file and sending SIGHUP rotates the
+/// keys without a restart, while a client keeps scoring with a key present in both files and
+/// never sees a failure.
+#[test]
+fn api_keys_are_required_and_rotate_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("qscore-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "old-key\nstable-key\n").unwrap();
+    let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    let photo = read("photos/rocket.jpg");
+    let score = |key: Option<&str>| {
+        let mut req =
+            s.client().post(format!("{}/v1/score", s.url)).header("content-type", "image/jpeg").body(photo.clone());
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().unwrap()
+    };
+    let missing = score(None);
+    assert_eq!(missing.headers()["www-authenticate"], "Bearer");
+    common::assert_error(missing, 401, "unauthorized");
+    common::assert_error(score(Some("nope")), 401, "unauthorized");
+    assert_eq!(score(Some("old-key")).status(), 200);
+    for open in ["/health/ready", "/health/live", "/metrics", "/openapi.json"] {
+        assert_eq!(s.get(open).status(), 200, "{open} must stay open");
+    }
+    common::assert_error(s.get("/v1/models"), 401, "unauthorized");
+
+    let stop = AtomicBool::new(false);
+    let failures = std::thread::scope(|scope| {
+        let steady = scope.spawn(|| {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = score(Some("stable-key"));
+                if r.status() != 200 {
+                    failures.push(r.status().as_u16());
+                }
+            }
+            failures
+        });
+        std::fs::write(&keys, "new-key\nstable-key\n").unwrap();
+        s.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while score(Some("new-key")).status() != 200 {
+            assert!(Instant::now() < deadline, "the new key never took effect");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        steady.join().unwrap()
+    });
+    assert!(failures.is_empty(), "requests with a kept key failed during rotation: {failures:?}");
+    common::assert_error(score(Some("old-key")), 401, "unauthorized");
+    assert!(s.log().contains("API keys reloaded"), "{}", s.log());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Requests from many clients share ONNX Runtime runs: 16 concurrent single-image requests
+/// produce runs of more than one image, and each answer says how big its run was.
+#[test]
+fn concurrent_requests_are_batched_together() {
+    let s = Server::start(&["--max-batch", "16", "--max-batch-delay-ms", "20"]);
+    let photo = read("photos/coffee.png");
+    let sizes: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let (photo, s) = (photo.clone(), &s);
+                scope.spawn(move || {
+                    let r: Value = s.post_image("/v1/score", "coffee.png", photo).json().unwrap();
+                    r["timings_ms"]["batch_size"].as_u64().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(sizes.iter().any(|&n| n > 1), "no two concurrent requests shared a run: {sizes:?}");
+    let metrics = s.get("/metrics").text().unwrap();
+    let runs = metrics
+        .lines()
+        .find(|l| l.starts_with("qscore_batch_size_count{model=\"mobilenet_v2-imagenet\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(runs < 17.0, "16 requests (+1 warm-up) took {runs} runs: nothing was batched");
+}
+
+/// The alert thresholds shipped in deploy/prometheus/alerts.yml, as `(psi, ks)`.
+fn alert_thresholds() -> (f64, f64) {
+    let rules = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
+    let after = |metric: &str| -> f64 {
+        let at = rules.find(&format!("{metric} > ")).unwrap_or_else(|| panic!("no rule on {metric}"));
+        rules[at + metric.len() + 3..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (after("qscore_drift_psi"), after("qscore_drift_ks"))
+}
+
+/// The committed Fashion-MNIST fixtures (t10k images, like the calibration's held-out data),
+/// and the same images degraded: blurred and noised.
+fn fmnist_streams() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut clean = Vec::new();
+    let mut degraded = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(root().join("tests/fixtures/fmnist"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().map(|f| f.unwrap().path()))
+        .collect();
+    files.sort();
+    let mut seed = 12345_u32;
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let img = image::load_from_memory(&bytes).unwrap().to_luma8();
+        let mut blurred = image::imageops::blur(&img, 2.0);
+        for p in blurred.pixels_mut() {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let noise = (seed >> 24) as i32 - 128;
+            p.0[0] = (i32::from(p.0[0]) + noise / 2).clamp(0, 255) as u8;
+        }
+        let mut out = std::io::Cursor::new(Vec::new());
+        blurred.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        clean.push(bytes);
+        degraded.push(out.into_inner());
+    }
+    (clean, degraded)
+}
+
+fn drift_of(s: &Server, model: &str) -> Value {
+    let d: Value = s.get(&format!("/v1/drift?model={model}")).json().unwrap();
+    d["models"][0].clone()
+}
+
+fn gauge(metrics: &str, name: &str, model: &str) -> f64 {
+    let prefix = format!("{name}{{model=\"{model}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// Feed the calibration-like images, then a degraded stream: the drift statistics stay under
+/// the shipped alert thresholds first and rise past them after, in /v1/drift and in the
+/// gauges alike. An uncalibrated model says it has no reference.
+#[test]
+fn drift_rises_past_the_alert_thresholds_on_a_degraded_stream() {
+    let model = "fmnist-simclr";
+    let s = Server::start(&["--drift-window", "200"]);
+    let (psi_alert, ks_alert) = alert_thresholds();
+    let (clean, degraded) = fmnist_streams();
+    let post = |images: &[Vec<u8>]| {
+        let form = images
+            .iter()
+            .enumerate()
+            .fold(Form::new(), |f, (i, b)| f.part("image", Part::bytes(b.clone()).file_name(format!("{i}.png"))));
+        let r = s.client().post(format!("{}/v1/score/batch?model={model}", s.url)).multipart(form).send().unwrap();
+        assert_eq!(r.status(), 200);
+    };
+
+    let empty = drift_of(&s, model);
+    assert_eq!(empty["status"], "empty_window");
+    post(&clean);
+    let before = drift_of(&s, model);
+    assert_eq!(before["status"], "ok");
+    assert_eq!(before["window_images"], 200);
+    let (ks0, psi0) = (before["ks"].as_f64().unwrap(), before["psi"].as_f64().unwrap());
+    assert!(ks0 < ks_alert && psi0 < psi_alert, "clean stream: KS {ks0}, PSI {psi0}");
+
+    post(&degraded);
+    let after = drift_of(&s, model);
+    let (ks1, psi1) = (after["ks"].as_f64().unwrap(), after["psi"].as_f64().unwrap());
+    assert_eq!(after["window_images"], 200, "the window keeps the latest 200");
+    assert!(ks1 > ks_alert && psi1 > psi_alert, "degraded stream: KS {ks1}, PSI {psi1}");
+    assert!(!after["features"].as_array().unwrap().is_empty(), "the shifted features are listed");
+
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!((gauge(&metrics, "qscore_drift_ks", model) - ks1).abs() < 1e-9, "{metrics}");
+    assert!((gauge(&metrics, "qscore_drift_psi", model) - psi1).abs() < 1e-9);
+    assert_eq!(gauge(&metrics, "qscore_drift_window_images", model), 200.0);
+
+    let none = drift_of(&s, "mobilenet_v2-imagenet");
+    assert_eq!(none["status"], "no_reference");
+    assert!(none["message"].as_str().unwrap().contains("qscore calibrate"));
+}
