@@ -54,8 +54,14 @@ tools:
 	  echo "installing promtool (Debian package prometheus)"; \
 	  $$(command -v sudo) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
-	@test -x .venv-test/bin/st || { echo "installing schemathesis into .venv-test"; \
-	  python3 -m venv .venv-test && .venv-test/bin/pip install -q -r tests/requirements.txt; }
+	@$(MAKE) --no-print-directory .venv-test/installed
+
+# schemathesis and tritonclient, reinstalled when tests/requirements.txt changes.
+.venv-test/installed: tests/requirements.txt
+	@echo "installing tests/requirements.txt into .venv-test"
+	test -x .venv-test/bin/pip || python3 -m venv .venv-test
+	.venv-test/bin/pip install -q -r tests/requirements.txt
+	touch $@
 
 build: ort
 	$(CARGO) build --release --locked

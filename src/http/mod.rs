@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod error;
 pub mod handlers;
+pub mod kserve;
 pub mod types;
 pub mod upload;
 
@@ -58,11 +59,13 @@ pub struct AppState {
     paths(
         handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
+        kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata, kserve::model_ready, kserve::infer,
     ),
     tags(
         (name = "scoring", description = "Score and embed images"),
         (name = "models", description = "What is loaded, and how its recent answers drift"),
         (name = "health", description = "Probes, metrics and this document"),
+        (name = "kserve-v2", description = "KServe v2 / Open Inference Protocol"),
     )
 )]
 struct ApiDoc;
@@ -76,7 +79,7 @@ pub fn api_doc() -> utoipa::openapi::OpenApi {
     scheme.description = Some("Required on /v1/* when the server runs with --api-keys-file.".into());
     doc.components.get_or_insert_with(Default::default).add_security_scheme("api_key", SecurityScheme::Http(scheme));
     for (path, item) in doc.paths.paths.iter_mut() {
-        if path.starts_with("/v1/") {
+        if path.starts_with("/v1/") || path.starts_with("/v2/models/") {
             for op in [&mut item.get, &mut item.post].into_iter().flatten() {
                 op.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
                 let unauthorized = utoipa::openapi::ResponseBuilder::new()
@@ -98,7 +101,7 @@ pub fn api_doc() -> utoipa::openapi::OpenApi {
 /// Builds the router with every route and layer. `cors` lists the origins browsers may call
 /// from (`*` for any); empty turns CORS off.
 pub fn router(state: AppState, cors: &[String]) -> Router {
-    // Keys guard /v1/* only: probes, metrics and the API document stay open.
+    // Keys guard /v1/* and /v2/models/*: probes, metrics and the API document stay open.
     let v1 = Router::new()
         .route("/v1/score", post(handlers::score))
         .route("/v1/score/batch", post(handlers::score_batch))
@@ -106,8 +109,14 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
         .route("/v1/drift", get(handlers::drift))
+        .route("/v2/models/{name}", get(kserve::model_metadata))
+        .route("/v2/models/{name}/ready", get(kserve::model_ready))
+        .route("/v2/models/{name}/infer", post(kserve::infer))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
     let api = v1
+        .route("/v2", get(kserve::server_metadata))
+        .route("/v2/health/live", get(kserve::live))
+        .route("/v2/health/ready", get(kserve::ready))
         .route("/health/live", get(handlers::live))
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))

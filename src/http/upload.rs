@@ -58,9 +58,7 @@ impl FromRequest<AppState> for Uploads {
         let limits = &state.limits;
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let body = tokio::time::timeout(limits.body_timeout, read_body(req.into_body(), limits.max_body_bytes))
-            .await
-            .map_err(|_| Error::BodyTimeout)??;
+        let body = read_limited(req.into_body(), limits).await?;
 
         match essence.as_str() {
             "multipart/form-data" => parse_multipart(&content_type, body, limits.max_batch_images).await,
@@ -79,6 +77,13 @@ impl FromRequest<AppState> for Uploads {
 /// connection, and most clients then report a broken pipe instead of our JSON error.
 const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_FACTOR: usize = 4;
+
+/// Reads a whole body under the request limits: its size and the deadline to receive it.
+pub(crate) async fn read_limited(body: Body, limits: &super::RequestLimits) -> Result<Bytes, Error> {
+    tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body_bytes))
+        .await
+        .map_err(|_| Error::BodyTimeout)?
+}
 
 /// Reads the whole body, refusing it past `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {

@@ -1,0 +1,423 @@
+//! KServe v2 / Open Inference Protocol: the endpoints standard inference clients (tritonclient,
+//! KServe's SDK) speak, over the same pipeline as `/v1`.
+//!
+//! The input is one BYTES tensor named `image` holding encoded images, either as base64 strings
+//! in the JSON body or raw with the binary-data extension (`Inference-Header-Content-Length`:
+//! the JSON header first, then each BYTES element as a 4-byte little-endian length and its
+//! bytes). Outputs are `q_score` (FP32), `p_misclassified` (FP32) and `likely_misclassified`
+//! (BOOL) for calibrated models, and `embedding` (FP32, N x d) when asked for; answers are JSON.
+//! The protocol has no per-element error, so one bad image fails the request with a 400 naming
+//! its index. Errors follow the protocol's `{"error": "message"}` shape.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use crate::{error::Error, model::Model, scoring::Embedding};
+
+/// The protocol's error body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct V2Error {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// An error answered in the protocol's shape, with qscore's status.
+pub struct V2Failure(Error);
+
+impl From<Error> for V2Failure {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for V2Failure {
+    fn into_response(self) -> Response {
+        let mut r = (self.0.status(), Json(V2Error { error: self.0.to_string() })).into_response();
+        if let Error::Overloaded { retry_after_s } = self.0 {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after_s.into());
+        }
+        r
+    }
+}
+
+/// `GET /v2`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    /// Server name.
+    pub name: String,
+    /// Server version.
+    pub version: String,
+    /// Protocol extensions supported.
+    pub extensions: Vec<String>,
+}
+
+/// A tensor's description in model metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TensorMetadata {
+    /// Tensor name.
+    pub name: String,
+    /// Protocol datatype (BYTES, FP32, BOOL).
+    pub datatype: String,
+    /// Shape; -1 is any size.
+    pub shape: Vec<i64>,
+}
+
+/// `GET /v2/models/{name}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    /// Model name.
+    pub name: String,
+    /// Available versions.
+    pub versions: Vec<String>,
+    /// Backend.
+    pub platform: String,
+    /// Inputs.
+    pub inputs: Vec<TensorMetadata>,
+    /// Outputs.
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// `GET /v2/models/{name}/ready`, `GET /v2/health/*`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// Whether it is ready (or live).
+    pub ready: bool,
+}
+
+/// One input tensor of an inference request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferInput {
+    /// Must be `image`.
+    pub name: String,
+    /// Must be `[N]`.
+    pub shape: Vec<i64>,
+    /// Must be `BYTES`.
+    pub datatype: String,
+    /// Base64 strings, one per image, unless sent as binary data.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub data: Option<Value>,
+    /// `binary_data_size` when the tensor follows the JSON header.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<serde_json::Map<String, Value>>,
+}
+
+/// One requested output.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct RequestedOutput {
+    /// `q_score`, `p_misclassified`, `likely_misclassified` or `embedding`.
+    pub name: String,
+}
+
+/// `POST /v2/models/{name}/infer`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct InferRequest {
+    /// Echoed back.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Exactly one: `image`.
+    pub inputs: Vec<InferInput>,
+    /// Outputs wanted; default: the Q-Score, and the flag for a calibrated model.
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// One output tensor.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OutputTensor {
+    /// Name.
+    pub name: String,
+    /// Protocol datatype.
+    pub datatype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    #[schema(value_type = Vec<Object>)]
+    pub data: Value,
+}
+
+/// The answer of `POST /v2/models/{name}/infer`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InferResponse {
+    /// Model name.
+    pub model_name: String,
+    /// Model version.
+    pub model_version: String,
+    /// The request's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Output tensors.
+    pub outputs: Vec<OutputTensor>,
+}
+
+const OUTPUTS: [&str; 4] = ["q_score", "p_misclassified", "likely_misclassified", "embedding"];
+
+/// Server metadata.
+#[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
+pub async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata {
+        name: "qscore".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: vec!["binary_tensor_data".into()],
+    })
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/v2/health/live", tag = "kserve-v2", responses((status = 200, body = Readiness)))]
+pub async fn live() -> Json<Readiness> {
+    Json(Readiness { ready: true })
+}
+
+/// Readiness: every model loaded and warmed up, not draining.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "kserve-v2", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let ready = state.ready.load(std::sync::atomic::Ordering::Acquire);
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Readiness { ready }))
+}
+
+/// Model metadata.
+#[utoipa::path(
+    get, path = "/v2/models/{name}", tag = "kserve-v2", params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = V2Error))
+)]
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelMetadata>, V2Failure> {
+    let m = state.scorer.registry.get(Some(&name))?;
+    let t = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+    };
+    let mut outputs = vec![t("q_score", "FP32", vec![-1])];
+    if m.calibration.is_some() {
+        outputs.push(t("p_misclassified", "FP32", vec![-1]));
+        outputs.push(t("likely_misclassified", "BOOL", vec![-1]));
+    }
+    outputs.push(t("embedding", "FP32", vec![-1, m.manifest.output.dim as i64]));
+    Ok(Json(ModelMetadata {
+        name: m.name().to_owned(),
+        versions: vec![m.manifest.version.clone()],
+        platform: "onnxruntime_onnx".into(),
+        inputs: vec![t("image", "BYTES", vec![-1])],
+        outputs,
+    }))
+}
+
+/// Model readiness.
+#[utoipa::path(
+    get, path = "/v2/models/{name}/ready", tag = "kserve-v2", params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = Readiness), (status = 404, body = V2Error))
+)]
+pub async fn model_ready(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Readiness>, V2Failure> {
+    state.scorer.registry.get(Some(&name))?;
+    Ok(Json(Readiness { ready: state.ready.load(std::sync::atomic::Ordering::Acquire) }))
+}
+
+/// Score a BYTES tensor of encoded images.
+#[utoipa::path(
+    post, path = "/v2/models/{name}/infer", tag = "kserve-v2", params(("name" = String, Path, description = "Model name")),
+    request_body(content = InferRequest, description = "JSON, or with the binary-data extension (Inference-Header-Content-Length)"),
+    responses(
+        (status = 200, body = InferResponse),
+        (status = 400, description = "Malformed request or an image that could not be scored", body = V2Error),
+        (status = 404, body = V2Error), (status = 413, body = V2Error), (status = 429, body = V2Error),
+    )
+)]
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<InferResponse>, V2Failure> {
+    let model = state.scorer.registry.get(Some(&name))?.clone();
+    let body = super::upload::read_limited(body, &state.limits).await?;
+    let (request, images) = parse(&headers, &body, state.limits.max_batch_images)?;
+    let wanted = wanted_outputs(&request, &model)?;
+    let embedding = if wanted.contains(&"embedding") { Embedding::Full } else { Embedding::Omit };
+    let n = images.len();
+    let scored = state.scorer.score(&model, images, embedding).await?;
+    let mut answers = Vec::with_capacity(n);
+    for (i, a) in scored.into_iter().enumerate() {
+        answers.push(a.map_err(|e| Error::BadRequest(format!("image {i} of the `image` tensor: {e}")))?);
+    }
+
+    let outputs = wanted
+        .iter()
+        .map(|&name| {
+            let (datatype, shape, data) = match name {
+                "q_score" => ("FP32", vec![n], answers.iter().map(|a| a.q_score).collect::<Vec<_>>().into()),
+                "p_misclassified" => (
+                    "FP32",
+                    vec![n],
+                    answers.iter().map(|a| a.p_misclassified.unwrap_or(0.0)).collect::<Vec<_>>().into(),
+                ),
+                "likely_misclassified" => (
+                    "BOOL",
+                    vec![n],
+                    answers.iter().map(|a| a.likely_misclassified == Some(true)).collect::<Vec<_>>().into(),
+                ),
+                _ => {
+                    let d = model.manifest.output.dim;
+                    let flat: Vec<f32> = answers.iter().flat_map(|a| a.embedding.clone().unwrap_or_default()).collect();
+                    ("FP32", vec![n, d], flat.into())
+                }
+            };
+            OutputTensor { name: name.to_owned(), datatype: datatype.to_owned(), shape, data }
+        })
+        .collect();
+    Ok(Json(InferResponse {
+        model_name: model.name().to_owned(),
+        model_version: model.manifest.version.clone(),
+        id: request.id,
+        outputs,
+    }))
+}
+
+/// The outputs to answer, checked against what the model can give.
+fn wanted_outputs(request: &InferRequest, model: &Model) -> Result<Vec<&'static str>, Error> {
+    let calibrated = model.calibration.is_some();
+    let Some(asked) = &request.outputs else {
+        return Ok(if calibrated { OUTPUTS[..3].to_vec() } else { vec!["q_score"] });
+    };
+    asked
+        .iter()
+        .map(|o| {
+            let name = OUTPUTS.iter().find(|&&n| n == o.name).ok_or_else(|| {
+                Error::BadRequest(format!("unknown output `{}`; outputs: {}", o.name, OUTPUTS.join(", ")))
+            })?;
+            if !calibrated && matches!(*name, "p_misclassified" | "likely_misclassified") {
+                return Err(Error::NotCalibrated { model: model.name().to_owned() });
+            }
+            Ok(*name)
+        })
+        .collect()
+}
+
+/// The request header and the images of its `image` tensor.
+fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferRequest, Vec<Bytes>), Error> {
+    let header_len = headers
+        .get("inference-header-content-length")
+        .map(|v| v.to_str().ok().and_then(|s| s.parse::<usize>().ok()))
+        .map(|v| v.ok_or_else(|| Error::BadRequest("Inference-Header-Content-Length is not a number".into())))
+        .transpose()?;
+    let json_len = header_len.unwrap_or(body.len());
+    if json_len > body.len() {
+        return Err(Error::BadRequest("Inference-Header-Content-Length is past the end of the body".into()));
+    }
+    let request: InferRequest = serde_json::from_slice(&body[..json_len])
+        .map_err(|e| Error::BadRequest(format!("invalid inference request: {e}")))?;
+    let [input] = request.inputs.as_slice() else {
+        return Err(Error::BadRequest(format!("expected one input tensor, `image`; got {}", request.inputs.len())));
+    };
+    if input.name != "image" || input.datatype != "BYTES" {
+        return Err(Error::BadRequest(format!(
+            "the input must be `image` of datatype BYTES (encoded images); got `{}` {}",
+            input.name, input.datatype
+        )));
+    }
+    let n = match input.shape.as_slice() {
+        [n] if *n >= 0 => *n as usize,
+        [n, 1] if *n >= 0 => *n as usize,
+        s => return Err(Error::BadRequest(format!("`image` must have shape [N]; got {s:?}"))),
+    };
+    if n > max_images {
+        return Err(Error::TooManyImages { limit: max_images });
+    }
+    if n == 0 {
+        return Err(Error::MissingImage);
+    }
+    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).and_then(Value::as_u64);
+    let images = match (binary_size, &input.data) {
+        (Some(size), _) => {
+            let start = json_len;
+            let end = start
+                .checked_add(size as usize)
+                .filter(|&e| e <= body.len())
+                .ok_or_else(|| Error::BadRequest("binary_data_size runs past the end of the body".into()))?;
+            split_bytes(&body.slice(start..end))?
+        }
+        (None, Some(Value::Array(items))) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let s = v.as_str().ok_or_else(|| Error::BadRequest(format!("image {i}: expected a base64 string")))?;
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map(Bytes::from)
+                    .map_err(|e| Error::BadRequest(format!("image {i}: not valid base64: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(Error::BadRequest("`image` carries no data: send base64 strings or binary data".into())),
+    };
+    if images.len() != n {
+        return Err(Error::BadRequest(format!("`image` has shape [{n}] but carries {} elements", images.len())));
+    }
+    Ok((request, images))
+}
+
+/// BYTES elements of the binary extension: each a u32 little-endian length and its bytes.
+fn split_bytes(raw: &Bytes) -> Result<Vec<Bytes>, Error> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < raw.len() {
+        let len_bytes: [u8; 4] = raw
+            .get(at..at + 4)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| Error::BadRequest("a BYTES element's length is cut off".into()))?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        let end = (at + 4)
+            .checked_add(len)
+            .filter(|&e| e <= raw.len())
+            .ok_or_else(|| Error::BadRequest("a BYTES element runs past its tensor's binary data".into()))?;
+        out.push(raw.slice(at + 4..end));
+        at = end;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_bytes_elements_split() {
+        let raw = Bytes::from_static(&[3, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, 0, 1, 0, 0, 0, b'z']);
+        let parts = split_bytes(&raw).unwrap();
+        assert_eq!(parts, vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"z")]);
+        assert!(split_bytes(&Bytes::from_static(&[9, 0, 0, 0, 1])).is_err());
+        assert!(split_bytes(&Bytes::from_static(&[1, 0])).is_err());
+    }
+
+    #[test]
+    fn binary_extension_request_parses() {
+        let header =
+            br#"{"inputs":[{"name":"image","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":10}}]}"#;
+        let mut body = header.to_vec();
+        body.extend_from_slice(&[1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
+        let mut headers = HeaderMap::new();
+        headers.insert("inference-header-content-length", header.len().into());
+        let (req, images) = parse(&headers, &Bytes::from(body), 8).unwrap();
+        assert_eq!(req.inputs.len(), 1);
+        assert_eq!(images, vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")]);
+        let json = br#"{"inputs":[{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}]}"#;
+        let (_, images) = parse(&HeaderMap::new(), &Bytes::from_static(json), 8).unwrap();
+        assert_eq!(images, vec![Bytes::from_static(b"x")]);
+        let wrong = br#"{"inputs":[{"name":"image","shape":[3],"datatype":"BYTES","data":["eA=="]}]}"#;
+        assert!(parse(&HeaderMap::new(), &Bytes::from_static(wrong), 8).is_err());
+    }
+}

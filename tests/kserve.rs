@@ -1,0 +1,116 @@
+//! KServe v2 / Open Inference Protocol with a real client: tritonclient (PyPI, installed into
+//! .venv-test by `make tools`) sends real images through `/v2/models/{name}/infer` with the
+//! binary-data extension, and the answers must equal `/v1/score`'s.
+
+mod common;
+
+use common::{Server, fixture, read, root};
+use serde_json::Value;
+
+fn tritonclient(s: &Server, model: &str, files: &[std::path::PathBuf]) -> Value {
+    let python = root().join(".venv-test/bin/python");
+    assert!(python.exists(), "{} is missing: run `make tools` (make test does)", python.display());
+    let out = std::process::Command::new(python)
+        .arg(root().join("tests/kserve_client.py"))
+        .arg(s.url.trim_start_matches("http://"))
+        .arg(model)
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tritonclient failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn tritonclient_gets_the_same_scores_as_v1() {
+    let s = Server::start(&[]);
+
+    // The calibrated SSL model: Q-Score, p_misclassified, the flag and the embedding.
+    let model = "fmnist-simclr";
+    let files: Vec<_> = ["bag/t10k-00030.png", "shirt/t10k-00026.png", "trouser/t10k-00002.png", "coat/t10k-00006.png"]
+        .iter()
+        .map(|f| fixture(&format!("fmnist/{f}")))
+        .collect();
+    let r = tritonclient(&s, model, &files);
+    assert_eq!(
+        (r["live"].as_bool(), r["ready"].as_bool(), r["model_ready"].as_bool()),
+        (Some(true), Some(true), Some(true))
+    );
+    assert!(r["server"]["extensions"].as_array().unwrap().contains(&Value::from("binary_tensor_data")));
+    let out = &r["outputs"];
+    for (i, f) in files.iter().enumerate() {
+        let v1: Value =
+            s.post_raw(&format!("/v1/embed?model={model}"), "image/png", std::fs::read(f).unwrap()).json().unwrap();
+        let (q2, q1) = (out["q_score"][i].as_f64().unwrap(), v1["q_score"].as_f64().unwrap());
+        assert!((q2 - q1).abs() <= 1e-6 * q1.abs().max(1.0), "{}: v2 {q2} vs v1 {q1}", f.display());
+        let p2 = out["p_misclassified"][i].as_f64().unwrap();
+        assert!((p2 - v1["p_misclassified"].as_f64().unwrap()).abs() < 1e-6);
+        assert_eq!(out["likely_misclassified"][i], v1["likely_misclassified"]);
+        let (e2, e1) = (common::floats(&out["embedding"][i]), common::floats(&v1["embedding"]));
+        assert_eq!(e2.len(), 128);
+        assert!(e2.iter().zip(&e1).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+    assert!(out["likely_misclassified"].as_array().unwrap().iter().any(|f| f == true), "the shirt is flagged");
+
+    // The uncalibrated ImageNet model over real photos: no flag outputs are offered.
+    let photos: Vec<_> = ["china.jpg", "rocket.jpg"].iter().map(|p| fixture(&format!("photos/{p}"))).collect();
+    let r = tritonclient(&s, "mobilenet_v2-imagenet", &photos);
+    let names: Vec<&str> =
+        r["metadata"]["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["q_score", "embedding"]);
+    for (i, p) in ["china.jpg", "rocket.jpg"].iter().enumerate() {
+        let v1: Value =
+            s.post_image("/v1/score?model=mobilenet_v2-imagenet", p, read(&format!("photos/{p}"))).json().unwrap();
+        let (q2, q1) = (r["outputs"]["q_score"][i].as_f64().unwrap(), v1["q_score"].as_f64().unwrap());
+        assert!((q2 - q1).abs() <= 1e-6 * q1.abs().max(1.0), "{p}: v2 {q2} vs v1 {q1}");
+    }
+}
+
+#[test]
+fn v2_errors_follow_the_protocol() {
+    let s = Server::start(&[]);
+    let post = |path: &str, body: &str| {
+        s.client()
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .unwrap()
+    };
+    let r = post("/v2/models/nope/infer", r#"{"inputs":[]}"#);
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<Value>().unwrap()["error"].as_str().unwrap().contains("unknown model"));
+    let r =
+        post("/v2/models/fmnist-simclr/infer", r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}"#);
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error"].as_str().unwrap().contains("BYTES"));
+    let bad = base64_of(&read("bad/truncated.jpg"));
+    let r = post(
+        "/v2/models/mobilenet_v2-imagenet/infer",
+        &format!(r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["{bad}"]}}]}}"#),
+    );
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().unwrap()["error"].as_str().unwrap().contains("image 0"));
+    let good = base64_of(&read("photos/china.jpg"));
+    let r = post(
+        "/v2/models/mobilenet_v2-imagenet/infer",
+        &format!(
+            r#"{{"id":"a1","inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["{good}"]}}],"outputs":[{{"name":"p_misclassified"}}]}}"#
+        ),
+    );
+    assert_eq!(r.status(), 400, "an uncalibrated model has no p_misclassified");
+    let r: Value = post(
+        "/v2/models/mobilenet_v2-imagenet/infer",
+        &format!(r#"{{"id":"a1","inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["{good}"]}}]}}"#),
+    )
+    .json()
+    .unwrap();
+    assert_eq!(r["id"], "a1");
+    assert_eq!(r["outputs"][0]["name"], "q_score");
+    s.assert_ready();
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

@@ -1,0 +1,29 @@
+"""Sends images through qscore's KServe v2 endpoint with the real tritonclient (PyPI
+tritonclient[http]) and prints what came back as JSON, for tests/kserve.rs.
+
+    python kserve_client.py HOST:PORT MODEL FILE...
+"""
+import json
+import sys
+
+import numpy as np
+import tritonclient.http as http
+
+url, model, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+client = http.InferenceServerClient(url=url)
+meta = client.get_model_metadata(model)
+wanted = [o["name"] for o in meta["outputs"]]
+
+images = np.array([open(f, "rb").read() for f in files], dtype=np.object_)
+tensor = http.InferInput("image", [len(files)], "BYTES")
+tensor.set_data_from_numpy(images, binary_data=True)
+result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted])
+
+print(json.dumps({
+    "live": client.is_server_live(),
+    "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready(model),
+    "server": client.get_server_metadata(),
+    "metadata": meta,
+    "outputs": {n: result.as_numpy(n).tolist() for n in wanted},
+}))
