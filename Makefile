@@ -24,7 +24,7 @@ SWEEP_EPSILON     := 1.5,2,2.5,3,4
 SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures \
-        fmnist-data calibrate evaluate load-bench bench-env
+        fmnist-data calibrate evaluate load-bench bench-env swagger-ui
 
 all: build
 
@@ -47,13 +47,16 @@ ort-gpu:
 	ln -sf libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
 	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) in $(ORT_DIR)/; run with --device cuda"
 
-# What the tests run beside the server: Prometheus' promtool (Debian package `prometheus`) and
-# schemathesis (PyPI) in .venv-test.
+# What the tests run beside the server: Prometheus' promtool and Chromium (Debian), schemathesis
+# and tritonclient (PyPI) in .venv-test.
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  $$(command -v sudo) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (Debian) for the /docs screenshot test"; \
+	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@$(MAKE) --no-print-directory .venv-test/installed
 
 # schemathesis and tritonclient, reinstalled when tests/requirements.txt changes.
@@ -125,6 +128,13 @@ calibrate: build fmnist-data
 
 evaluate: build
 	$(BIN) evaluate --models-dir models
+
+# Refresh the vendored Swagger UI (static/swagger-ui/) from the npm package swagger-ui-dist.
+SWAGGER_UI_VERSION := 5.35.0
+swagger-ui:
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp && npm pack -q swagger-ui-dist@$(SWAGGER_UI_VERSION) >/dev/null && \
+	  tar xzf swagger-ui-dist-$(SWAGGER_UI_VERSION).tgz && \
+	  cp package/swagger-ui-bundle.js package/swagger-ui.css package/favicon-32x32.png package/LICENSE $(CURDIR)/static/swagger-ui/
 
 # Regenerate the derived image fixtures (needs Pillow and numpy from Debian).
 fixtures:

@@ -5,6 +5,7 @@
 //! tracing, panics, request metrics) lives in layers, not in handlers.
 
 pub mod auth;
+pub mod docs;
 pub mod error;
 pub mod handlers;
 pub mod kserve;
@@ -121,6 +122,8 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(handlers::openapi))
+        .route("/docs", get(docs::index))
+        .route("/docs/{file}", get(docs::file))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found);
