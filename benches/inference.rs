@@ -118,6 +118,7 @@ fn benches(c: &mut Criterion) {
             body_timeout: std::time::Duration::from_secs(60),
         },
         api_keys: None,
+        label_studio: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

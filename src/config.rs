@@ -106,6 +106,15 @@ pub struct ServeArgs {
     /// CORS is off without it.
     #[arg(long, env = "QSCORE_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
+    /// Label Studio's base URL: `POST /predict` fetches task images from this host only.
+    #[arg(long, env = "QSCORE_LABEL_STUDIO_URL")]
+    pub label_studio_url: Option<String>,
+    /// Label Studio API token, sent as `Authorization: Token ...` when fetching task images.
+    #[arg(long, env = "QSCORE_LABEL_STUDIO_TOKEN", hide_env_values = true)]
+    pub label_studio_token: Option<String>,
+    /// Timeout of one task image fetch, in milliseconds.
+    #[arg(long, env = "QSCORE_LABEL_STUDIO_TIMEOUT_MS", default_value_t = 10_000)]
+    pub label_studio_timeout_ms: u64,
     /// Seconds to finish requests in flight after SIGTERM or SIGINT before exiting anyway.
     #[arg(long, env = "QSCORE_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,

@@ -19,7 +19,7 @@ use crate::{
     batch::Admission,
     config::{EngineArgs, ServeArgs},
     drift::{DriftMonitor, DriftSettings},
-    http::{self, AppState, RequestLimits, auth::ApiKeys},
+    http::{self, AppState, RequestLimits, auth::ApiKeys, labelstudio::LabelStudio},
     image::ImageLimits,
     metrics::Metrics,
     model::{Registry, Selection},
@@ -72,6 +72,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drift: DriftSettings { max_images: args.drift_window, max_age: Duration::from_secs(args.drift_window_s) },
     };
     let api_keys = args.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
+    let label_studio = args
+        .label_studio_url
+        .as_deref()
+        .map(|url| {
+            let timeout = Duration::from_millis(args.label_studio_timeout_ms);
+            LabelStudio::new(url, args.label_studio_token.clone(), timeout, args.engine.max_image_bytes).map(Arc::new)
+        })
+        .transpose()?;
     let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &Selection::All, capacity)).await??;
     if let Some(keys) = &api_keys {
         keys.watch();
@@ -86,6 +94,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ready: Arc::clone(&ready),
         api_keys,
+        label_studio,
     };
     let app = http::router(state, &args.cors_origin);
 

@@ -1,4 +1,5 @@
-//! API keys: `Authorization: Bearer KEY` on `/v1/*`, checked in constant time, reloaded from
+//! API keys: `Authorization: Bearer KEY` (or basic auth with the key as password, for Label
+//! Studio) on the scoring routes, checked in constant time, reloaded from
 //! their file on SIGHUP and when the file changes, without a restart.
 //!
 //! Keys are kept only as SHA-256 digests and a presented key is compared, digest to digest,
@@ -57,8 +58,8 @@ impl ApiKeys {
     /// Whether `authorization` (the header's value) carries a valid key.
     pub fn check(&self, authorization: Option<&str>) -> Result<(), Error> {
         let key = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned).or_else(|| basic_password(v)))
+            .map(|k| k.trim().to_owned())
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Error::Unauthorized("send the API key as `Authorization: Bearer KEY`".into()))?;
         let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
@@ -90,6 +91,15 @@ impl ApiKeys {
             }
         });
     }
+}
+
+/// The password of `Basic base64(user:password)`: Label Studio can only send basic auth to an
+/// ML backend, so the key travels as the password there.
+fn basic_password(header: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD.decode(header.strip_prefix("Basic ")?.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    text.split_once(':').map(|(_, password)| password.to_owned())
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
@@ -135,6 +145,9 @@ mod tests {
         assert!(keys.check(Some("alpha-123")).is_err(), "the Bearer scheme is required");
         assert!(keys.check(None).is_err());
         assert!(keys.check(Some("Bearer ")).is_err());
+        // "labelstudio:alpha-123" in base64, as Label Studio's basic auth sends it.
+        assert!(keys.check(Some("Basic bGFiZWxzdHVkaW86YWxwaGEtMTIz")).is_ok());
+        assert!(keys.check(Some("Basic bGFiZWxzdHVkaW86bm9wZQ==")).is_err());
 
         std::fs::write(&path, "gamma-789\n").unwrap();
         assert_eq!(keys.reload().unwrap(), 1);

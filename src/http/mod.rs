@@ -9,6 +9,7 @@ pub mod docs;
 pub mod error;
 pub mod handlers;
 pub mod kserve;
+pub mod labelstudio;
 pub mod types;
 pub mod upload;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The keys `/v1/*` requires; `None` leaves it open.
     pub api_keys: Option<Arc<auth::ApiKeys>>,
+    /// The one host Label Studio task images may be fetched from.
+    pub label_studio: Option<Arc<labelstudio::LabelStudio>>,
 }
 
 /// The OpenAPI document of this API.
@@ -61,12 +64,14 @@ pub struct AppState {
         handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
         kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata, kserve::model_ready, kserve::infer,
+        labelstudio::health, labelstudio::setup, labelstudio::predict,
     ),
     tags(
         (name = "scoring", description = "Score and embed images"),
         (name = "models", description = "What is loaded, and how its recent answers drift"),
         (name = "health", description = "Probes, metrics and this document"),
         (name = "kserve-v2", description = "KServe v2 / Open Inference Protocol"),
+        (name = "label-studio", description = "Label Studio ML backend: risk scores for labelling queues"),
     )
 )]
 struct ApiDoc;
@@ -80,7 +85,7 @@ pub fn api_doc() -> utoipa::openapi::OpenApi {
     scheme.description = Some("Required on /v1/* when the server runs with --api-keys-file.".into());
     doc.components.get_or_insert_with(Default::default).add_security_scheme("api_key", SecurityScheme::Http(scheme));
     for (path, item) in doc.paths.paths.iter_mut() {
-        if path.starts_with("/v1/") || path.starts_with("/v2/models/") {
+        if path.starts_with("/v1/") || path.starts_with("/v2/models/") || path == "/predict" || path == "/setup" {
             for op in [&mut item.get, &mut item.post].into_iter().flatten() {
                 op.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
                 let unauthorized = utoipa::openapi::ResponseBuilder::new()
@@ -102,7 +107,8 @@ pub fn api_doc() -> utoipa::openapi::OpenApi {
 /// Builds the router with every route and layer. `cors` lists the origins browsers may call
 /// from (`*` for any); empty turns CORS off.
 pub fn router(state: AppState, cors: &[String]) -> Router {
-    // Keys guard /v1/* and /v2/models/*: probes, metrics and the API document stay open.
+    // Keys guard /v1/*, /v2/models/* and the Label Studio calls: probes, metrics and the API
+    // document stay open.
     let v1 = Router::new()
         .route("/v1/score", post(handlers::score))
         .route("/v1/score/batch", post(handlers::score_batch))
@@ -113,8 +119,11 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/v2/models/{name}/infer", post(kserve::infer))
+        .route("/setup", post(labelstudio::setup))
+        .route("/predict", post(labelstudio::predict))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
     let api = v1
+        .route("/health", get(labelstudio::health))
         .route("/v2", get(kserve::server_metadata))
         .route("/v2/health/live", get(kserve::live))
         .route("/v2/health/ready", get(kserve::ready))

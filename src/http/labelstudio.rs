@@ -1,0 +1,249 @@
+//! A Label Studio ML backend: `GET /health`, `POST /setup` and `POST /predict`, so a labelling
+//! project can sort its tasks by how likely the model is to get each image wrong.
+//!
+//! Label Studio's Data Manager lists the lowest prediction score first, so the score is
+//! oriented that way: `1 - p_misclassified` for a calibrated model, and `Q / (1 + Q)` (the
+//! Q-Score squashed into [0, 1), still low for a weak representation) otherwise. Sorting the
+//! "Prediction score" column ascending therefore puts the riskiest images on top.
+//!
+//! Task images arrive as URLs. They are fetched only from the one Label Studio host given by
+//! `--label-studio-url` (relative paths such as `/data/upload/...` are resolved against it),
+//! with its `--label-studio-token`, a size limit and a timeout; any other URL is refused with an
+//! error on that task alone. Nothing else in qscore ever fetches a URL.
+
+use std::time::Duration;
+
+use axum::{Json, extract::State};
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use crate::{error::Error, scoring::Embedding};
+
+/// Where task images may come from.
+#[derive(Debug, Clone)]
+pub struct LabelStudio {
+    /// The Label Studio base URL.
+    pub base: reqwest::Url,
+    /// Sent as `Authorization: Token ...`.
+    pub token: Option<String>,
+    /// The HTTP client, with the fetch timeout.
+    pub client: reqwest::Client,
+    /// Largest image fetched, in bytes.
+    pub max_bytes: usize,
+}
+
+impl LabelStudio {
+    /// A fetcher for `base`, with `timeout` per image.
+    pub fn new(base: &str, token: Option<String>, timeout: Duration, max_bytes: usize) -> anyhow::Result<Self> {
+        let base =
+            reqwest::Url::parse(base).map_err(|e| anyhow::anyhow!("--label-studio-url {base} is not a URL: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
+            anyhow::bail!("--label-studio-url must be an http(s) URL with a host, got {base}");
+        }
+        let client = reqwest::Client::builder().timeout(timeout).redirect(reqwest::redirect::Policy::none()).build()?;
+        Ok(Self { base, token, client, max_bytes })
+    }
+
+    /// The URL to fetch for a task's image reference, or why it is refused.
+    pub fn resolve(&self, reference: &str) -> Result<reqwest::Url, String> {
+        let url = self.base.join(reference).map_err(|e| format!("`{reference}` is not a URL: {e}"))?;
+        let same = url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default();
+        if same {
+            Ok(url)
+        } else {
+            Err(format!(
+                "refused to fetch {url}: images are fetched only from the Label Studio host {} (--label-studio-url)",
+                self.base.origin().ascii_serialization()
+            ))
+        }
+    }
+
+    /// Fetches one image, within the size limit.
+    async fn fetch(&self, url: reqwest::Url) -> Result<Bytes, String> {
+        let mut req = self.client.get(url.clone());
+        if let Some(token) = &self.token {
+            req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
+        }
+        let mut resp = req.send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("fetching {url} answered {}", resp.status()));
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading {url}: {e}"))? {
+            if buf.len() + chunk.len() > self.max_bytes {
+                return Err(format!("{url} is larger than {} bytes (--max-image-bytes)", self.max_bytes));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+}
+
+/// `POST /predict`, as Label Studio sends it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct PredictRequest {
+    /// The tasks to score.
+    pub tasks: Vec<Task>,
+    /// The project's labelling config (unused).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub label_config: Option<Value>,
+    /// The project id (unused).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub project: Option<Value>,
+}
+
+/// One Label Studio task.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct Task {
+    /// Task id.
+    #[schema(value_type = Object)]
+    pub id: Value,
+    /// Task data; the image URL is `data.image`, else the first string field.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Map<String, Value>,
+}
+
+/// The answer of `/predict`: one prediction per task, in order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PredictResponse {
+    /// Predictions.
+    pub results: Vec<Prediction>,
+}
+
+/// One task's prediction.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Prediction {
+    /// `model@version`.
+    pub model_version: String,
+    /// Lowest = riskiest (see the module docs); null when the task failed.
+    pub score: Option<f64>,
+    /// Regions (none: qscore scores whole images).
+    #[schema(value_type = Vec<Object>)]
+    pub result: Vec<Value>,
+    /// Why the task could not be scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /setup`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SetupResponse {
+    /// `model@version`.
+    pub model_version: String,
+}
+
+/// `GET /health`'s answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BackendHealth {
+    /// `UP`.
+    pub status: String,
+    /// What answers.
+    pub model_class: String,
+}
+
+fn model_version(state: &AppState) -> Result<String, Error> {
+    let m = state.scorer.registry.get(None)?;
+    Ok(format!("{}@{}", m.name(), m.manifest.version))
+}
+
+/// Label Studio ML backend health.
+#[utoipa::path(get, path = "/health", tag = "label-studio", responses((status = 200, body = BackendHealth)))]
+pub async fn health() -> Json<BackendHealth> {
+    Json(BackendHealth { status: "UP".into(), model_class: "qscore".into() })
+}
+
+/// Label Studio ML backend setup: names the model that will score.
+#[utoipa::path(post, path = "/setup", tag = "label-studio", responses((status = 200, body = SetupResponse)))]
+pub async fn setup(State(state): State<AppState>) -> Result<Json<SetupResponse>, Error> {
+    Ok(Json(SetupResponse { model_version: model_version(&state)? }))
+}
+
+/// Label Studio ML backend predictions: one score per task, lowest = riskiest.
+#[utoipa::path(
+    post, path = "/predict", tag = "label-studio", request_body = PredictRequest,
+    responses((status = 200, description = "One prediction per task; a task that failed has its own error", body = PredictResponse),
+              (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody))
+)]
+pub async fn predict(
+    State(state): State<AppState>,
+    Json(req): Json<PredictRequest>,
+) -> Result<Json<PredictResponse>, Error> {
+    if req.tasks.len() > state.limits.max_batch_images {
+        return Err(Error::TooManyImages { limit: state.limits.max_batch_images });
+    }
+    let version = model_version(&state)?;
+    let model = state.scorer.registry.get(None)?.clone();
+    let fetched = futures_util::future::join_all(req.tasks.iter().map(|t| fetch_task(&state, t))).await;
+
+    let mut slots: Vec<Result<usize, String>> = Vec::with_capacity(fetched.len());
+    let mut images = Vec::new();
+    for f in fetched {
+        slots.push(f.map(|bytes| {
+            images.push(bytes);
+            images.len() - 1
+        }));
+    }
+    let scored = state.scorer.score(&model, images, Embedding::Omit).await?;
+    let results = slots
+        .into_iter()
+        .map(|slot| {
+            let answer = slot.and_then(|i| scored[i].as_ref().map_err(ToString::to_string).cloned());
+            match answer {
+                Ok(s) => Prediction {
+                    model_version: version.clone(),
+                    score: Some(match s.p_misclassified {
+                        Some(p) => 1.0 - f64::from(p),
+                        None => f64::from(s.q_score) / (1.0 + f64::from(s.q_score)),
+                    }),
+                    result: Vec::new(),
+                    error: None,
+                },
+                Err(e) => {
+                    Prediction { model_version: version.clone(), score: None, result: Vec::new(), error: Some(e) }
+                }
+            }
+        })
+        .collect();
+    Ok(Json(PredictResponse { results }))
+}
+
+async fn fetch_task(state: &AppState, task: &Task) -> Result<Bytes, String> {
+    let reference = task
+        .data
+        .get("image")
+        .and_then(Value::as_str)
+        .or_else(|| task.data.values().find_map(Value::as_str))
+        .ok_or_else(|| format!("task {}: no image URL in its data", task.id))?;
+    let ls = state.label_studio.as_ref().ok_or_else(|| {
+        "no Label Studio host is configured (--label-studio-url), so no image URL is fetched".to_owned()
+    })?;
+    let url = ls.resolve(reference)?;
+    ls.fetch(url).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_label_studio_host_is_fetched() {
+        let ls = LabelStudio::new("http://ls.local:8080", None, Duration::from_secs(1), 1 << 20).unwrap();
+        assert_eq!(ls.resolve("/data/upload/1/a.png").unwrap().as_str(), "http://ls.local:8080/data/upload/1/a.png");
+        assert!(ls.resolve("http://ls.local:8080/data/x.png").is_ok());
+        for other in [
+            "http://ls.local:9090/x.png",
+            "https://ls.local:8080/x.png",
+            "http://evil.example/x.png",
+            "file:///etc/passwd",
+        ] {
+            assert!(ls.resolve(other).unwrap_err().contains("refused"), "{other}");
+        }
+        assert!(LabelStudio::new("ftp://x", None, Duration::from_secs(1), 1).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The Label Studio ML backend against a local stand-in of Label Studio's file host: a
+//! `/predict` request in Label Studio's format (tests/fixtures/labelstudio/predict.json) is
+//! answered with scores that put the riskiest image first when sorted ascending, as the Data
+//! Manager sorts; URLs on any other host are refused per task, and never fetched.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    sync::{Arc, Mutex},
+};
+
+use common::{Server, fixture};
+use serde_json::Value;
+
+/// Serves `/data/upload/7/<class>-<file>` from the fmnist fixtures, to requests carrying
+/// `Authorization: Token ls-secret`; records every path asked for.
+fn file_host() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            let mut authorized = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+                authorized |= line.to_ascii_lowercase().starts_with("authorization: token ls-secret");
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+            log.lock().unwrap().push(path.clone());
+            let file = path.strip_prefix("/data/upload/7/").and_then(|f| f.split_once('-'));
+            let body = match (authorized, file) {
+                (true, Some((class, name))) => std::fs::read(fixture(&format!("fmnist/{class}/{name}"))).ok(),
+                _ => None,
+            };
+            let _ = match body {
+                Some(b) => write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    b.len()
+                )
+                .and_then(|()| stream.write_all(&b)),
+                None => write!(stream, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+            };
+        }
+    });
+    (base, seen)
+}
+
+#[test]
+fn predict_sorts_the_riskiest_first_and_fetches_only_from_label_studio() {
+    let (base, seen) = file_host();
+    let s =
+        Server::start(&["--model", "fmnist-simclr", "--label-studio-url", &base, "--label-studio-token", "ls-secret"]);
+    let health: Value = s.get("/health").json().unwrap();
+    assert_eq!(health["status"], "UP");
+    let setup: Value = s
+        .client()
+        .post(format!("{}/setup", s.url))
+        .json(&serde_json::json!({"project": "7"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(setup["model_version"], "fmnist-simclr@1.0.0");
+
+    let request = std::fs::read_to_string(fixture("labelstudio/predict.json")).unwrap();
+    let r = s
+        .client()
+        .post(format!("{}/predict", s.url))
+        .header("content-type", "application/json")
+        .body(request)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r: Value = r.json().unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5, "one prediction per task, in order");
+    let score = |i: usize| results[i]["score"].as_f64().unwrap_or_else(|| panic!("task {i}: {}", results[i]));
+    let (trouser, shirt, bag) = (score(0), score(1), score(2));
+    // The shirt the probe takes for a coat is the riskiest: lowest score, first in ascending order.
+    assert!(shirt < trouser && shirt < bag, "shirt {shirt}, trouser {trouser}, bag {bag}");
+    let v1: Value = s
+        .post_raw("/v1/score", "image/png", std::fs::read(fixture("fmnist/shirt/t10k-00026.png")).unwrap())
+        .json()
+        .unwrap();
+    assert!((shirt - (1.0 - v1["p_misclassified"].as_f64().unwrap())).abs() < 1e-6, "score = 1 - p_misclassified");
+    for i in [3, 4] {
+        assert!(results[i]["score"].is_null());
+        assert!(results[i]["error"].as_str().unwrap().contains("refused"), "{}", results[i]);
+    }
+    let fetched = seen.lock().unwrap().clone();
+    assert_eq!(fetched.len(), 3, "only the three Label Studio images were fetched: {fetched:?}");
+
+    // Without the token, Label Studio's host refuses, and the task says so.
+    let s2 = Server::start(&["--model", "fmnist-simclr", "--label-studio-url", &base]);
+    let one = serde_json::json!({"tasks": [{"id": 1, "data": {"image": "/data/upload/7/bag-t10k-00030.png"}}]});
+    let r: Value = s2.client().post(format!("{}/predict", s2.url)).json(&one).send().unwrap().json().unwrap();
+    assert!(r["results"][0]["error"].as_str().unwrap().contains("401"), "{r}");
+}
