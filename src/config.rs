@@ -135,9 +135,35 @@ pub struct ScoreArgs {
     /// Models, runtime and image limits.
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Image files to score.
+    /// Image files, or folders to walk (recursively, image extensions only, sorted).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// `risk`: riskiest first (highest p_misclassified for a calibrated model, lowest Q-Score
+    /// otherwise; files that failed last), ready to import into a labelling queue. `none`: input
+    /// order, streamed.
+    #[arg(long, value_enum, default_value_t = SortOrder::None)]
+    pub sort: SortOrder,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Jsonl)]
+    pub format: OutputFormat,
+}
+
+/// Order of `qscore score`'s lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortOrder {
+    /// As given.
+    None,
+    /// Riskiest first.
+    Risk,
+}
+
+/// Format of `qscore score`'s lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// One JSON object per line: the /v1/score answer with `file` and `risk`.
+    Jsonl,
+    /// file, risk, q_score, p_misclassified, likely_misclassified, predicted_class, class_probability, error.
+    Csv,
 }
 
 /// Settings of `qscore calibrate`.

@@ -1,13 +1,13 @@
 //! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate` and `openapi`.
 
-use std::{io::Write, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use bytes::Bytes;
 use clap::Parser;
 use qscore::{
-    config::{Cli, Command, LogFormat, ScoreArgs},
+    config::{Cli, Command, LogFormat, OutputFormat, ScoreArgs, SortOrder},
     http::error::ErrorDetail,
-    scoring::ImageScore,
+    scoring::{Embedding, ImageScore},
     server,
 };
 
@@ -62,18 +62,124 @@ fn print_openapi() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line of `qscore score`: the file, then the /v1/score answer or the error.
+/// One line of `qscore score`: the file, its risk, then the /v1/score answer or the error.
 #[derive(serde::Serialize)]
-struct FileLine<'a> {
-    file: &'a std::path::Path,
+struct FileLine {
+    file: PathBuf,
+    /// p_misclassified for a calibrated model, -Q otherwise: higher is riskier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    risk: Option<f64>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     score: Option<ImageScore>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorDetail>,
 }
 
-/// Scores files through the same pipeline as the server; one JSON line per file, in order.
-/// Exits 1 when any file failed, after printing every line.
+impl FileLine {
+    fn new(file: PathBuf, answer: Result<ImageScore, ErrorDetail>) -> Self {
+        match answer {
+            Ok(s) => {
+                let risk = s.p_misclassified.map_or(-f64::from(s.q_score), f64::from);
+                Self { file, risk: Some(risk), score: Some(s), error: None }
+            }
+            Err(e) => Self { file, risk: None, score: None, error: Some(e) },
+        }
+    }
+}
+
+/// Writes lines as JSON or CSV.
+enum Writer {
+    Jsonl(std::io::StdoutLock<'static>),
+    Csv(Box<csv::Writer<std::io::StdoutLock<'static>>>),
+}
+
+impl Writer {
+    fn new(format: OutputFormat) -> anyhow::Result<Self> {
+        let out = std::io::stdout().lock();
+        Ok(match format {
+            OutputFormat::Jsonl => Self::Jsonl(out),
+            OutputFormat::Csv => {
+                let mut w = csv::Writer::from_writer(out);
+                w.write_record([
+                    "file",
+                    "risk",
+                    "q_score",
+                    "p_misclassified",
+                    "likely_misclassified",
+                    "predicted_class",
+                    "class_probability",
+                    "error",
+                ])?;
+                Self::Csv(Box::new(w))
+            }
+        })
+    }
+
+    fn write(&mut self, line: &FileLine) -> anyhow::Result<()> {
+        match self {
+            Self::Jsonl(out) => writeln!(out, "{}", serde_json::to_string(line)?)?,
+            Self::Csv(w) => {
+                let opt = |v: Option<String>| v.unwrap_or_default();
+                let s = line.score.as_ref();
+                w.write_record([
+                    line.file.display().to_string(),
+                    opt(line.risk.map(|r| r.to_string())),
+                    opt(s.map(|s| s.q_score.to_string())),
+                    opt(s.and_then(|s| s.p_misclassified).map(|p| p.to_string())),
+                    opt(s.and_then(|s| s.likely_misclassified).map(|f| f.to_string())),
+                    opt(s.and_then(|s| s.predicted_class.clone())),
+                    opt(s.and_then(|s| s.class_probability).map(|p| p.to_string())),
+                    opt(line.error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Self::Jsonl(mut out) => out.flush()?,
+            Self::Csv(mut w) => w.flush()?,
+        }
+        Ok(())
+    }
+}
+
+/// Image files under `paths`: files as given, folders walked recursively (sorted).
+fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "pbm"];
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            let mut stack = vec![p.clone()];
+            while let Some(dir) = stack.pop() {
+                for entry in
+                    std::fs::read_dir(&dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?
+                {
+                    let path = entry?.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if path
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                    {
+                        found.push(path);
+                    }
+                }
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Scores files through the same pipeline as the server. Exits 1 when any file failed, after
+/// writing every line.
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let engine = args.engine.clone();
     let scorer = tokio::task::spawn_blocking(move || {
@@ -81,12 +187,14 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     })
     .await??;
     let model = scorer.registry.get(args.engine.model.as_deref())?.clone();
-    let mut stdout = std::io::stdout().lock();
+    let files = expand(&args.files)?;
+    let mut writer = Writer::new(args.format)?;
+    let mut held = Vec::new();
     let mut failed = false;
-    for chunk in args.files.chunks(256) {
+    for chunk in files.chunks(256) {
         let mut readable = Vec::with_capacity(chunk.len());
         let reads: Vec<_> = chunk.iter().map(|f| std::fs::read(f).map(|b| readable.push(Bytes::from(b)))).collect();
-        let mut scored = scorer.score(&model, readable, qscore::scoring::Embedding::Omit).await?.into_iter();
+        let mut scored = scorer.score(&model, readable, Embedding::Omit).await?.into_iter();
         for (file, read) in chunk.iter().zip(reads) {
             let answer = match read {
                 Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),
@@ -96,12 +204,23 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
                     .map_err(|e| ErrorDetail::from(&e)),
             };
             failed |= answer.is_err();
-            let (score, error) = match answer {
-                Ok(score) => (Some(score), None),
-                Err(error) => (None, Some(error)),
-            };
-            writeln!(stdout, "{}", serde_json::to_string(&FileLine { file, score, error })?)?;
+            let line = FileLine::new(file.clone(), answer);
+            match args.sort {
+                SortOrder::None => writer.write(&line)?,
+                SortOrder::Risk => held.push(line),
+            }
         }
     }
+    // Riskiest first; files that could not be scored last, in input order.
+    held.sort_by(|a, b| match (a.risk, b.risk) {
+        (Some(x), Some(y)) => y.total_cmp(&x),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+    for line in &held {
+        writer.write(line)?;
+    }
+    writer.finish()?;
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

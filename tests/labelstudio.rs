@@ -107,3 +107,36 @@ fn predict_sorts_the_riskiest_first_and_fetches_only_from_label_studio() {
     let r: Value = s2.client().post(format!("{}/predict", s2.url)).json(&one).send().unwrap().json().unwrap();
     assert!(r["results"][0]["error"].as_str().unwrap().contains("401"), "{r}");
 }
+
+/// Offline: `qscore score --sort risk` walks a folder and writes the riskiest images first, as
+/// CSV or JSON lines, ready to import into any queue; a file that cannot be scored comes last
+/// with its error, and the exit status says something failed.
+#[test]
+fn score_sorts_a_folder_riskiest_first_for_queues() {
+    let run = |format: &str| {
+        common::qscore_bin()
+            .args(["score", "--model", "fmnist-simclr", "--sort", "risk", "--format", format])
+            .arg(fixture("fmnist"))
+            .arg(fixture("bad/truncated.jpg"))
+            .output()
+            .unwrap()
+    };
+    let out = run("csv");
+    assert_eq!(out.status.code(), Some(1), "the truncated file fails: {}", String::from_utf8_lossy(&out.stderr));
+    let mut reader = csv::Reader::from_reader(out.stdout.as_slice());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    assert_eq!(header[..3], ["file", "risk", "q_score"]);
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 201);
+    let risks: Vec<f64> = rows[..200].iter().map(|r| r[1].parse().unwrap()).collect();
+    assert!(risks.windows(2).all(|w| w[0] >= w[1]), "not riskiest first");
+    assert_eq!(&rows[0][4], "true", "the riskiest image is flagged");
+    assert!(rows[200][0].ends_with("truncated.jpg") && rows[200][7].starts_with("undecodable_image"));
+
+    let out = run("jsonl");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 201);
+    assert!((lines[0]["risk"].as_f64().unwrap() - risks[0]).abs() < 1e-9);
+    let p = lines[0]["p_misclassified"].as_f64().unwrap();
+    assert!((lines[0]["risk"].as_f64().unwrap() - p).abs() < 1e-6, "risk = p_misclassified for a calibrated model");
+}
