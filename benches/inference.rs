@@ -119,6 +119,7 @@ fn benches(c: &mut Criterion) {
         },
         api_keys: None,
         label_studio: None,
+        webhook: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

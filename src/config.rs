@@ -115,6 +115,13 @@ pub struct ServeArgs {
     /// Timeout of one task image fetch, in milliseconds.
     #[arg(long, env = "QSCORE_LABEL_STUDIO_TIMEOUT_MS", default_value_t = 10_000)]
     pub label_studio_timeout_ms: u64,
+    /// POST every flagged answer (model, id, scores; never the image) to this URL, in the
+    /// background: at most 3 tries each, and a slow endpoint never slows scoring.
+    #[arg(long, env = "QSCORE_FLAGGED_WEBHOOK")]
+    pub flagged_webhook: Option<String>,
+    /// Timeout of one webhook delivery try, in milliseconds.
+    #[arg(long, env = "QSCORE_FLAGGED_WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
+    pub flagged_webhook_timeout_ms: u64,
     /// Seconds to finish requests in flight after SIGTERM or SIGINT before exiting anyway.
     #[arg(long, env = "QSCORE_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,

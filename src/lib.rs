@@ -26,6 +26,7 @@
 //! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.
 //! - [`metrics`]: the Prometheus families.
 //! - [`drift`]: rolling windows of recent answers against the calibration reference.
+//! - [`webhook`]: flagged answers pushed to one configured endpoint, off the request path.
 
 pub mod batch;
 pub mod calibrate;
@@ -44,3 +45,4 @@ pub mod ranking;
 pub mod risk;
 pub mod scoring;
 pub mod server;
+pub mod webhook;

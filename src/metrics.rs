@@ -51,6 +51,8 @@ pub struct Metrics {
     pub expected_flagged_ratio: GaugeVec,
     /// Answers in the drift window.
     pub drift_window_images: GaugeVec,
+    /// Flagged-webhook events by outcome (sent, failed, dropped).
+    pub webhook_events: IntCounterVec,
 }
 
 /// Why an image never reached inference (`reason` label of `qscore_rejected_images_total`).
@@ -190,6 +192,14 @@ impl Metrics {
         let expected_flagged_ratio =
             gauge("qscore_expected_flagged_ratio", "Share flagged on the calibration reference (held-out images).");
         let drift_window_images = gauge("qscore_drift_window_images", "Answers in the drift window.");
+        let webhook_events = IntCounterVec::new(
+            Opts::new(
+                "qscore_webhook_events_total",
+                "Flagged answers for --flagged-webhook, by outcome (sent, failed after retries, dropped when the queue was full).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -210,6 +220,7 @@ impl Metrics {
             Box::new(flagged_ratio.clone()),
             Box::new(expected_flagged_ratio.clone()),
             Box::new(drift_window_images.clone()),
+            Box::new(webhook_events.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -234,6 +245,7 @@ impl Metrics {
             flagged_ratio,
             expected_flagged_ratio,
             drift_window_images,
+            webhook_events,
         }
     }
 

@@ -84,8 +84,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(keys) = &api_keys {
         keys.watch();
     }
+    let webhook = args
+        .flagged_webhook
+        .as_deref()
+        .map(|url| {
+            let url =
+                reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("--flagged-webhook {url} is not a URL: {e}"))?;
+            let timeout = Duration::from_millis(args.flagged_webhook_timeout_ms);
+            crate::webhook::Webhook::start(url, timeout, scorer.metrics.clone())
+        })
+        .transpose()?;
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        webhook,
         scorer: Arc::new(scorer),
         limits: RequestLimits {
             max_body_bytes: args.max_body_bytes,

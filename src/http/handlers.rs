@@ -73,6 +73,9 @@ async fn score_uploads(
                 Some(e) => Err(e),
                 None => scored.next().unwrap_or_else(|| Err(Error::Internal("an image was left unanswered".into()))),
             };
+            if let (Some(hook), Ok(s)) = (&state.webhook, &answer) {
+                hook.notify(&id, s);
+            }
             (id, answer)
         })
         .collect())

@@ -192,8 +192,12 @@ pub async fn predict(
     let scored = state.scorer.score(&model, images, Embedding::Omit).await?;
     let results = slots
         .into_iter()
-        .map(|slot| {
+        .zip(&req.tasks)
+        .map(|(slot, task)| {
             let answer = slot.and_then(|i| scored[i].as_ref().map_err(ToString::to_string).cloned());
+            if let (Some(hook), Ok(s)) = (&state.webhook, &answer) {
+                hook.notify(&task.id.to_string(), s);
+            }
             match answer {
                 Ok(s) => Prediction {
                     model_version: version.clone(),

@@ -54,6 +54,8 @@ pub struct AppState {
     pub api_keys: Option<Arc<auth::ApiKeys>>,
     /// The one host Label Studio task images may be fetched from.
     pub label_studio: Option<Arc<labelstudio::LabelStudio>>,
+    /// Where flagged answers are pushed.
+    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 /// The OpenAPI document of this API.

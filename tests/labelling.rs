@@ -1,7 +1,8 @@
-//! The Label Studio ML backend against a local stand-in of Label Studio's file host: a
-//! `/predict` request in Label Studio's format (tests/fixtures/labelstudio/predict.json) is
-//! answered with scores that put the riskiest image first when sorted ascending, as the Data
-//! Manager sorts; URLs on any other host are refused per task, and never fetched.
+//! Feeding labelling queues. The Label Studio ML backend against a local stand-in of Label
+//! Studio's file host: a `/predict` request in Label Studio's format
+//! (tests/fixtures/labelstudio/predict.json) is answered with scores that put the riskiest image
+//! first when sorted ascending, as the Data Manager sorts; URLs on any other host are refused per
+//! task, and never fetched. Offline, `qscore score --sort risk`; online, `--flagged-webhook`.
 
 mod common;
 
@@ -134,9 +135,133 @@ fn score_sorts_a_folder_riskiest_first_for_queues() {
     assert!(rows[200][0].ends_with("truncated.jpg") && rows[200][7].starts_with("undecodable_image"));
 
     let out = run("jsonl");
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 201);
     assert!((lines[0]["risk"].as_f64().unwrap() - risks[0]).abs() < 1e-9);
     let p = lines[0]["p_misclassified"].as_f64().unwrap();
     assert!((lines[0]["risk"].as_f64().unwrap() - p).abs() < 1e-6, "risk = p_misclassified for a calibrated model");
+}
+
+/// A loopback endpoint that records each POST body and answers `status` after `delay`.
+fn receiver(status: u16, delay: std::time::Duration) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/flagged", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&bodies);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                log.lock().unwrap().push(String::from_utf8_lossy(&body).to_string());
+                std::thread::sleep(delay);
+                let _ = write!(stream, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            });
+        }
+    });
+    (url, bodies)
+}
+
+fn fmnist_batch(s: &Server) -> Value {
+    let mut form = reqwest::blocking::multipart::Form::new();
+    for class in ["shirt", "coat", "pullover", "trouser"] {
+        let mut files: Vec<_> =
+            std::fs::read_dir(fixture(&format!("fmnist/{class}"))).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        for f in files {
+            let name = format!("{class}/{}", f.file_name().unwrap().to_str().unwrap());
+            form = form
+                .part("image", reqwest::blocking::multipart::Part::bytes(std::fs::read(&f).unwrap()).file_name(name));
+        }
+    }
+    s.client()
+        .post(format!("{}/v1/score/batch?model=fmnist-simclr", s.url))
+        .multipart(form)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// `--flagged-webhook`: every flagged answer is POSTed with its id and scores, never the image.
+#[test]
+fn flagged_answers_are_pushed_to_the_webhook() {
+    let (url, bodies) = receiver(200, std::time::Duration::ZERO);
+    let s = Server::start(&["--flagged-webhook", &url]);
+    let b = fmnist_batch(&s);
+    let flagged: Vec<&str> = b["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["likely_misclassified"] == true)
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(!flagged.is_empty());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while bodies.lock().unwrap().len() < flagged.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} events arrived",
+            bodies.lock().unwrap().len(),
+            flagged.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let events: Vec<Value> = bodies.lock().unwrap().iter().map(|b| serde_json::from_str(b).unwrap()).collect();
+    let mut ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    let mut want = flagged.clone();
+    want.sort_unstable();
+    assert_eq!(ids, want, "exactly the flagged images, by id");
+    for e in &events {
+        assert_eq!(e["model"], "fmnist-simclr");
+        assert!(e["p_misclassified"].as_f64().is_some() && e["risk_source"] == "max_softmax");
+        assert!(e.as_object().unwrap().len() <= 8 && e.to_string().len() < 400, "never the image: {e}");
+    }
+}
+
+/// A slow, failing endpoint never slows scoring: each event gets at most 3 tries, then counts
+/// as failed.
+#[test]
+fn a_failing_webhook_never_slows_scoring() {
+    let (url, bodies) = receiver(500, std::time::Duration::from_secs(2));
+    let s = Server::start(&["--flagged-webhook", &url, "--flagged-webhook-timeout-ms", "500"]);
+    let start = std::time::Instant::now();
+    let b = fmnist_batch(&s);
+    assert!(b["summary"]["flagged"].as_u64().unwrap() > 0);
+    for _ in 0..5 {
+        let _ = fmnist_batch(&s);
+    }
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(15),
+        "scoring waited for the webhook: {:?}",
+        start.elapsed()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let metrics = s.get("/metrics").text().unwrap();
+        if metrics.contains("qscore_webhook_events_total{outcome=\"failed\"}") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no event was given up on:\n{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let first_id = serde_json::from_str::<Value>(&bodies.lock().unwrap()[0]).unwrap()["id"].clone();
+    let tries =
+        bodies.lock().unwrap().iter().filter(|b| serde_json::from_str::<Value>(b).unwrap()["id"] == first_id).count();
+    assert_eq!(tries, 3, "bounded retries");
 }
