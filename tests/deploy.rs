@@ -57,7 +57,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
 }
 
 #[test]
-fn compose_and_prometheus_configs_validate() {
+fn compose_dashboard_and_prometheus_configs_validate() {
     let (ok, report) =
         run(&tool("check-jsonschema"), &["--builtin-schema", "vendor.compose-spec", "deploy/compose.yaml"]);
     assert!(ok, "{report}");
@@ -69,6 +69,12 @@ fn compose_and_prometheus_configs_validate() {
             .unwrap();
         assert!(out.status.success(), "{config}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    // The dashboard against the schema of what provisioning loads and the panels use.
+    let (ok, report) = run(
+        &tool("check-jsonschema"),
+        &["--schemafile", "deploy/grafana/dashboard.schema.json", "deploy/grafana/qscore.json"],
+    );
+    assert!(ok, "{report}");
     let compose = std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap();
     for mounted in
         ["./prometheus/compose.yml", "./prometheus/alerts.yml", "./grafana/provisioning", "./grafana/qscore.json"]
