@@ -31,6 +31,17 @@ pub struct ImageLimits {
 const SUPPORTED: [ImageFormat; 6] =
     [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff];
 
+/// File extensions the offline tools (`score` on a folder, `calibrate`) treat as images. The
+/// bytes still decide the format; a file named wrongly gets its own error, not a skip.
+const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "pbm"];
+
+/// Whether `path` has an image file extension (case-insensitive).
+pub fn has_image_extension(path: &std::path::Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// Decodes one encoded image, applying its EXIF orientation, after checking `limits` on the
 /// header alone.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error> {

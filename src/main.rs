@@ -147,7 +147,6 @@ impl Writer {
 
 /// Image files under `paths`: files as given, folders walked recursively (sorted).
 fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "pbm"];
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -160,11 +159,7 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                     let path = entry?.path();
                     if path.is_dir() {
                         stack.push(path);
-                    } else if path
-                        .extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-                    {
+                    } else if qscore::image::has_image_extension(&path) {
                         found.push(path);
                     }
                 }

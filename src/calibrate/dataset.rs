@@ -64,8 +64,6 @@ pub struct Split {
     pub seed: u64,
 }
 
-const IMAGE_EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "pbm"];
-
 /// One ImageFolder root, read.
 struct Folder {
     /// Class names, sorted.
@@ -103,8 +101,7 @@ fn image_folder(root: &Path) -> anyhow::Result<Folder> {
             if !path.is_file() {
                 continue;
             }
-            let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-            if ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+            if crate::image::has_image_extension(&path) {
                 let size = path.metadata()?.len();
                 images.push((path, size));
             } else {
