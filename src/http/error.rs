@@ -31,15 +31,18 @@ impl From<&Error> for ErrorDetail {
     }
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
+impl Error {
+    /// This error's response with `body`: its status, the headers it calls for (Retry-After,
+    /// WWW-Authenticate), and a log line when it is the server's fault. Every error shape the
+    /// API answers (ours, the KServe v2 protocol's) goes through here.
+    pub(crate) fn respond(&self, body: impl IntoResponse) -> Response {
         if !self.is_client_error() {
             tracing::error!(code = self.code(), "{self}");
         }
-        let mut response = (self.status(), Json(ErrorBody { error: ErrorDetail::from(&self) })).into_response();
+        let mut response = (self.status(), body).into_response();
         match self {
             Error::Overloaded { retry_after_s } => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             Error::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -47,5 +50,11 @@ impl IntoResponse for Error {
             _ => {}
         }
         response
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        self.respond(Json(ErrorBody { error: ErrorDetail::from(&self) }))
     }
 }

@@ -231,7 +231,7 @@ pub async fn live() -> Json<Health> {
     responses((status = 200, body = Health), (status = 503, description = "Starting or draining", body = ErrorBody))
 )]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error> {
-    if state.ready.load(std::sync::atomic::Ordering::Acquire) {
+    if state.is_ready() {
         Ok(Json(Health { status: "ready".into() }))
     } else {
         Err(Error::Unavailable("not ready: starting up or shutting down".into()))

@@ -41,11 +41,7 @@ impl From<Error> for V2Failure {
 
 impl IntoResponse for V2Failure {
     fn into_response(self) -> Response {
-        let mut r = (self.0.status(), Json(V2Error { error: self.0.to_string() })).into_response();
-        if let Error::Overloaded { retry_after_s } = self.0 {
-            r.headers_mut().insert(axum::http::header::RETRY_AFTER, retry_after_s.into());
-        }
-        r
+        self.0.respond(Json(V2Error { error: self.0.to_string() }))
     }
 }
 
@@ -181,7 +177,7 @@ pub async fn live() -> Json<Readiness> {
 /// Readiness: every model loaded and warmed up, not draining.
 #[utoipa::path(get, path = "/v2/health/ready", tag = "kserve-v2", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let ready = state.ready.load(std::sync::atomic::Ordering::Acquire);
+    let ready = state.is_ready();
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Readiness { ready }))
 }
 
@@ -225,7 +221,7 @@ pub async fn model_ready(
     Path(name): Path<String>,
 ) -> Result<Json<Readiness>, V2Failure> {
     state.scorer.registry.get(Some(&name))?;
-    Ok(Json(Readiness { ready: state.ready.load(std::sync::atomic::Ordering::Acquire) }))
+    Ok(Json(Readiness { ready: state.is_ready() }))
 }
 
 /// Score a BYTES tensor of encoded images.

@@ -58,6 +58,13 @@ pub struct AppState {
     pub webhook: Option<crate::webhook::Webhook>,
 }
 
+impl AppState {
+    /// Every model is warmed up and the server is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The OpenAPI document of this API.
 #[derive(OpenApi)]
 #[openapi(
