@@ -167,12 +167,17 @@ impl Probe {
 
     /// The probe's prediction for one representation.
     pub fn predict(&self, h: ArrayView1<f32>) -> Prediction {
-        let z = self.standardise(h);
+        self.predict_standardised(&self.standardise(h))
+    }
+
+    /// The prediction for a representation already standardised (for callers that also need z,
+    /// like the nearest-neighbour estimator).
+    pub fn predict_standardised(&self, z: &[f32]) -> Prediction {
         let logits: Vec<f64> = self
             .weights
             .iter()
             .zip(&self.bias)
-            .map(|(w, &b)| f64::from(b) + w.iter().zip(&z).map(|(&w, &z)| f64::from(w) * f64::from(z)).sum::<f64>())
+            .map(|(w, &b)| f64::from(b) + w.iter().zip(z).map(|(&w, &z)| f64::from(w) * f64::from(z)).sum::<f64>())
             .collect();
         let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let exp: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();

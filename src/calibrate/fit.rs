@@ -114,10 +114,11 @@ pub fn calibrate(
             .map(|&i| {
                 let h = data.h.row(i);
                 let score = qscore::score(h, settings.epsilon, &mask).with_context(|| format!("image {i}"))?;
-                let prediction = probe.predict(h);
+                let z = probe.standardise(h);
+                let prediction = probe.predict_standardised(&z);
                 let mut risk = [0.0; 7];
                 for (slot, source) in risk.iter_mut().zip(RiskSource::ALL) {
-                    let knn = || neighbours.disagreement(&probe.standardise(h), prediction.class);
+                    let knn = || neighbours.disagreement(&z, prediction.class);
                     *slot = f64::from(source.risk(&score, &prediction, knn));
                 }
                 Ok(Measured { wrong: prediction.class != data.labels[i], score, risk })

@@ -296,10 +296,9 @@ impl Calibration {
 
     /// The probe's prediction and the calibrated risk of one representation and its score.
     pub fn assess(&self, h: ArrayView1<f32>, score: &Score) -> Assessment {
-        let prediction = self.probe.predict(h);
-        let risk = self
-            .risk_source
-            .risk(score, &prediction, || self.neighbours.disagreement(&self.probe.standardise(h), prediction.class));
+        let z = self.probe.standardise(h);
+        let prediction = self.probe.predict_standardised(&z);
+        let risk = self.risk_source.risk(score, &prediction, || self.neighbours.disagreement(&z, prediction.class));
         let p = self.isotonic.apply(risk);
         Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold }
     }
