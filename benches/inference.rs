@@ -42,6 +42,7 @@ fn engine() -> EngineArgs {
         max_batch_delay_ms: 2,
         max_image_pixels: 40_000_000,
         max_image_bytes: 16 << 20,
+        max_image_aspect_ratio: 20,
     }
 }
 
@@ -68,7 +69,7 @@ fn benches(c: &mut Criterion) {
     );
     let model = scorer.registry.get(None).unwrap().clone();
     let photos = jpegs(32);
-    let limits = ImageLimits { max_bytes: 16 << 20, max_pixels: 40_000_000 };
+    let limits = ImageLimits::DEFAULT;
     let tensors: Vec<_> =
         photos.iter().map(|b| qscore::image::prepare(b, &limits, &model.preprocess).unwrap()).collect();
 

@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
         manifest.output.dim,
         opts,
     )?;
-    let limits = ImageLimits { max_bytes: 16 << 20, max_pixels: 40_000_000 };
+    let limits = ImageLimits::DEFAULT;
     let tensor = qscore::image::prepare(&photo, &limits, &pre)?;
 
     let mut out = serde_json::Map::new();

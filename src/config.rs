@@ -70,6 +70,11 @@ pub struct EngineArgs {
     /// Largest encoded image accepted, in bytes.
     #[arg(long, env = "QSCORE_MAX_IMAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_image_bytes: usize,
+    /// Largest ratio of an image's longer side to its shorter side, checked before decoding.
+    /// The shorter side is resized to the model's input, so this bounds the resize buffer.
+    #[arg(long, env = "QSCORE_MAX_IMAGE_ASPECT_RATIO", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_image_aspect_ratio: u32,
 }
 
 /// Settings of `qscore serve`.
@@ -87,13 +92,28 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "QSCORE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Most images in one batch request.
-    #[arg(long, env = "QSCORE_MAX_BATCH_IMAGES", default_value_t = 256)]
+    /// Most images in one batch request (at most 4096).
+    #[arg(long, env = "QSCORE_MAX_BATCH_IMAGES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub max_batch_images: usize,
     /// Most images inside the server at once (decoding, queued or running), across models;
     /// a request that would pass it is answered 429 with Retry-After at once.
     #[arg(long, env = "QSCORE_MAX_QUEUED_IMAGES", default_value_t = 512)]
     pub max_queued_images: usize,
+    /// Bytes the server may hold for requests at once: half for request bodies, fetched task
+    /// images and answers being built (past it: 429 at once), half for decoding images and the
+    /// tensors waiting for inference (past it: decodes wait). Models and ONNX Runtime's own
+    /// memory come on top; the default fits the shipped 2 GiB Kubernetes limit.
+    #[arg(long, env = "QSCORE_MEMORY_BUDGET_BYTES", default_value_t = 1 << 30)]
+    pub memory_budget_bytes: u64,
+    /// Longest a client may take to send a request's headers, in milliseconds; also how long an
+    /// idle keep-alive connection stays open waiting for its next request.
+    #[arg(long, env = "QSCORE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Most client connections open at once; past it new connections wait in the kernel's
+    /// backlog [default: the open-file limit minus 64, at most 4096].
+    #[arg(long, env = "QSCORE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Deadline of a request in milliseconds: past it the answer is 503 and its queued work is
     /// dropped. Also bounds how long a client may take to send its body.
     #[arg(long, env = "QSCORE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]

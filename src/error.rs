@@ -44,6 +44,44 @@ pub enum Error {
         /// The configured limit.
         limit: u64,
     },
+    /// The image is a strip: its longer side is too many times its shorter one.
+    #[error(
+        "the image is {width}x{height}: its longer side is more than {limit} times its shorter side (--max-image-aspect-ratio); crop it or split it"
+    )]
+    AspectRatioTooLarge {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The configured ratio.
+        limit: u32,
+    },
+    /// Decoding the image would need more memory than the whole decode budget.
+    #[error(
+        "decoding the image needs {needed} bytes; the decode share of --memory-budget-bytes is {limit}; send a smaller image or raise the budget"
+    )]
+    ImageNeedsTooMuchMemory {
+        /// Bytes the decode would hold.
+        needed: u64,
+        /// The decode share of the budget.
+        limit: u64,
+    },
+    /// The server holds as many request bytes as its memory budget allows.
+    #[error("the server's memory budget (--memory-budget-bytes) is taken by other requests; retry after {retry_after_s} s")]
+    MemoryBudgetExhausted {
+        /// Seconds the client should wait.
+        retry_after_s: u64,
+    },
+    /// A client-chosen identifier is longer than allowed.
+    #[error("{what} is {len} bytes; identifiers are limited to {limit} bytes")]
+    IdTooLong {
+        /// Which identifier.
+        what: String,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// One image is larger than the per-image byte limit.
     #[error("the image is {size} bytes; the limit is {limit} (--max-image-bytes)")]
     ImageTooLarge {
@@ -125,6 +163,10 @@ impl Error {
             Self::UndecodableImage(_) => "undecodable_image",
             Self::TooManyPixels { .. } => "too_many_pixels",
             Self::ImageTooLarge { .. } => "image_too_large",
+            Self::AspectRatioTooLarge { .. } => "aspect_ratio_too_large",
+            Self::ImageNeedsTooMuchMemory { .. } => "image_needs_too_much_memory",
+            Self::MemoryBudgetExhausted { .. } => "memory_budget_exhausted",
+            Self::IdTooLong { .. } => "id_too_long",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::TooManyImages { .. } => "too_many_images",
             Self::UnknownModel { .. } => "unknown_model",
@@ -148,18 +190,21 @@ impl Error {
             | Self::EmptyImage
             | Self::MissingImage
             | Self::UnexpectedField(_)
+            | Self::IdTooLong { .. }
             | Self::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) | Self::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyPixels { .. }
             | Self::ImageTooLarge { .. }
+            | Self::AspectRatioTooLarge { .. }
+            | Self::ImageNeedsTooMuchMemory { .. }
             | Self::BodyTooLarge { .. }
             | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownModel { .. } | Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::MemoryBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::InvalidEmbedding(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

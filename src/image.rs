@@ -18,14 +18,34 @@ use ndarray::{Array3, ArrayViewMut3};
 
 use crate::{error::Error, model::manifest::Preprocess};
 
-/// Limits applied to every image before it is decoded.
+/// Limits applied to every image before any of its pixels is decoded.
+///
+/// Together they bound every buffer [`prepare`] allocates: the decoded image (pixels x bytes
+/// per pixel), its colour-converted copy, the resize intermediate (at most
+/// `resize_shorter^2 x max_aspect_ratio` pixels) and the output tensor. [`Header::peak_bytes`]
+/// states the sum for one image, and callers reserve it before decoding.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageLimits {
     /// Largest encoded size, in bytes.
     pub max_bytes: usize,
     /// Largest declared width x height.
     pub max_pixels: u64,
+    /// Largest ratio of the longer side to the shorter one. The shorter side is resized to the
+    /// model's `resize_shorter`, so the intermediate image grows with this ratio, not with the
+    /// pixel count: a 1 x 20,000,000 strip would otherwise need a 256 x 5,120,000,000 buffer.
+    pub max_aspect_ratio: u32,
 }
+
+impl ImageLimits {
+    /// The server's defaults (`--max-image-bytes`, `--max-image-pixels`,
+    /// `--max-image-aspect-ratio`).
+    pub const DEFAULT: Self = Self { max_bytes: 16 << 20, max_pixels: 40_000_000, max_aspect_ratio: 20 };
+}
+
+/// Bytes a decoder may allocate for metadata (ICC profiles, text chunks, EXIF, TIFF tags) while
+/// reading the header, before the pixel limits are known. The image crate's own default is
+/// 512 MiB; a colour profile or caption is never near this.
+pub const MAX_METADATA_BYTES: u64 = 8 << 20;
 
 /// Formats qscore decodes; anything else is `unsupported_image_format`.
 const SUPPORTED: [ImageFormat; 6] =
@@ -42,16 +62,52 @@ pub fn has_image_extension(path: &std::path::Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Decodes one encoded image, applying its EXIF orientation, after checking `limits` on the
-/// header alone.
-pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error> {
+/// What an image's header declares, read and checked against the limits before any pixel
+/// buffer exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Declared width, in pixels.
+    pub width: u32,
+    /// Declared height, in pixels.
+    pub height: u32,
+    /// Size of the decoded buffer in the decoder's own colour type, in bytes.
+    pub decoded_bytes: u64,
+    /// Whether the decoded colour type is already the 8-bit one a model takes (no converted copy).
+    pub eight_bit: bool,
+}
+
+impl Header {
+    /// The most bytes [`prepare`] holds at once for this image with preprocessing `p`: the
+    /// decoded buffer, a converted 8-bit copy, the resize intermediate and the output tensor
+    /// (a decoder's own row and palette buffers are bounded by [`MAX_METADATA_BYTES`]).
+    pub fn peak_bytes(&self, p: &Preprocess) -> u64 {
+        let channels = p.channels() as u64;
+        let pixels = u64::from(self.width) * u64::from(self.height);
+        let converted = if self.eight_bit { 0 } else { pixels * channels };
+        let intermediate = match geometry(self.width, self.height, p) {
+            Ok(g) => u64::from(g.resized.0) * u64::from(g.resized.1) * channels,
+            Err(_) => 0,
+        };
+        let tensor = u64::from(p.width) * u64::from(p.height) * channels * 4;
+        self.decoded_bytes + converted + intermediate + tensor + MAX_METADATA_BYTES
+    }
+}
+
+/// Reads and checks an image's header: its size in bytes, format, pixel count and aspect ratio.
+/// Only metadata is read, within [`MAX_METADATA_BYTES`].
+pub fn inspect(bytes: &[u8], limits: &ImageLimits) -> Result<Header, Error> {
+    open(bytes, limits).map(|(_, header)| header)
+}
+
+/// Opens a decoder on `bytes` and checks its header against `limits`.
+fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(impl ImageDecoder + 'a, Header), Error> {
     if bytes.is_empty() {
         return Err(Error::EmptyImage);
     }
     if bytes.len() > limits.max_bytes {
         return Err(Error::ImageTooLarge { size: bytes.len(), limit: limits.max_bytes });
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Internal(format!("reading from memory: {e}")))?;
     match reader.format() {
@@ -63,7 +119,10 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error>
             "the JPEG is truncated: no end-of-image marker after its last scan".into(),
         ));
     }
-    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let mut header_limits = image::Limits::default();
+    header_limits.max_alloc = Some(MAX_METADATA_BYTES);
+    reader.limits(header_limits);
+    let decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > limits.max_pixels {
@@ -72,10 +131,26 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error>
     if pixels == 0 {
         return Err(Error::UndecodableImage(format!("the image declares {width}x{height} pixels")));
     }
-    // Decoders may allocate a little beyond the output (palettes, rows); the pixel check above
-    // already bounds the output, this bounds the rest.
+    let (long, short) = (width.max(height), width.min(height));
+    if u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio) {
+        return Err(Error::AspectRatioTooLarge { width, height, limit: limits.max_aspect_ratio });
+    }
+    let eight_bit = matches!(
+        decoder.color_type(),
+        image::ColorType::L8 | image::ColorType::La8 | image::ColorType::Rgb8 | image::ColorType::Rgba8
+    );
+    let header = Header { width, height, decoded_bytes: decoder.total_bytes(), eight_bit };
+    Ok((decoder, header))
+}
+
+/// Decodes one encoded image, applying its EXIF orientation, after checking `limits` on the
+/// header alone.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error> {
+    let (mut decoder, header) = open(bytes, limits)?;
+    // The header is checked: the decoder may now allocate the declared image, and a little
+    // beyond it for its own rows and palettes.
     let mut decode_limits = image::Limits::default();
-    decode_limits.max_alloc = Some(decoder.total_bytes().saturating_mul(2).saturating_add(64 << 20));
+    decode_limits.max_alloc = Some(header.decoded_bytes.saturating_add(MAX_METADATA_BYTES));
     decoder.set_limits(decode_limits).map_err(undecodable)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
@@ -112,20 +187,22 @@ struct Geometry {
 
 /// torchvision's `Resize(s)` (shorter side to s, the longer side truncated, as in
 /// `int(s * long / short)`) followed by `CenterCrop` (offsets `int(round((len - crop) / 2))`);
-/// without `resize_shorter`, a plain resize to the input size.
-fn geometry(width: u32, height: u32, p: &Preprocess) -> Geometry {
+/// without `resize_shorter`, a plain resize to the input size. Sizes are computed in 64 bits;
+/// one that does not fit 32 is refused rather than wrapped.
+fn geometry(width: u32, height: u32, p: &Preprocess) -> Result<Geometry, Error> {
     let (out_w, out_h) = (p.width, p.height);
     let Some(s) = p.resize_shorter else {
-        return Geometry { resized: (out_w, out_h), crop_left: 0, crop_top: 0 };
+        return Ok(Geometry { resized: (out_w, out_h), crop_left: 0, crop_top: 0 });
     };
-    let resized = if width <= height {
-        (s, ((u64::from(s) * u64::from(height)) / u64::from(width)) as u32)
-    } else {
-        (((u64::from(s) * u64::from(width)) / u64::from(height)) as u32, s)
+    let long_side = |long: u32, short: u32| {
+        u32::try_from(u64::from(s) * u64::from(long) / u64::from(short.max(1))).map_err(|_| {
+            Error::AspectRatioTooLarge { width, height, limit: u32::MAX / s.max(1) }
+        })
     };
+    let resized = if width <= height { (s, long_side(height, width)?) } else { (long_side(width, height)?, s) };
     // Python's round() is half-to-even; offsets are integers or .5, so match it exactly.
     let offset = |len: u32, crop: u32| ((f64::from(len) - f64::from(crop)) / 2.0).round_ties_even().max(0.0) as u32;
-    Geometry { resized, crop_left: offset(resized.0, out_w), crop_top: offset(resized.1, out_h) }
+    Ok(Geometry { resized, crop_left: offset(resized.0, out_w), crop_top: offset(resized.1, out_h) })
 }
 
 /// Decoded image → resized, cropped, normalised tensor of shape (channels, height, width).
@@ -133,14 +210,24 @@ pub fn preprocess(image: &DynamicImage, p: &Preprocess) -> Result<Array3<f32>, E
     let channels = p.channels();
     // Greyscale models take luma; colour models take RGB with alpha dropped (as Pillow's
     // convert("RGB") does). 16-bit samples are scaled to 8 bits, as the reference pipeline does.
-    let (pixels, pixel_type) = match channels {
-        1 => (DynamicImage::ImageLuma8(image.to_luma8()), PixelType::U8),
-        _ => (DynamicImage::ImageRgb8(image.to_rgb8()), PixelType::U8x3),
+    // An image already in the model's layout is resized in place, without a copy.
+    let converted;
+    let (pixels, pixel_type) = match (channels, image) {
+        (1, DynamicImage::ImageLuma8(_)) => (image, PixelType::U8),
+        (1, _) => {
+            converted = DynamicImage::ImageLuma8(image.to_luma8());
+            (&converted, PixelType::U8)
+        }
+        (_, DynamicImage::ImageRgb8(_)) => (image, PixelType::U8x3),
+        _ => {
+            converted = DynamicImage::ImageRgb8(image.to_rgb8());
+            (&converted, PixelType::U8x3)
+        }
     };
-    let g = geometry(pixels.width(), pixels.height(), p);
+    let g = geometry(pixels.width(), pixels.height(), p)?;
     let mut resized = FirImage::new(g.resized.0, g.resized.1, pixel_type);
     Resizer::new()
-        .resize(&pixels, &mut resized, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
+        .resize(pixels, &mut resized, &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)))
         .map_err(|e| Error::Internal(format!("resize: {e}")))?;
 
     let mut out = Array3::<f32>::zeros((channels, p.height as usize, p.width as usize));
@@ -189,14 +276,14 @@ mod tests {
     /// offsets are round((383 - 224) / 2) = round(79.5) = 80 (half to even) and 16.
     #[test]
     fn geometry_matches_torchvision() {
-        let g = geometry(640, 427, &imagenet());
+        let g = geometry(640, 427, &imagenet()).unwrap();
         assert_eq!(g, Geometry { resized: (383, 256), crop_left: 80, crop_top: 16 });
-        let g = geometry(300, 451, &imagenet());
+        let g = geometry(300, 451, &imagenet()).unwrap();
         assert_eq!(g.resized, (256, 384));
         assert_eq!((g.crop_left, g.crop_top), (16, 80));
         let mut plain = imagenet();
         plain.resize_shorter = None;
-        assert_eq!(geometry(999, 3, &plain), Geometry { resized: (224, 224), crop_left: 0, crop_top: 0 });
+        assert_eq!(geometry(999, 3, &plain).unwrap(), Geometry { resized: (224, 224), crop_left: 0, crop_top: 0 });
     }
 
     #[test]
@@ -212,7 +299,7 @@ mod tests {
 
     #[test]
     fn limits_are_checked_before_decoding() {
-        let limits = ImageLimits { max_bytes: 1 << 20, max_pixels: 1000 };
+        let limits = ImageLimits { max_bytes: 1 << 20, max_pixels: 1000, max_aspect_ratio: 20 };
         let mut png = Vec::new();
         DynamicImage::ImageRgb8(image::RgbImage::new(40, 40))
             .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
@@ -220,7 +307,7 @@ mod tests {
         assert!(matches!(decode(&png, &limits), Err(Error::TooManyPixels { pixels: 1600, .. })));
         assert!(matches!(decode(&[], &limits), Err(Error::EmptyImage)));
         assert!(matches!(decode(b"hello, world", &limits), Err(Error::UnsupportedFormat)));
-        let small = ImageLimits { max_bytes: 10, max_pixels: 1000 };
+        let small = ImageLimits { max_bytes: 10, ..limits };
         assert!(matches!(decode(&png, &small), Err(Error::ImageTooLarge { .. })));
     }
 }

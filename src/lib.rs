@@ -16,7 +16,8 @@
 //! - [`config`]: flags and `QSCORE_*` variables, parsed once.
 //! - [`http`]: the axum router, handlers, error mapping and OpenAPI document.
 //! - [`scoring`]: the pipeline shared by the server and `qscore score`.
-//! - [`image`]: decode with limits, resize, normalise.
+//! - [`image`]: decode with limits (every derived size bounded), resize, normalise.
+//! - [`budget`]: the one memory budget every request-held byte and every decode reserves from.
 //! - [`batch`]: the per-model inference thread.
 //! - [`model`]: manifests, calibration files, ONNX Runtime sessions, the registry.
 //! - [`qscore`]: the maths of design.md section 1, pure and tested on hand-computed cases.
@@ -29,6 +30,7 @@
 //! - [`webhook`]: flagged answers pushed to one configured endpoint, off the request path.
 
 pub mod batch;
+pub mod budget;
 pub mod calibrate;
 pub mod config;
 pub mod drift;

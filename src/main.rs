@@ -17,7 +17,15 @@ fn main() -> ExitCode {
         Command::Openapi => print_openapi(),
         Command::Serve(args) => {
             init_logging(args.log_format);
-            runtime().and_then(|rt| rt.block_on(server::serve(args))).map(|()| ExitCode::SUCCESS)
+            runtime()
+                .and_then(|rt| {
+                    let served = rt.block_on(server::serve(args));
+                    // A decode still running on the blocking pool must not hold the exit past
+                    // the grace period: dropping the runtime would wait for it.
+                    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+                    served
+                })
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Score(args) => {
             init_logging(LogFormat::Text);

@@ -13,11 +13,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use ndarray::ArrayView1;
+use ndarray::{Array3, ArrayView1};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use crate::{
     batch::Admission,
+    budget::{MemoryBudget, Reservation},
     drift::DriftMonitor,
     error::Error,
     image::{self, ImageLimits},
@@ -100,6 +102,11 @@ pub struct Scorer {
     pub metrics: Metrics,
     /// Recent answers of each calibrated model, for drift monitoring.
     pub drift: DriftMonitor,
+    /// Bytes held for requests, decodes and queued tensors.
+    pub budget: MemoryBudget,
+    /// Images being decoded at once (one per core): decoding is CPU-bound, and a slot is held
+    /// until its decode really ends, so abandoned requests never pile up work.
+    pub decode_slots: Arc<Semaphore>,
 }
 
 impl Scorer {
@@ -168,13 +175,7 @@ impl Scorer {
         embedding: Embedding,
     ) -> Result<ImageScore, Error> {
         let mut incoming = model.worker.expect(1);
-        let (m, limits) = (Arc::clone(model), self.limits);
-        let (tensor, decode) = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            image::prepare(&bytes, &limits, &m.preprocess).map(|x| (x, t.elapsed()))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("image task failed: {e}")))??;
+        let (tensor, decode, _tensor_bytes) = self.prepare(model, bytes, deadline).await?;
         self.metrics.preprocess_duration.with_label_values(&[model.name()]).observe(decode.as_secs_f64());
 
         let out = model.worker.embed(tensor, deadline, &mut incoming).await?;
@@ -189,6 +190,48 @@ impl Scorer {
             total: 0.0,
         };
         Ok(answer(model, score, h, timings, embedding))
+    }
+}
+
+impl Scorer {
+    /// Decodes and preprocesses one image within a decode slot and its share of the memory
+    /// budget; answers the tensor, the time it took, and the reservation that keeps the tensor's
+    /// bytes counted until it is embedded.
+    ///
+    /// The slot and the reservation move into the blocking tasks, so they stay taken until the
+    /// decode really ends even when this future is dropped (the client left, the deadline
+    /// passed): what runs is bounded, not only what waits. Nothing starts once the request is
+    /// gone, because the slot is awaited here first.
+    async fn prepare(
+        &self,
+        model: &Arc<Model>,
+        bytes: Bytes,
+        deadline: Instant,
+    ) -> Result<(Array3<f32>, Duration, Reservation), Error> {
+        let slot = tokio::time::timeout_at(deadline.into(), Arc::clone(&self.decode_slots).acquire_owned())
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|_| Error::Unavailable("the decode pool is closed".into()))?;
+        let limits = self.limits;
+        let blocking_failed = |e: tokio::task::JoinError| Error::Internal(format!("image task failed: {e}"));
+        let (header, slot) = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || (image::inspect(&bytes, &limits), slot)).await.map_err(blocking_failed)?
+        };
+        let header = header?;
+        let preprocess = &model.preprocess;
+        let reservation = self.budget.decode(header.peak_bytes(preprocess), deadline).await?;
+        let m = Arc::clone(model);
+        let (result, mut reservation) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let t = Instant::now();
+            (image::prepare(&bytes, &limits, &m.preprocess).map(|x| (x, t.elapsed())), reservation)
+        })
+        .await
+        .map_err(blocking_failed)?;
+        let (tensor, took) = result?;
+        reservation.shrink_to((tensor.len() * std::mem::size_of::<f32>()) as u64);
+        Ok((tensor, took, reservation))
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Order matters and is visible here: load and warm up every model, then bind the port, then
 //! report ready. On SIGTERM or SIGINT the server reports not-ready, stops accepting, answers
-//! what is in flight, and exits.
+//! what is in flight, and exits; after `--shutdown-grace-s` it exits whatever is left (the
+//! caller must not wait for blocking decodes either: see `main`).
 
 use std::{
     net::SocketAddr,
@@ -17,9 +18,15 @@ use anyhow::Context;
 
 use crate::{
     batch::Admission,
+    budget::MemoryBudget,
     config::{EngineArgs, ServeArgs},
     drift::{DriftMonitor, DriftSettings},
-    http::{self, AppState, RequestLimits, auth::ApiKeys, labelstudio::LabelStudio},
+    http::{
+        self, AppState, RequestLimits,
+        auth::ApiKeys,
+        connections::{self, ConnectionLimits, connection_cap},
+        labelstudio::LabelStudio,
+    },
     image::ImageLimits,
     metrics::Metrics,
     model::{Registry, Selection},
@@ -35,6 +42,8 @@ pub struct Capacity {
     pub timeout: Duration,
     /// The drift windows.
     pub drift: DriftSettings,
+    /// `--memory-budget-bytes`.
+    pub memory_budget: u64,
 }
 
 impl Capacity {
@@ -44,6 +53,7 @@ impl Capacity {
         max_images: usize::MAX / 2,
         timeout: Duration::from_secs(24 * 3600),
         drift: DriftSettings { max_images: 0, max_age: Duration::ZERO },
+        memory_budget: u64::MAX,
     };
 }
 
@@ -56,11 +66,22 @@ pub fn build_scorer(engine: &EngineArgs, selection: &Selection, capacity: Capaci
     Ok(Scorer {
         drift,
         registry: Arc::new(registry),
-        limits: ImageLimits { max_bytes: engine.max_image_bytes, max_pixels: engine.max_image_pixels },
+        limits: ImageLimits {
+            max_bytes: engine.max_image_bytes,
+            max_pixels: engine.max_image_pixels,
+            max_aspect_ratio: engine.max_image_aspect_ratio,
+        },
         admission: Admission::new(capacity.max_images),
+        budget: MemoryBudget::new(capacity.memory_budget),
+        decode_slots: Arc::new(tokio::sync::Semaphore::new(cores())),
         request_timeout: capacity.timeout,
         metrics,
     })
+}
+
+/// CPU cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
 }
 
 /// Runs the server until a shutdown signal, then drains for at most `--shutdown-grace-s`.
@@ -70,6 +91,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_images: args.max_queued_images,
         timeout: Duration::from_millis(args.request_timeout_ms),
         drift: DriftSettings { max_images: args.drift_window, max_age: Duration::from_secs(args.drift_window_s) },
+        memory_budget: args.memory_budget_bytes,
     };
     let api_keys = args.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
     let label_studio = args
@@ -119,7 +141,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = Arc::clone(&stopping);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let connection_limits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        max_connections: connection_cap(args.max_connections),
+    };
+    let server = connections::serve(listener, app, connection_limits, async move {
         shutdown_signal().await;
         ready.store(false, Ordering::Release);
         tracing::info!("shutting down: finishing requests in flight");
@@ -127,7 +153,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let grace = Duration::from_secs(args.shutdown_grace_s);
     tokio::select! {
-        result = server => result.context("server error"),
+        () = server => Ok(()),
         () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
             tracing::warn!("requests still in flight after --shutdown-grace-s {}; exiting", args.shutdown_grace_s);
             Ok(())

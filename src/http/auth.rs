@@ -47,6 +47,12 @@ impl ApiKeys {
         Ok(Arc::new(Self { path: path.to_owned(), state: RwLock::new(set) }))
     }
 
+    /// Keys from a key file's text, for checking headers without a file (tests, fuzzing); such
+    /// a set is never reloaded.
+    pub fn from_text(text: &str) -> Arc<Self> {
+        Arc::new(Self { path: PathBuf::new(), state: RwLock::new(KeySet { digests: parse_keys(text), modified: None }) })
+    }
+
     /// Re-reads the file; on failure the keys in force stay. Returns how many keys are now in force.
     pub fn reload(&self) -> anyhow::Result<usize> {
         let set = read(&self.path)?;
@@ -106,20 +112,34 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// Largest API keys file read, in bytes: far beyond any real list of keys, and it keeps a
+/// mistaken path (a log, a device) from being read whole.
+const MAX_KEYS_FILE_BYTES: u64 = 1 << 20;
+
 fn read(path: &Path) -> anyhow::Result<KeySet> {
+    use std::io::Read;
     let modified = modified(path);
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read the API keys file {} (--api-keys-file): {e}", path.display()))?;
-    let digests: Vec<[u8; 32]> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|k| Sha256::digest(k.as_bytes()).into())
-        .collect();
+    let cannot = |e: std::io::Error| anyhow::anyhow!("cannot read the API keys file {} (--api-keys-file): {e}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path).map_err(cannot)?.take(MAX_KEYS_FILE_BYTES + 1).read_to_string(&mut text).map_err(cannot)?;
+    if text.len() as u64 > MAX_KEYS_FILE_BYTES {
+        anyhow::bail!("the API keys file {} is over {MAX_KEYS_FILE_BYTES} bytes; it should hold one key per line", path.display());
+    }
+    let digests = parse_keys(&text);
     if digests.is_empty() {
         anyhow::bail!("the API keys file {} holds no key (one per line)", path.display());
     }
     Ok(KeySet { digests, modified })
+}
+
+/// The SHA-256 digests of the keys in a key file's text: one key per line, blank lines and
+/// `#` comments skipped, surrounding whitespace trimmed.
+pub fn parse_keys(text: &str) -> Vec<[u8; 32]> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|k| Sha256::digest(k.as_bytes()).into())
+        .collect()
 }
 
 /// Middleware: refuses a request without a valid key when keys are configured.

@@ -41,7 +41,7 @@ impl Error {
         }
         let mut response = (self.status(), body).into_response();
         match self {
-            Error::Overloaded { retry_after_s } => {
+            Error::Overloaded { retry_after_s } | Error::MemoryBudgetExhausted { retry_after_s } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
             }
             Error::Unauthorized(_) => {

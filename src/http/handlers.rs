@@ -85,7 +85,7 @@ async fn score_uploads(
 async fn single(
     state: &AppState,
     model: Option<&str>,
-    Uploads(uploads): Uploads,
+    Uploads { items: uploads, held: _held }: Uploads,
     embedding: Embedding,
 ) -> Result<Json<ImageScore>, Error> {
     if uploads.len() != 1 {
@@ -160,7 +160,7 @@ pub async fn embed(
 pub async fn score_batch(
     State(state): State<AppState>,
     Query(q): Query<ModelQuery>,
-    Uploads(uploads): Uploads,
+    Uploads { items: uploads, held: _held }: Uploads,
 ) -> Result<Json<BatchResponse>, Error> {
     let answers = score_uploads(&state, q.model.as_deref(), uploads, Embedding::Omit).await?;
     let scores: Vec<f32> = answers.iter().filter_map(|(_, a)| a.as_ref().ok().map(|s| s.q_score)).collect();

@@ -20,7 +20,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::AppState;
+use super::{AppState, bounded};
 use crate::{error::Error, model::Model, scoring::Embedding};
 
 /// The protocol's error body.
@@ -98,14 +98,23 @@ pub struct InferInput {
     pub shape: Vec<i64>,
     /// Must be `BYTES`.
     pub datatype: String,
-    /// Base64 strings, one per image, unless sent as binary data.
-    #[serde(default)]
+    /// Base64 strings, one per image, unless sent as binary data; nested lists are read in
+    /// row-major order.
+    #[serde(default, deserialize_with = "bounded::flat_strings")]
     #[schema(value_type = Option<Vec<String>>)]
-    pub data: Option<Value>,
+    pub data: Option<Vec<String>>,
     /// `binary_data_size` when the tensor follows the JSON header.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub parameters: Option<serde_json::Map<String, Value>>,
+    pub parameters: Option<InputParameters>,
+}
+
+/// The parameters of an input tensor qscore reads; any other is ignored unread.
+#[derive(Debug, Default, Deserialize)]
+pub struct InputParameters {
+    /// Bytes of the tensor's binary data after the JSON header.
+    #[serde(default)]
+    pub binary_data_size: Option<u64>,
 }
 
 /// One requested output.
@@ -122,9 +131,11 @@ pub struct InferRequest {
     #[serde(default)]
     pub id: Option<String>,
     /// Exactly one: `image`.
+    #[serde(deserialize_with = "bounded::list")]
     pub inputs: Vec<InferInput>,
-    /// Outputs wanted; default: the Q-Score, and the flag for a calibrated model.
-    #[serde(default)]
+    /// Outputs wanted, each at most once; default: the Q-Score, and the flag for a calibrated
+    /// model.
+    #[serde(default, deserialize_with = "bounded::optional_list")]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
@@ -241,11 +252,16 @@ pub async fn infer(
     body: axum::body::Body,
 ) -> Result<Json<InferResponse>, V2Failure> {
     let model = state.scorer.registry.get(Some(&name))?.clone();
-    let body = super::upload::read_limited(body, &state.limits).await?;
-    let (request, images) = parse(&headers, &body, state.limits.max_batch_images)?;
+    let budget = &state.scorer.budget;
+    let body = super::upload::read_limited(body, &state.limits, budget).await?;
+    let (request, images) = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
     let wanted = wanted_outputs(&request, &model)?;
     let embedding = if wanted.contains(&"embedding") { Embedding::Full } else { Embedding::Omit };
     let n = images.len();
+    // The answer is built in memory before it is sent: reserve its size, as JSON numbers of at
+    // most 24 characters, before any of it exists.
+    let per_image = wanted.iter().map(|&o| if o == "embedding" { model.manifest.output.dim } else { 1 }).sum::<usize>();
+    let _answer = budget.hold((n * per_image * 24 + 4096) as u64)?;
     let scored = state.scorer.score(&model, images, embedding).await?;
     let mut answers = Vec::with_capacity(n);
     for (i, a) in scored.into_iter().enumerate() {
@@ -290,22 +306,26 @@ fn wanted_outputs(request: &InferRequest, model: &Model) -> Result<Vec<&'static 
     let Some(asked) = &request.outputs else {
         return Ok(if calibrated { OUTPUTS[..3].to_vec() } else { vec!["q_score"] });
     };
-    asked
-        .iter()
-        .map(|o| {
-            let name = OUTPUTS.iter().find(|&&n| n == o.name).ok_or_else(|| {
-                Error::BadRequest(format!("unknown output `{}`; outputs: {}", o.name, OUTPUTS.join(", ")))
-            })?;
-            if !calibrated && matches!(*name, "p_misclassified" | "likely_misclassified") {
-                return Err(Error::NotCalibrated { model: model.name().to_owned() });
-            }
-            Ok(*name)
-        })
-        .collect()
+    let mut wanted: Vec<&'static str> = Vec::with_capacity(OUTPUTS.len());
+    for o in asked {
+        let name = OUTPUTS.iter().find(|&&n| n == o.name).ok_or_else(|| {
+            Error::BadRequest(format!("unknown output `{}`; outputs: {}", o.name, OUTPUTS.join(", ")))
+        })?;
+        if !calibrated && matches!(*name, "p_misclassified" | "likely_misclassified") {
+            return Err(Error::NotCalibrated { model: model.name().to_owned() });
+        }
+        // Each output is answered once: a repeated one would multiply the answer, not inform.
+        if wanted.contains(name) {
+            return Err(Error::BadRequest(format!("output `{name}` is requested more than once; list each output once")));
+        }
+        wanted.push(name);
+    }
+    Ok(wanted)
 }
 
-/// The request header and the images of its `image` tensor.
-fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferRequest, Vec<Bytes>), Error> {
+/// The request header and the images of its `image` tensor, from a body in the JSON or the
+/// binary-data form (with its `Inference-Header-Content-Length` header); at most `max_images`.
+pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferRequest, Vec<Bytes>), Error> {
     let header_len = headers
         .get("inference-header-content-length")
         .map(|v| v.to_str().ok().and_then(|s| s.parse::<usize>().ok()))
@@ -317,6 +337,9 @@ fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferR
     }
     let request: InferRequest = serde_json::from_slice(&body[..json_len])
         .map_err(|e| Error::BadRequest(format!("invalid inference request: {e}")))?;
+    if let Some(id) = &request.id {
+        bounded::check_id(|| "the request `id`".into(), id)?;
+    }
     let [input] = request.inputs.as_slice() else {
         return Err(Error::BadRequest(format!("expected one input tensor, `image`; got {}", request.inputs.len())));
     };
@@ -337,21 +360,21 @@ fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferR
     if n == 0 {
         return Err(Error::MissingImage);
     }
-    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).and_then(Value::as_u64);
+    let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
     let images = match (binary_size, &input.data) {
         (Some(size), _) => {
             let start = json_len;
-            let end = start
-                .checked_add(size as usize)
+            let end = usize::try_from(size)
+                .ok()
+                .and_then(|size| start.checked_add(size))
                 .filter(|&e| e <= body.len())
                 .ok_or_else(|| Error::BadRequest("binary_data_size runs past the end of the body".into()))?;
-            split_bytes(&body.slice(start..end))?
+            split_bytes(&body.slice(start..end), n)?
         }
-        (None, Some(Value::Array(items))) => items
+        (None, Some(items)) => items
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                let s = v.as_str().ok_or_else(|| Error::BadRequest(format!("image {i}: expected a base64 string")))?;
+            .map(|(i, s)| {
                 base64::engine::general_purpose::STANDARD
                     .decode(s)
                     .map(Bytes::from)
@@ -366,11 +389,15 @@ fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferR
     Ok((request, images))
 }
 
-/// BYTES elements of the binary extension: each a u32 little-endian length and its bytes.
-fn split_bytes(raw: &Bytes) -> Result<Vec<Bytes>, Error> {
-    let mut out = Vec::new();
+/// BYTES elements of the binary extension: each a u32 little-endian length and its bytes; more
+/// than `n` is an error found before the extra element is kept.
+fn split_bytes(raw: &Bytes, n: usize) -> Result<Vec<Bytes>, Error> {
+    let mut out = Vec::with_capacity(n);
     let mut at = 0;
     while at < raw.len() {
+        if out.len() == n {
+            return Err(Error::BadRequest(format!("`image` has shape [{n}] but carries more elements")));
+        }
         let len_bytes: [u8; 4] = raw
             .get(at..at + 4)
             .and_then(|s| s.try_into().ok())
@@ -393,7 +420,7 @@ mod tests {
     #[test]
     fn binary_bytes_elements_split() {
         let raw = Bytes::from_static(&[3, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, 0, 1, 0, 0, 0, b'z']);
-        let parts = split_bytes(&raw).unwrap();
+        let parts = split_bytes(&raw, 3).unwrap();
         assert_eq!(parts, vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"z")]);
         assert!(split_bytes(&Bytes::from_static(&[9, 0, 0, 0, 1])).is_err());
         assert!(split_bytes(&Bytes::from_static(&[1, 0])).is_err());

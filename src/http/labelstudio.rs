@@ -15,11 +15,16 @@ use std::time::Duration;
 
 use axum::{Json, extract::State};
 use bytes::{Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::Value;
 
-use super::AppState;
-use crate::{error::Error, scoring::Embedding};
+use super::{AppState, bounded};
+use crate::{
+    budget::{MemoryBudget, Reservation},
+    error::Error,
+    scoring::Embedding,
+};
 
 /// Where task images may come from.
 #[derive(Debug, Clone)]
@@ -62,8 +67,9 @@ impl LabelStudio {
         }
     }
 
-    /// Fetches one image, within the size limit.
-    async fn fetch(&self, url: reqwest::Url) -> Result<Bytes, String> {
+    /// Fetches one image, within the size limit, reserving its bytes from `budget` as they
+    /// arrive.
+    async fn fetch(&self, url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), String> {
         let mut req = self.client.get(url.clone());
         if let Some(token) = &self.token {
             req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
@@ -72,41 +78,174 @@ impl LabelStudio {
         if !resp.status().is_success() {
             return Err(format!("fetching {url} answered {}", resp.status()));
         }
+        let too_large = || format!("{url} is larger than {} bytes (--max-image-bytes)", self.max_bytes);
+        if resp.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+            return Err(too_large());
+        }
         let mut buf = BytesMut::new();
+        let mut held = Reservation::default();
         while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading {url}: {e}"))? {
             if buf.len() + chunk.len() > self.max_bytes {
-                return Err(format!("{url} is larger than {} bytes (--max-image-bytes)", self.max_bytes));
+                return Err(too_large());
             }
+            held.merge(budget.hold(chunk.len() as u64).map_err(|e| e.to_string())?);
             buf.extend_from_slice(&chunk);
         }
-        Ok(buf.freeze())
+        Ok((buf.freeze(), held))
     }
 }
+
+/// Task images fetched at once for one `/predict`: enough to hide the latency of Label Studio,
+/// few enough that one request cannot open hundreds of connections.
+const FETCH_CONCURRENCY: usize = 8;
 
 /// `POST /predict`, as Label Studio sends it.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PredictRequest {
     /// The tasks to score.
+    #[serde(deserialize_with = "bounded::list")]
     pub tasks: Vec<Task>,
-    /// The project's labelling config (unused).
+    /// The project's labelling config (unused, skipped unread).
     #[serde(default)]
     #[schema(value_type = Option<String>)]
-    pub label_config: Option<Value>,
-    /// The project id (unused).
+    pub label_config: Option<IgnoredAny>,
+    /// The project id (unused, skipped unread).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub project: Option<Value>,
+    pub project: Option<IgnoredAny>,
 }
 
 /// One Label Studio task.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Task {
-    /// Task id.
+    /// Task id: a number or a string.
     #[schema(value_type = Object)]
-    pub id: Value,
+    pub id: TaskId,
     /// Task data; the image URL is `data.image`, else the first string field.
     #[schema(value_type = Object)]
-    pub data: serde_json::Map<String, Value>,
+    pub data: TaskData,
+}
+
+/// A task's id as Label Studio sends it, a number or a string, echoed in logs and webhook events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskId(pub String);
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TaskId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a task id: a number or a string of at most {} bytes", bounded::MAX_ID_BYTES)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TaskId, E> {
+                Ok(TaskId(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TaskId, E> {
+                Ok(TaskId(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<TaskId, E> {
+                Ok(TaskId(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TaskId, E> {
+                if v.len() > bounded::MAX_ID_BYTES {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                Ok(TaskId(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What qscore reads of a task's `data`: the image reference, `data.image` or else the first
+/// string field. Every other field is skipped unread, whatever its size or shape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskData {
+    /// The image URL or path, when there is one.
+    pub image: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for TaskData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// A field's value: kept when it is a string, skipped unread otherwise.
+        struct MaybeString(Option<String>);
+        impl<'de> Deserialize<'de> for MaybeString {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = MaybeString;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("any value")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MaybeString, E> {
+                        Ok(MaybeString(Some(v.to_owned())))
+                    }
+                    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<MaybeString, E> {
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<MaybeString, E> {
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<MaybeString, E> {
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<MaybeString, E> {
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_unit<E: serde::de::Error>(self) -> Result<MaybeString, E> {
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<MaybeString, A::Error> {
+                        while a.next_element::<IgnoredAny>()?.is_some() {}
+                        Ok(MaybeString(None))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<MaybeString, A::Error> {
+                        while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                        Ok(MaybeString(None))
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TaskData;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("the task's data object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<TaskData, A::Error> {
+                let (mut image, mut first) = (None, None);
+                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let MaybeString(value) = a.next_value()?;
+                    if key == "image" && value.is_some() {
+                        image = value;
+                    } else if first.is_none() {
+                        first = value;
+                    }
+                }
+                Ok(TaskData { image: image.or(first) })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Parses a `/predict` body: at most `max_tasks` tasks, every field checked before it is kept.
+pub fn parse_predict(body: &[u8], max_tasks: usize) -> Result<PredictRequest, Error> {
+    let req: PredictRequest = serde_json::from_slice(body).map_err(|e| {
+        Error::BadRequest(format!("invalid /predict request: {e}; expected {{\"tasks\": [{{\"id\": ..., \"data\": {{\"image\": \"<url>\"}}}}]}}"))
+    })?;
+    if req.tasks.len() > max_tasks {
+        return Err(Error::TooManyImages { limit: max_tasks });
+    }
+    Ok(req)
 }
 
 /// The answer of `/predict`: one prediction per task, in order.
@@ -170,21 +309,24 @@ pub async fn setup(State(state): State<AppState>) -> Result<Json<SetupResponse>,
     responses((status = 200, description = "One prediction per task; a task that failed has its own error", body = PredictResponse),
               (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody))
 )]
-pub async fn predict(
-    State(state): State<AppState>,
-    Json(req): Json<PredictRequest>,
-) -> Result<Json<PredictResponse>, Error> {
-    if req.tasks.len() > state.limits.max_batch_images {
-        return Err(Error::TooManyImages { limit: state.limits.max_batch_images });
-    }
+pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> Result<Json<PredictResponse>, Error> {
+    let body = super::upload::read_limited(body, &state.limits, &state.scorer.budget).await?;
+    let req = parse_predict(&body.bytes, state.limits.max_batch_images)?;
+    drop(body);
     let version = model_version(&state)?;
     let model = state.scorer.registry.get(None)?.clone();
-    let fetched = futures_util::future::join_all(req.tasks.iter().map(|t| fetch_task(&state, t))).await;
+    let fetches: Vec<_> = req.tasks.iter().map(|t| fetch_task(&state, t)).collect();
+    let fetched: Vec<_> = futures_util::stream::iter(fetches)
+        .buffered(FETCH_CONCURRENCY)
+        .collect()
+        .await;
 
     let mut slots: Vec<Result<usize, String>> = Vec::with_capacity(fetched.len());
     let mut images = Vec::new();
+    let mut _held = Reservation::default();
     for f in fetched {
-        slots.push(f.map(|bytes| {
+        slots.push(f.map(|(bytes, held)| {
+            _held.merge(held);
             images.push(bytes);
             images.len() - 1
         }));
@@ -217,18 +359,14 @@ pub async fn predict(
     Ok(Json(PredictResponse { results }))
 }
 
-async fn fetch_task(state: &AppState, task: &Task) -> Result<Bytes, String> {
-    let reference = task
-        .data
-        .get("image")
-        .and_then(Value::as_str)
-        .or_else(|| task.data.values().find_map(Value::as_str))
-        .ok_or_else(|| format!("task {}: no image URL in its data", task.id))?;
+async fn fetch_task(state: &AppState, task: &Task) -> Result<(Bytes, Reservation), String> {
+    let reference =
+        task.data.image.as_deref().ok_or_else(|| format!("task {}: no image URL in its data", task.id))?;
     let ls = state.label_studio.as_ref().ok_or_else(|| {
         "no Label Studio host is configured (--label-studio-url), so no image URL is fetched".to_owned()
     })?;
     let url = ls.resolve(reference)?;
-    ls.fetch(url).await
+    ls.fetch(url, &state.scorer.budget).await
 }
 
 #[cfg(test)]

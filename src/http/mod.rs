@@ -5,6 +5,8 @@
 //! tracing, panics, request metrics) lives in layers, not in handlers.
 
 pub mod auth;
+pub mod bounded;
+pub mod connections;
 pub mod docs;
 pub mod error;
 pub mod handlers;
@@ -142,11 +144,12 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/openapi.json", get(handlers::openapi))
         .route("/docs", get(docs::index))
         .route("/docs/{file}", get(docs::file))
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .route_layer(middleware::from_fn(tag_route))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found);
-    // Bodies are read, and limited, by the `Uploads` extractor alone.
+    // Bodies are read, and limited, by `upload::read_limited` alone, on every route.
     let app = api
+        .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(Error::Internal("the request handler panicked".into()))
@@ -179,18 +182,31 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
-/// Counts and times every routed request by its route template and status class.
-async fn track(State(state): State<AppState>, path: MatchedPath, req: Request, next: Next) -> Response {
+/// The route template that answered, carried from the inner route layer to [`track`].
+#[derive(Clone)]
+struct RouteTemplate(Arc<str>);
+
+/// Tags a routed answer with its route template.
+async fn tag_route(path: MatchedPath, req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(RouteTemplate(path.as_str().into()));
+    response
+}
+
+/// Counts and times every answer the router gives, by route template and status class; an
+/// answer no route gave (404, 405 from the fallback) counts under `route="unmatched"`, so a
+/// scan shows in the 4xx alerts.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let route = path.as_str().to_owned();
     let m = &state.scorer.metrics;
     m.requests_in_flight.inc();
     // Decremented on drop, so a request whose client went away is not counted forever.
     let _in_flight = scopeguard(|| m.requests_in_flight.dec());
     let response = next.run(req).await;
+    let route = response.extensions().get::<RouteTemplate>().map_or("unmatched", |r| &r.0);
     let class = format!("{}xx", response.status().as_u16() / 100);
-    m.http_requests.with_label_values(&[&route, &class]).inc();
-    m.http_duration.with_label_values(&[&route]).observe(start.elapsed().as_secs_f64());
+    m.http_requests.with_label_values(&[route, &class]).inc();
+    m.http_duration.with_label_values(&[route]).observe(start.elapsed().as_secs_f64());
     response
 }
 

@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use axum::{
-    body::Body,
     extract::{FromRequest, Request},
     http::header::CONTENT_TYPE,
 };
@@ -17,8 +16,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::AppState;
-use crate::error::Error;
+use super::{AppState, bounded};
+use crate::{
+    budget::{MemoryBudget, Reservation},
+    error::Error,
+};
 
 /// One image as received, before decoding.
 #[derive(Debug)]
@@ -29,15 +31,21 @@ pub struct Upload {
     pub data: Result<Bytes, Error>,
 }
 
-/// Every image of a request, in the order sent.
+/// Every image of a request, in the order sent, and the memory they hold.
 #[derive(Debug)]
-pub struct Uploads(pub Vec<Upload>);
+pub struct Uploads {
+    /// The images.
+    pub items: Vec<Upload>,
+    /// The body's (and its parsed copies') share of the memory budget, held while the images are.
+    pub held: Reservation,
+}
 
 /// The JSON form of a batch.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonBatch {
     /// The images, scored in this order.
+    #[serde(deserialize_with = "bounded::list")]
     pub images: Vec<JsonImage>,
 }
 
@@ -55,21 +63,47 @@ impl FromRequest<AppState> for Uploads {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limits = &state.limits;
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let body = read_limited(req.into_body(), limits).await?;
-
-        match essence.as_str() {
-            "multipart/form-data" => parse_multipart(&content_type, body, limits.max_batch_images).await,
-            "application/json" => parse_json(&body, limits.max_batch_images),
-            e if e.starts_with("image/") || e == "application/octet-stream" => {
-                Ok(Self(vec![Upload { id: "0".into(), data: Ok(body) }]))
-            }
-            "" => Err(Error::UnsupportedMediaType("(none)".into())),
-            _ => Err(Error::UnsupportedMediaType(essence)),
+        let Body { bytes, mut held } = read_limited(req.into_body(), &state.limits, &state.scorer.budget).await?;
+        if !is_raw_image(&content_type) {
+            // Multipart parts and decoded base64 are copies of the body: count them too.
+            held.merge(state.scorer.budget.hold(bytes.len() as u64)?);
         }
+        let items = parse_uploads(&content_type, bytes, state.limits.max_batch_images).await?;
+        Ok(Self { items, held })
     }
+}
+
+/// The media type without parameters, lower-cased.
+fn essence(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+fn is_raw_image(content_type: &str) -> bool {
+    let e = essence(content_type);
+    e.starts_with("image/") || e == "application/octet-stream"
+}
+
+/// The images of a request body, in order, by its content type: multipart `image` parts, a JSON
+/// batch, or one raw image. At most `max_images`; ids are checked against
+/// [`bounded::MAX_ID_BYTES`].
+pub async fn parse_uploads(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Upload>, Error> {
+    match essence(content_type).as_str() {
+        "multipart/form-data" => parse_multipart(content_type, body, max_images).await,
+        "application/json" => parse_json(&body, max_images),
+        _ if is_raw_image(content_type) => Ok(vec![Upload { id: "0".into(), data: Ok(body) }]),
+        "" => Err(Error::UnsupportedMediaType("(none)".into())),
+        e => Err(Error::UnsupportedMediaType(e.to_owned())),
+    }
+}
+
+/// A request body read under the limits, with its share of the memory budget.
+#[derive(Debug)]
+pub struct Body {
+    /// The bytes.
+    pub bytes: Bytes,
+    /// Their reservation, given back when dropped.
+    pub held: Reservation,
 }
 
 /// How long, and how much beyond the limit, an oversized body is read and discarded before the
@@ -78,19 +112,28 @@ impl FromRequest<AppState> for Uploads {
 const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_FACTOR: usize = 4;
 
-/// Reads a whole body under the request limits: its size and the deadline to receive it.
-pub(crate) async fn read_limited(body: Body, limits: &super::RequestLimits) -> Result<Bytes, Error> {
-    tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body_bytes))
+/// Reads a whole body under the request limits (its size and the deadline to receive it),
+/// reserving its bytes from the held share of `budget` as they arrive.
+pub(crate) async fn read_limited(
+    body: axum::body::Body,
+    limits: &super::RequestLimits,
+    budget: &MemoryBudget,
+) -> Result<Body, Error> {
+    tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body_bytes, budget))
         .await
         .map_err(|_| Error::BodyTimeout)?
 }
 
-/// Reads the whole body, refusing it past `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+/// Reads the whole body, refusing it past `limit` bytes or past the budget.
+async fn read_body(body: axum::body::Body, limit: usize, budget: &MemoryBudget) -> Result<Body, Error> {
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
+    let mut held = Reservation::default();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| Error::BadRequest(format!("cannot read the body: {e}")))?;
+        if buf.len() + chunk.len() <= limit {
+            held.merge(budget.hold(chunk.len() as u64)?);
+        }
         if buf.len() + chunk.len() > limit {
             let mut drained = buf.len() + chunk.len();
             let _ = tokio::time::timeout(LINGER_TIME, async {
@@ -106,10 +149,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(buf.freeze())
+    Ok(Body { bytes: buf.freeze(), held })
 }
 
-async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Uploads, Error> {
+async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Upload>, Error> {
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| Error::BadRequest(format!("malformed multipart content type: {e}")))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
@@ -124,16 +167,17 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
             return Err(Error::TooManyImages { limit: max_images });
         }
         let id = field.file_name().map(str::to_owned).unwrap_or_else(|| uploads.len().to_string());
+        bounded::check_id(|| format!("the file name of part {}", uploads.len()), &id)?;
         let data = field.bytes().await.map_err(malformed)?;
         uploads.push(Upload { id, data: Ok(data) });
     }
     if uploads.is_empty() {
         return Err(Error::MissingImage);
     }
-    Ok(Uploads(uploads))
+    Ok(uploads)
 }
 
-fn parse_json(body: &[u8], max_images: usize) -> Result<Uploads, Error> {
+fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Upload>, Error> {
     let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| {
         Error::BadRequest(format!(
             "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
@@ -145,8 +189,13 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<Uploads, Error> {
     if batch.images.is_empty() {
         return Err(Error::MissingImage);
     }
+    for (i, img) in batch.images.iter().enumerate() {
+        if let Some(id) = &img.id {
+            bounded::check_id(|| format!("the `id` of image {i}"), id)?;
+        }
+    }
     let engine = base64::engine::general_purpose::STANDARD;
-    let uploads = batch
+    Ok(batch
         .images
         .into_iter()
         .enumerate()
@@ -157,6 +206,5 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<Uploads, Error> {
                 .map(Bytes::from)
                 .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}"))),
         })
-        .collect();
-    Ok(Uploads(uploads))
+        .collect())
 }

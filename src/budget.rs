@@ -1,0 +1,165 @@
+//! One memory budget for everything a client makes the server hold.
+//!
+//! Each limit on its own (body size, images per batch, pixels per image) is small; what kills
+//! a server is many of them at once. So every byte that exists because of a request is reserved
+//! here before it is allocated, and given back when its owner drops:
+//!
+//! - the **held** share: request bodies as they arrive, images fetched for Label Studio tasks,
+//!   answers built from a client's list. These are reserved without waiting; when the share is
+//!   taken the request is answered 429 (`memory_budget_exhausted`) at once, so a stalled upload
+//!   can hold its bytes but never more than the share.
+//! - the **decode** share: the working memory of decoding and preprocessing one image
+//!   ([`crate::image::Header::peak_bytes`]). A decode waits for its share (until its request's
+//!   deadline), because it only starts once its request's bytes are already held.
+//!
+//! The split keeps the two from starving each other: request bodies can never take the memory
+//! that decoding needs to finish the requests already admitted. `--memory-budget-bytes` sets
+//! the total; each share is half.
+//!
+//! Permits are counted in KiB (tokio's semaphore counts in `u32`), rounded up.
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::Error;
+
+/// The server's memory budget; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    held: Arc<Semaphore>,
+    decode: Arc<Semaphore>,
+    share_kib: u32,
+}
+
+/// Bytes reserved from the budget; given back on drop.
+#[derive(Debug, Default)]
+pub struct Reservation(Option<OwnedSemaphorePermit>);
+
+impl Reservation {
+    /// Adds `other`'s bytes to this reservation.
+    pub fn merge(&mut self, other: Reservation) {
+        match (&mut self.0, other.0) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+    }
+
+    /// Keeps `bytes` of this reservation (rounded up to a KiB) and gives the rest back.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if let Some(p) = &mut self.0 {
+            let keep = kib(bytes) as usize;
+            if p.num_permits() > keep {
+                drop(p.split(p.num_permits() - keep));
+            }
+        }
+    }
+
+    /// Bytes held (in whole KiB).
+    pub fn bytes(&self) -> u64 {
+        self.0.as_ref().map_or(0, |p| p.num_permits() as u64 * 1024)
+    }
+}
+
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024)
+}
+
+impl MemoryBudget {
+    /// A budget of `total` bytes, half for held request bytes and half for decoding.
+    pub fn new(total: u64) -> Self {
+        let share = (kib(total) / 2).clamp(1, u64::from(u32::MAX).min(Semaphore::MAX_PERMITS as u64)) as u32;
+        Self {
+            held: Arc::new(Semaphore::new(share as usize)),
+            decode: Arc::new(Semaphore::new(share as usize)),
+            share_kib: share,
+        }
+    }
+
+    /// A budget that never refuses, for offline tools that feed the pipeline themselves.
+    pub fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// Bytes in each share.
+    pub fn share_bytes(&self) -> u64 {
+        u64::from(self.share_kib) * 1024
+    }
+
+    /// Bytes reserved now, across both shares.
+    pub fn used_bytes(&self) -> u64 {
+        let free = self.held.available_permits() as u64 + self.decode.available_permits() as u64;
+        (2 * u64::from(self.share_kib)).saturating_sub(free) * 1024
+    }
+
+    /// Reserves `bytes` of the held share at once, or says the share is taken.
+    pub fn hold(&self, bytes: u64) -> Result<Reservation, Error> {
+        if bytes == 0 {
+            return Ok(Reservation::default());
+        }
+        let n = kib(bytes);
+        if n > u64::from(self.share_kib) {
+            return Err(Error::MemoryBudgetExhausted { retry_after_s: 1 });
+        }
+        Arc::clone(&self.held)
+            .try_acquire_many_owned(n as u32)
+            .map(|p| Reservation(Some(p)))
+            .map_err(|_| Error::MemoryBudgetExhausted { retry_after_s: 1 })
+    }
+
+    /// Reserves `bytes` of the decode share, waiting for other decodes until `deadline`.
+    /// A need larger than the whole share is refused at once: waiting would never meet it.
+    pub async fn decode(&self, bytes: u64, deadline: Instant) -> Result<Reservation, Error> {
+        let n = kib(bytes);
+        if n > u64::from(self.share_kib) {
+            return Err(Error::ImageNeedsTooMuchMemory { needed: bytes, limit: self.share_bytes() });
+        }
+        let acquire = Arc::clone(&self.decode).acquire_many_owned(n as u32);
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(p)) => Ok(Reservation(Some(p))),
+            Ok(Err(_)) => Err(Error::Unavailable("the memory budget is closed".into())),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn held_share_refuses_past_half_and_gives_back_on_drop() {
+        let b = MemoryBudget::new(8 << 20);
+        assert_eq!(b.share_bytes(), 4 << 20);
+        let mut r = b.hold(3 << 20).unwrap();
+        assert!(matches!(b.hold(2 << 20), Err(Error::MemoryBudgetExhausted { .. })));
+        r.merge(b.hold(1 << 20).unwrap());
+        assert_eq!(r.bytes(), 4 << 20);
+        assert_eq!(b.used_bytes(), 4 << 20);
+        drop(r);
+        assert_eq!(b.used_bytes(), 0);
+        // One byte still costs a whole KiB, so nothing is reserved for free.
+        assert_eq!(b.hold(1).unwrap().bytes(), 1024);
+        assert!(b.hold(5 << 20).is_err());
+    }
+
+    #[tokio::test]
+    async fn decode_share_waits_then_times_out() {
+        let b = MemoryBudget::new(8 << 20);
+        let first = b.decode(3 << 20, Instant::now() + Duration::from_secs(1)).await.unwrap();
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert!(matches!(b.decode(2 << 20, soon).await, Err(Error::Timeout)));
+        drop(first);
+        assert!(b.decode(4 << 20, soon + Duration::from_secs(1)).await.is_ok());
+        assert!(matches!(
+            b.decode(5 << 20, Instant::now() + Duration::from_secs(1)).await,
+            Err(Error::ImageNeedsTooMuchMemory { .. })
+        ));
+        // The held share is separate: decodes never starve it.
+        let _d = b.decode(4 << 20, Instant::now() + Duration::from_secs(1)).await.unwrap();
+        assert!(b.hold(4 << 20).is_ok());
+    }
+}

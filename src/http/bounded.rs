@@ -1,0 +1,168 @@
+//! JSON a client shapes, parsed with every count checked before items are allocated.
+//!
+//! serde builds a `Vec` of whatever length the client sends, and a `serde_json::Value` of
+//! whatever shape: a 32 MiB body of `"",` items becomes half a gigabyte of strings before any
+//! handler can count them. The request types use these functions instead (`deserialize_with`),
+//! so a list past [`MAX_LIST`] items stops parsing at the first item too many, nested arrays are
+//! flattened while they are counted, and fields qscore does not read are skipped without being
+//! built (`IgnoredAny`). The per-route limits (`--max-batch-images`) are checked afterwards on
+//! lists that are already small.
+
+use std::{fmt, marker::PhantomData};
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
+
+/// Most items in any list a request carries. `--max-batch-images` may not exceed it.
+pub const MAX_LIST: usize = 4096;
+
+/// Longest client-chosen identifier (a JSON `id`, a multipart file name, a task id), in bytes.
+/// Identifiers are echoed in answers and queued for the flagged webhook, so they are bounded.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// Refuses an identifier longer than [`MAX_ID_BYTES`].
+pub fn check_id(what: impl FnOnce() -> String, id: &str) -> Result<(), crate::error::Error> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(crate::error::Error::IdTooLong { what: what(), len: id.len(), limit: MAX_ID_BYTES });
+    }
+    Ok(())
+}
+
+fn too_many<E: de::Error>() -> E {
+    E::custom(format_args!("a list has more than {MAX_LIST} items; split the request"))
+}
+
+struct ListVisitor<T>(PhantomData<T>);
+
+impl<'de, T: de::Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a list of at most {MAX_LIST} items")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while out.len() < MAX_LIST {
+            match seq.next_element()? {
+                Some(item) => out.push(item),
+                None => return Ok(out),
+            }
+        }
+        match seq.next_element::<IgnoredAny>()? {
+            Some(_) => Err(too_many()),
+            None => Ok(out),
+        }
+    }
+}
+
+/// A list of at most [`MAX_LIST`] items (`#[serde(deserialize_with = "bounded::list")]`).
+pub fn list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    d.deserialize_seq(ListVisitor(PhantomData))
+}
+
+/// An optional list of at most [`MAX_LIST`] items; with `#[serde(default)]`.
+pub fn optional_list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    struct Opt<T>(PhantomData<T>);
+    impl<'de, T: de::Deserialize<'de>> Visitor<'de> for Opt<T> {
+        type Value = Option<Vec<T>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "null or a list of at most {MAX_LIST} items")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            list(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt(PhantomData))
+}
+
+/// The strings of a list, nested lists flattened in row-major order (a KServe tensor of shape
+/// `[2, 1]` may arrive as `[["a"], ["b"]]`), at most [`MAX_LIST`] in all; with
+/// `#[serde(default)]`.
+pub fn flat_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    struct Flat<'a>(&'a mut Vec<String>);
+    impl<'de> DeserializeSeed<'de> for Flat<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Flat<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "strings, or lists of strings, at most {MAX_LIST} in all")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+            if self.0.len() == MAX_LIST {
+                return Err(too_many());
+            }
+            self.0.push(s.to_owned());
+            Ok(())
+        }
+        fn visit_string<E: de::Error>(self, s: String) -> Result<(), E> {
+            if self.0.len() == MAX_LIST {
+                return Err(too_many());
+            }
+            self.0.push(s);
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Flat(&mut *self.0))?.is_some() {}
+            Ok(())
+        }
+    }
+    struct Opt;
+    impl<'de> Visitor<'de> for Opt {
+        type Value = Option<Vec<String>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "null or a list of strings")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            let mut out = Vec::new();
+            d.deserialize_seq(Flat(&mut out))?;
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_option(Opt)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Lists {
+        #[serde(deserialize_with = "list")]
+        items: Vec<u8>,
+        #[serde(default, deserialize_with = "flat_strings")]
+        data: Option<Vec<String>>,
+    }
+
+    #[test]
+    fn lists_stop_at_the_first_item_too_many() {
+        let ok: Lists = serde_json::from_str(r#"{"items": [1, 2], "data": [["a"], ["b", ["c"]]]}"#).unwrap();
+        assert_eq!(ok.items, vec![1, 2]);
+        assert_eq!(ok.data.unwrap(), vec!["a", "b", "c"]);
+        let exactly = format!(r#"{{"items": [{}]}}"#, vec!["0"; MAX_LIST].join(","));
+        assert_eq!(serde_json::from_str::<Lists>(&exactly).unwrap().items.len(), MAX_LIST);
+        let over = format!(r#"{{"items": [{}]}}"#, vec!["0"; MAX_LIST + 1].join(","));
+        assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
+        let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
+        assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
+        assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": [1]}"#).is_err());
+        assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": null}"#).unwrap().data.is_none());
+    }
+}
