@@ -45,7 +45,7 @@ impl ImageLimits {
 /// Bytes a decoder may allocate for metadata (ICC profiles, text chunks, EXIF, TIFF tags) while
 /// reading the header, before the pixel limits are known. The image crate's own default is
 /// 512 MiB; a colour profile or caption is never near this.
-pub const MAX_METADATA_BYTES: u64 = 8 << 20;
+pub const MAX_METADATA_BYTES: u64 = 4 << 20;
 
 /// Formats qscore decodes; anything else is `unsupported_image_format`.
 const SUPPORTED: [ImageFormat; 6] =
@@ -72,8 +72,11 @@ pub struct Header {
     pub height: u32,
     /// Size of the decoded buffer in the decoder's own colour type, in bytes.
     pub decoded_bytes: u64,
-    /// Whether the decoded colour type is already the 8-bit one a model takes (no converted copy).
-    pub eight_bit: bool,
+    /// The decoded colour type; unless it is the model's own layout (L8 or Rgb8), preprocessing
+    /// converts a copy.
+    pub color: image::ColorType,
+    /// The format the bytes are in.
+    pub format: ImageFormat,
 }
 
 impl Header {
@@ -83,13 +86,16 @@ impl Header {
     pub fn peak_bytes(&self, p: &Preprocess) -> u64 {
         let channels = p.channels() as u64;
         let pixels = u64::from(self.width) * u64::from(self.height);
-        let converted = if self.eight_bit { 0 } else { pixels * channels };
+        let layout = if channels == 1 { image::ColorType::L8 } else { image::ColorType::Rgb8 };
+        let converted = if self.color == layout { 0 } else { pixels * channels };
         let intermediate = match geometry(self.width, self.height, p) {
             Ok(g) => u64::from(g.resized.0) * u64::from(g.resized.1) * channels,
             Err(_) => 0,
         };
         let tensor = u64::from(p.width) * u64::from(p.height) * channels * 4;
-        self.decoded_bytes + converted + intermediate + tensor + MAX_METADATA_BYTES
+        // A progressive JPEG keeps every DCT coefficient (2 bytes a sample) until its last scan.
+        let decoder_working = if self.format == ImageFormat::Jpeg { 2 * self.decoded_bytes } else { 0 };
+        self.decoded_bytes + decoder_working + converted + intermediate + tensor + MAX_METADATA_BYTES
     }
 }
 
@@ -110,11 +116,11 @@ fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(impl ImageDecoder 
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::Internal(format!("reading from memory: {e}")))?;
-    match reader.format() {
-        Some(f) if SUPPORTED.contains(&f) => {}
+    let format = match reader.format() {
+        Some(f) if SUPPORTED.contains(&f) => f,
         _ => return Err(Error::UnsupportedFormat),
-    }
-    if reader.format() == Some(ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+    };
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(Error::UndecodableImage(
             "the JPEG is truncated: no end-of-image marker after its last scan".into(),
         ));
@@ -135,11 +141,7 @@ fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(impl ImageDecoder 
     if u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio) {
         return Err(Error::AspectRatioTooLarge { width, height, limit: limits.max_aspect_ratio });
     }
-    let eight_bit = matches!(
-        decoder.color_type(),
-        image::ColorType::L8 | image::ColorType::La8 | image::ColorType::Rgb8 | image::ColorType::Rgba8
-    );
-    let header = Header { width, height, decoded_bytes: decoder.total_bytes(), eight_bit };
+    let header = Header { width, height, decoded_bytes: decoder.total_bytes(), color: decoder.color_type(), format };
     Ok((decoder, header))
 }
 
@@ -295,6 +297,46 @@ mod tests {
         for (c, e) in expect.iter().enumerate() {
             assert!((t[[c, 100, 100]] - e).abs() < 1e-5, "channel {c}: {} vs {e}", t[[c, 100, 100]]);
         }
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        DynamicImage::ImageLuma8(image::GrayImage::new(width, height))
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        png
+    }
+
+    /// A strip is refused on its header, before any buffer sized from it exists: a 1 x 16,777,217
+    /// strip used to wrap a 32-bit size and be scored squashed, a 1 x 20,000,000 one to ask for
+    /// a 633 GB resize buffer.
+    #[test]
+    fn strips_are_refused_by_aspect_ratio() {
+        let limits = ImageLimits::DEFAULT;
+        for (w, h) in [(1, 21), (21, 1), (40, 1_000), (5_000, 1)] {
+            assert!(
+                matches!(inspect(&png(w, h), &limits), Err(Error::AspectRatioTooLarge { limit: 20, .. })),
+                "{w}x{h}"
+            );
+        }
+        for (w, h) in [(1, 20), (20, 1), (300, 6_000)] {
+            assert!(inspect(&png(w, h), &limits).is_ok(), "{w}x{h}");
+        }
+        let strip = Preprocess { resize_shorter: Some(256), ..imagenet() };
+        assert!(matches!(geometry(1, 16_777_217, &strip), Err(Error::AspectRatioTooLarge { .. })));
+        assert_eq!(geometry(1, 16_777_215, &strip).unwrap().resized, (256, 4_294_967_040));
+    }
+
+    /// peak_bytes by hand: a 300x600 grey PNG for ImageNet: decoded 180,000 (L8, so RGB is a
+    /// copy: 540,000), resized to 256x512x3 = 393,216, tensor 224*224*3*4 = 602,112, plus the
+    /// metadata allowance.
+    #[test]
+    fn peak_bytes_counts_every_buffer() {
+        let h = inspect(&png(300, 600), &ImageLimits::DEFAULT).unwrap();
+        assert_eq!(h.decoded_bytes, 180_000);
+        assert_eq!(h.peak_bytes(&imagenet()), 180_000 + 540_000 + 393_216 + 602_112 + MAX_METADATA_BYTES);
+        let grey = Preprocess { width: 28, height: 28, resize_shorter: None, color: crate::model::manifest::Color::Grey, mean: vec![0.5], std: vec![0.5] };
+        assert_eq!(h.peak_bytes(&grey), 180_000 + 784 + 784 * 4 + MAX_METADATA_BYTES);
     }
 
     #[test]

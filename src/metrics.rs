@@ -35,6 +35,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Images admitted and not yet answered, across models (set at scrape time).
     pub images_in_flight: IntGauge,
+    /// Bytes of the memory budget held now.
+    pub memory_budget_used: IntGauge,
     /// HTTP requests being handled.
     pub requests_in_flight: IntGauge,
     /// 1, labelled with each model's version and device.
@@ -170,6 +172,11 @@ impl Metrics {
                 .expect("valid metric");
         let requests_in_flight =
             IntGauge::new("qscore_http_requests_in_flight", "HTTP requests being handled.").expect("valid metric");
+        let memory_budget_used = IntGauge::new(
+            "qscore_memory_budget_used_bytes",
+            "Bytes of --memory-budget-bytes held now by request bodies, fetched images, decodes and queued tensors.",
+        )
+        .expect("valid metric");
         let model_info = IntGaugeVec::new(
             Opts::new("qscore_model_info", "Always 1; labels name each loaded model's version and device."),
             &["model", "version", "device"],
@@ -212,6 +219,7 @@ impl Metrics {
             Box::new(rejected.clone()),
             Box::new(queue_depth.clone()),
             Box::new(images_in_flight.clone()),
+            Box::new(memory_budget_used.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(model_info.clone()),
             Box::new(build_info.clone()),
@@ -237,6 +245,7 @@ impl Metrics {
             rejected,
             queue_depth,
             images_in_flight,
+            memory_budget_used,
             requests_in_flight,
             model_info,
             build_info,
@@ -251,8 +260,9 @@ impl Metrics {
 
     /// Sets the gauges that describe the server's state, just before a scrape: images in
     /// flight, and per model its queue depth and drift.
-    pub fn observe_state(&self, in_flight: usize, models: &[(usize, crate::drift::DriftReport)]) {
+    pub fn observe_state(&self, in_flight: usize, budget_used: u64, models: &[(usize, crate::drift::DriftReport)]) {
         self.images_in_flight.set(in_flight as i64);
+        self.memory_budget_used.set(budget_used as i64);
         for (depth, r) in models {
             let m = [r.model.as_str()];
             self.queue_depth.with_label_values(&m).set(*depth as i64);

@@ -243,7 +243,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error>
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let scorer = &state.scorer;
     let reports: Vec<_> = scorer.registry.models().map(|m| (m.worker.queue_depth(), scorer.drift.report(m))).collect();
-    scorer.metrics.observe_state(scorer.admission.in_flight(), &reports);
+    scorer.metrics.observe_state(scorer.admission.in_flight(), scorer.budget.used_bytes(), &reports);
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], scorer.metrics.render())
 }
 
@@ -258,7 +258,11 @@ pub async fn not_found() -> Error {
     Error::NotFound
 }
 
-/// JSON 405 for a known route with the wrong method.
-pub async fn method_not_allowed() -> Error {
-    Error::MethodNotAllowed
+/// JSON 405 for a known route with the wrong method, counted under that route.
+pub async fn method_not_allowed(path: Option<axum::extract::MatchedPath>) -> axum::response::Response {
+    let mut response = Error::MethodNotAllowed.into_response();
+    if let Some(path) = path {
+        response.extensions_mut().insert(super::RouteTemplate(path.as_str().into()));
+    }
+    response
 }

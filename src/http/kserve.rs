@@ -314,10 +314,6 @@ fn wanted_outputs(request: &InferRequest, model: &Model) -> Result<Vec<&'static 
         if !calibrated && matches!(*name, "p_misclassified" | "likely_misclassified") {
             return Err(Error::NotCalibrated { model: model.name().to_owned() });
         }
-        // Each output is answered once: a repeated one would multiply the answer, not inform.
-        if wanted.contains(name) {
-            return Err(Error::BadRequest(format!("output `{name}` is requested more than once; list each output once")));
-        }
         wanted.push(name);
     }
     Ok(wanted)
@@ -339,6 +335,16 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
         .map_err(|e| Error::BadRequest(format!("invalid inference request: {e}")))?;
     if let Some(id) = &request.id {
         bounded::check_id(|| "the request `id`".into(), id)?;
+    }
+    // Each output is answered once: a repeated one would multiply the answer, not inform.
+    if let Some(outputs) = &request.outputs {
+        let mut seen = std::collections::HashSet::with_capacity(outputs.len());
+        if let Some(o) = outputs.iter().find(|o| !seen.insert(o.name.as_str())) {
+            return Err(Error::BadRequest(format!(
+                "output `{}` is requested more than once; list each output once",
+                o.name
+            )));
+        }
     }
     let [input] = request.inputs.as_slice() else {
         return Err(Error::BadRequest(format!("expected one input tensor, `image`; got {}", request.inputs.len())));
@@ -422,8 +428,27 @@ mod tests {
         let raw = Bytes::from_static(&[3, 0, 0, 0, b'a', b'b', b'c', 0, 0, 0, 0, 1, 0, 0, 0, b'z']);
         let parts = split_bytes(&raw, 3).unwrap();
         assert_eq!(parts, vec![Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"z")]);
-        assert!(split_bytes(&Bytes::from_static(&[9, 0, 0, 0, 1])).is_err());
-        assert!(split_bytes(&Bytes::from_static(&[1, 0])).is_err());
+        assert!(split_bytes(&Bytes::from_static(&[9, 0, 0, 0, 1]), 1).is_err());
+        assert!(split_bytes(&Bytes::from_static(&[1, 0]), 1).is_err());
+        // More elements than the shape declares stops at the first extra one.
+        assert!(split_bytes(&raw, 2).unwrap_err().to_string().contains("more elements"));
+    }
+
+    /// A client-repeated output would multiply the answer (4,000 `embedding` outputs of 64
+    /// images ran the server out of memory): each output is answered once, a repeat is a 400.
+    #[test]
+    fn outputs_are_listed_once() {
+        let body = |outputs: &str| {
+            format!(r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}}],"outputs":{outputs}}}"#)
+        };
+        let (req, _) = parse(&HeaderMap::new(), &Bytes::from(body(r#"[{"name":"embedding"}]"#)), 8).unwrap();
+        assert_eq!(req.outputs.unwrap().len(), 1);
+        for repeats in [2, 4000, 5000] {
+            let repeated = vec![r#"{"name":"embedding"}"#; repeats].join(",");
+            let err = parse(&HeaderMap::new(), &Bytes::from(body(&format!("[{repeated}]"))), 8).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains("more than once") || message.contains("more than 4096"), "{message}");
+        }
     }
 
     #[test]

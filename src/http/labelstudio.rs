@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use axum::{Json, extract::State};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::Value;
@@ -79,19 +79,26 @@ impl LabelStudio {
             return Err(format!("fetching {url} answered {}", resp.status()));
         }
         let too_large = || format!("{url} is larger than {} bytes (--max-image-bytes)", self.max_bytes);
-        if resp.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+        let declared = resp.content_length().unwrap_or(0);
+        if declared > self.max_bytes as u64 {
             return Err(too_large());
         }
-        let mut buf = BytesMut::new();
-        let mut held = Reservation::default();
+        // As for request bodies, the buffer's capacity is what is reserved, before it grows.
+        let mut held = budget.hold(declared).map_err(|e| e.to_string())?;
+        let mut buf: Vec<u8> = Vec::with_capacity(declared as usize);
         while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading {url}: {e}"))? {
-            if buf.len() + chunk.len() > self.max_bytes {
+            let needed = buf.len() + chunk.len();
+            if needed > self.max_bytes {
                 return Err(too_large());
             }
-            held.merge(budget.hold(chunk.len() as u64).map_err(|e| e.to_string())?);
+            if needed > buf.capacity() {
+                let grown = needed.max(buf.capacity() * 2).min(self.max_bytes);
+                held.merge(budget.hold((grown - buf.capacity()) as u64).map_err(|e| e.to_string())?);
+                buf.reserve_exact(grown - buf.len());
+            }
             buf.extend_from_slice(&chunk);
         }
-        Ok((buf.freeze(), held))
+        Ok((Bytes::from(buf), held))
     }
 }
 

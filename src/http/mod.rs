@@ -184,7 +184,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 
 /// The route template that answered, carried from the inner route layer to [`track`].
 #[derive(Clone)]
-struct RouteTemplate(Arc<str>);
+pub(crate) struct RouteTemplate(pub(crate) Arc<str>);
 
 /// Tags a routed answer with its route template.
 async fn tag_route(path: MatchedPath, req: Request, next: Next) -> Response {

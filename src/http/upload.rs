@@ -12,7 +12,7 @@ use axum::{
     http::header::CONTENT_TYPE,
 };
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -65,10 +65,14 @@ impl FromRequest<AppState> for Uploads {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let Body { bytes, mut held } = read_limited(req.into_body(), &state.limits, &state.scorer.budget).await?;
-        if !is_raw_image(&content_type) {
-            // Multipart parts and decoded base64 are copies of the body: count them too.
-            held.merge(state.scorer.budget.hold(bytes.len() as u64)?);
-        }
+        // Parsing copies the body: multer buffers it once (parts are slices of that copy); a
+        // JSON batch holds its base64 strings and then their decoded bytes.
+        let copies = match essence(&content_type).as_str() {
+            "multipart/form-data" => 1,
+            "application/json" => 2,
+            _ => 0,
+        };
+        held.merge(state.scorer.budget.hold(copies * bytes.len() as u64)?);
         let items = parse_uploads(&content_type, bytes, state.limits.max_batch_images).await?;
         Ok(Self { items, held })
     }
@@ -114,42 +118,73 @@ const LINGER_FACTOR: usize = 4;
 
 /// Reads a whole body under the request limits (its size and the deadline to receive it),
 /// reserving its bytes from the held share of `budget` as they arrive.
+///
+/// A body refused for its size or for the budget is read on and discarded for a moment after
+/// the deadline's clock stops, so the client reads the error instead of a connection reset.
 pub(crate) async fn read_limited(
     body: axum::body::Body,
     limits: &super::RequestLimits,
     budget: &MemoryBudget,
 ) -> Result<Body, Error> {
-    tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body_bytes, budget))
-        .await
-        .map_err(|_| Error::BodyTimeout)?
+    let declared = http_body::Body::size_hint(&body).exact();
+    let mut stream = body.into_data_stream();
+    let read = read_body(&mut stream, declared, limits.max_body_bytes, budget);
+    match tokio::time::timeout(limits.body_timeout, read).await {
+        Err(_) => Err(Error::BodyTimeout),
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err((error, received))) => {
+            drain(&mut stream, received, limits.max_body_bytes).await;
+            Err(error)
+        }
+    }
 }
 
-/// Reads the whole body, refusing it past `limit` bytes or past the budget.
-async fn read_body(body: axum::body::Body, limit: usize, budget: &MemoryBudget) -> Result<Body, Error> {
-    let mut stream = body.into_data_stream();
-    let mut buf = BytesMut::new();
-    let mut held = Reservation::default();
+/// Reads the whole body, refusing it past `limit` bytes or past the budget; a refusal comes
+/// with the bytes received so far.
+///
+/// The buffer's capacity, not only its length, is what is reserved: a declared
+/// `Content-Length` is reserved and allocated once, before the first byte is read; a body of
+/// unknown length grows by doubling, each growth reserved before it happens.
+async fn read_body(
+    stream: &mut axum::body::BodyDataStream,
+    declared: Option<u64>,
+    limit: usize,
+    budget: &MemoryBudget,
+) -> Result<Body, (Error, usize)> {
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err((Error::BodyTooLarge { limit }, 0));
+    }
+    let declared = declared.unwrap_or(0) as usize;
+    let mut held = budget.hold(declared as u64).map_err(|e| (e, 0))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(declared);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Error::BadRequest(format!("cannot read the body: {e}")))?;
-        if buf.len() + chunk.len() <= limit {
-            held.merge(budget.hold(chunk.len() as u64)?);
+        let chunk = chunk.map_err(|e| (Error::BadRequest(format!("cannot read the body: {e}")), buf.len()))?;
+        let needed = buf.len() + chunk.len();
+        if needed > limit {
+            return Err((Error::BodyTooLarge { limit }, needed));
         }
-        if buf.len() + chunk.len() > limit {
-            let mut drained = buf.len() + chunk.len();
-            let _ = tokio::time::timeout(LINGER_TIME, async {
-                while let Some(Ok(c)) = stream.next().await {
-                    drained += c.len();
-                    if drained > limit.saturating_mul(LINGER_FACTOR) {
-                        break;
-                    }
-                }
-            })
-            .await;
-            return Err(Error::BodyTooLarge { limit });
+        if needed > buf.capacity() {
+            let grown = needed.max(buf.capacity() * 2).min(limit);
+            held.merge(budget.hold((grown - buf.capacity()) as u64).map_err(|e| (e, needed))?);
+            buf.reserve_exact(grown - buf.len());
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok(Body { bytes: buf.freeze(), held })
+    Ok(Body { bytes: Bytes::from(buf), held })
+}
+
+/// Reads and discards what the client is still sending (at most [`LINGER_TIME`] and
+/// `LINGER_FACTOR x limit` bytes in all), so that it reads our error instead of a reset.
+async fn drain(stream: &mut axum::body::BodyDataStream, mut drained: usize, limit: usize) {
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while let Some(Ok(c)) = stream.next().await {
+            drained += c.len();
+            if drained > limit.saturating_mul(LINGER_FACTOR) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Upload>, Error> {
