@@ -81,11 +81,33 @@ pub fn optional_list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -
     d.deserialize_option(Opt(PhantomData))
 }
 
-/// The strings of a list, nested lists flattened in row-major order (a KServe tensor of shape
-/// `[2, 1]` may arrive as `[["a"], ["b"]]`), at most [`MAX_LIST`] in all; with
-/// `#[serde(default)]`.
-pub fn flat_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    struct Flat<'a>(&'a mut Vec<String>);
+/// The leaves of a tensor's `data`, nested lists flattened in row-major order (a KServe
+/// tensor of shape `[2, 1]` may arrive as `[["a"], ["b"]]`), at most [`MAX_LIST`] in all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Leaves {
+    /// The string leaves, in order.
+    pub strings: Vec<String>,
+    /// Leaves that were not strings (numbers, booleans, null): counted, never kept, so the
+    /// caller can say which datatype was expected after checking the tensor's declared one.
+    pub others: usize,
+}
+
+impl Leaves {
+    fn push(&mut self, leaf: Option<String>) -> Result<(), String> {
+        if self.strings.len() + self.others == MAX_LIST {
+            return Err(format!("a list has more than {MAX_LIST} items; split the request"));
+        }
+        match leaf {
+            Some(s) => self.strings.push(s),
+            None => self.others += 1,
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's optional `data` as [`Leaves`]; with `#[serde(default)]`.
+pub fn tensor_leaves<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Leaves>, D::Error> {
+    struct Flat<'a>(&'a mut Leaves);
     impl<'de> DeserializeSeed<'de> for Flat<'_> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -95,21 +117,25 @@ pub fn flat_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String
     impl<'de> Visitor<'de> for Flat<'_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "strings, or lists of strings, at most {MAX_LIST} in all")
+            write!(f, "values, or lists of values, at most {MAX_LIST} in all")
         }
         fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-            if self.0.len() == MAX_LIST {
-                return Err(too_many());
-            }
-            self.0.push(s.to_owned());
-            Ok(())
+            self.0.push(Some(s.to_owned())).map_err(E::custom)
         }
-        fn visit_string<E: de::Error>(self, s: String) -> Result<(), E> {
-            if self.0.len() == MAX_LIST {
-                return Err(too_many());
-            }
-            self.0.push(s);
-            Ok(())
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+            self.0.push(None).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+            self.0.push(None).map_err(E::custom)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+            self.0.push(None).map_err(E::custom)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+            self.0.push(None).map_err(E::custom)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            self.0.push(None).map_err(E::custom)
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             while seq.next_element_seed(Flat(&mut *self.0))?.is_some() {}
@@ -118,9 +144,9 @@ pub fn flat_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String
     }
     struct Opt;
     impl<'de> Visitor<'de> for Opt {
-        type Value = Option<Vec<String>>;
+        type Value = Option<Leaves>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "null or a list of strings")
+            write!(f, "null or a list")
         }
         fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -129,7 +155,7 @@ pub fn flat_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String
             Ok(None)
         }
         fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            let mut out = Vec::new();
+            let mut out = Leaves::default();
             d.deserialize_seq(Flat(&mut out))?;
             Ok(Some(out))
         }
@@ -147,22 +173,22 @@ mod tests {
     struct Lists {
         #[serde(deserialize_with = "list")]
         items: Vec<u8>,
-        #[serde(default, deserialize_with = "flat_strings")]
-        data: Option<Vec<String>>,
+        #[serde(default, deserialize_with = "tensor_leaves")]
+        data: Option<Leaves>,
     }
 
     #[test]
     fn lists_stop_at_the_first_item_too_many() {
         let ok: Lists = serde_json::from_str(r#"{"items": [1, 2], "data": [["a"], ["b", ["c"]]]}"#).unwrap();
         assert_eq!(ok.items, vec![1, 2]);
-        assert_eq!(ok.data.unwrap(), vec!["a", "b", "c"]);
+        assert_eq!(ok.data.unwrap().strings, vec!["a", "b", "c"]);
         let exactly = format!(r#"{{"items": [{}]}}"#, vec!["0"; MAX_LIST].join(","));
         assert_eq!(serde_json::from_str::<Lists>(&exactly).unwrap().items.len(), MAX_LIST);
         let over = format!(r#"{{"items": [{}]}}"#, vec!["0"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
         let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
-        assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": [1]}"#).is_err());
+        assert_eq!(serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x"]]}"#).unwrap().data.unwrap().others, 1);
         assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": null}"#).unwrap().data.is_none());
     }
 }

@@ -100,9 +100,9 @@ pub struct InferInput {
     pub datatype: String,
     /// Base64 strings, one per image, unless sent as binary data; nested lists are read in
     /// row-major order.
-    #[serde(default, deserialize_with = "bounded::flat_strings")]
+    #[serde(default, deserialize_with = "bounded::tensor_leaves")]
     #[schema(value_type = Option<Vec<String>>)]
-    pub data: Option<Vec<String>>,
+    pub data: Option<bounded::Leaves>,
     /// `binary_data_size` when the tensor follows the JSON header.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -377,7 +377,11 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
                 .ok_or_else(|| Error::BadRequest("binary_data_size runs past the end of the body".into()))?;
             split_bytes(&body.slice(start..end), n)?
         }
-        (None, Some(items)) => items
+        (None, Some(leaves)) if leaves.others > 0 => {
+            return Err(Error::BadRequest("`image` data must be base64 strings, one per image".into()));
+        }
+        (None, Some(leaves)) => leaves
+            .strings
             .iter()
             .enumerate()
             .map(|(i, s)| {
