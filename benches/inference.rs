@@ -17,10 +17,10 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, Array4, Axis};
 use qscore::{
-    config::{Device, EngineArgs, GraphOptimization},
+    engine::{BatchSettings, Capacity, EmbeddingMode, Engine, EngineConfig, Input, Selection},
     http::{AppState, RequestLimits},
     image::ImageLimits,
-    model::encoder::{Encoder, SessionOptions},
+    model::encoder::{Device, Encoder, GraphOptimization, SessionOptions},
     qscore::Discriminative,
 };
 
@@ -30,19 +30,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn engine() -> EngineArgs {
-    EngineArgs {
+fn engine() -> EngineConfig {
+    EngineConfig {
         models_dir: root().join("models"),
-        model: Some("mobilenet_v2-imagenet".into()),
+        default_model: Some("mobilenet_v2-imagenet".into()),
         ort_lib: None,
-        device: Device::Cpu,
-        intra_threads: 0,
-        graph_optimization: GraphOptimization::All,
-        max_batch: 32,
-        max_batch_delay_ms: 2,
-        max_image_pixels: 40_000_000,
-        max_image_bytes: 16 << 20,
-        max_image_aspect_ratio: 20,
+        session: SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All },
+        batching: BatchSettings { max_batch: 32, max_delay: Duration::from_millis(2) },
+        limits: ImageLimits::DEFAULT,
     }
 }
 
@@ -63,10 +58,7 @@ fn jpegs(n: usize) -> Vec<Bytes> {
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
-    let scorer = Arc::new(
-        qscore::server::build_scorer(&engine(), &qscore::model::Selection::All, qscore::server::Capacity::OFFLINE)
-            .expect("run `make ort` first"),
-    );
+    let scorer = Arc::new(Engine::open(&engine(), &Selection::All, Capacity::OFFLINE).expect("run `make ort` first"));
     let model = scorer.registry.get(None).unwrap().clone();
     let photos = jpegs(32);
     let limits = ImageLimits::DEFAULT;
@@ -75,7 +67,7 @@ fn benches(c: &mut Criterion) {
 
     // (a) The raw ceiling: a second session of the same model, fed prepared tensors.
     let mut encoder = Encoder::load(
-        scorer.registry.environment(),
+        scorer.registry.environment().expect("an ONNX Runtime registry"),
         &root().join("models/mobilenet_v2-imagenet/model.onnx"),
         "pixel_values",
         "embedding",
@@ -102,8 +94,9 @@ fn benches(c: &mut Criterion) {
         pipe.throughput(Throughput::Elements(n as u64));
         pipe.bench_function(format!("images_{n}"), |b| {
             b.iter(|| {
-                let out = rt.block_on(scorer.score(&model, images.clone(), qscore::scoring::Embedding::Omit)).unwrap();
-                assert!(out.iter().all(Result::is_ok));
+                let inputs = images.iter().map(|b| Input { id: String::new(), bytes: Ok(b.clone()) }).collect();
+                let out = rt.block_on(scorer.score(&model, inputs, EmbeddingMode::Omit)).unwrap();
+                assert!(out.iter().all(|o| o.answer.is_ok()));
                 black_box(out)
             })
         });
@@ -112,7 +105,7 @@ fn benches(c: &mut Criterion) {
 
     // (c) Real HTTP on loopback.
     let state = AppState {
-        scorer: Arc::clone(&scorer),
+        engine: Arc::clone(&scorer),
         limits: RequestLimits {
             max_body_bytes: 64 << 20,
             max_batch_images: 256,
@@ -120,7 +113,6 @@ fn benches(c: &mut Criterion) {
         },
         api_keys: None,
         label_studio: None,
-        webhook: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

@@ -3,9 +3,16 @@
 //! Every setting has a flag and a `QSCORE_*` variable with the same meaning; clap prints both in
 //! `--help`. The rest of the program receives the typed parts it needs, never raw strings.
 
-use std::{net::IpAddr, path::PathBuf, str::FromStr};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::TypedValueParser};
+
+pub use crate::model::encoder::{Device, GraphOptimization};
+use crate::{
+    engine::{BatchSettings, EngineConfig},
+    image::ImageLimits,
+    model::encoder::SessionOptions,
+};
 
 /// Score self-supervised image representations with the label-free Q-Score.
 #[derive(Debug, Parser)]
@@ -53,8 +60,10 @@ pub struct EngineArgs {
     /// ONNX Runtime intra-op threads per model (0: ONNX Runtime's default, one per core).
     #[arg(long, env = "QSCORE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
-    /// ONNX Runtime graph optimisation level.
-    #[arg(long, env = "QSCORE_GRAPH_OPTIMIZATION", value_enum, default_value_t = GraphOptimization::All)]
+    /// ONNX Runtime graph optimisation level: disable, basic, extended or all.
+    #[arg(long, env = "QSCORE_GRAPH_OPTIMIZATION", default_value = "all",
+          value_parser = clap::builder::PossibleValuesParser::new(["disable", "basic", "extended", "all"])
+              .map(|s| s.parse::<GraphOptimization>().expect("a listed value")))]
     pub graph_optimization: GraphOptimization,
     /// Most images in one ONNX Runtime run; images from many requests are gathered up to it,
     /// and larger requests are split.
@@ -75,6 +84,31 @@ pub struct EngineArgs {
     #[arg(long, env = "QSCORE_MAX_IMAGE_ASPECT_RATIO", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_image_aspect_ratio: u32,
+}
+
+impl EngineArgs {
+    /// The engine's plain configuration: the only form the rest of the program sees.
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            models_dir: self.models_dir.clone(),
+            default_model: self.model.clone(),
+            ort_lib: self.ort_lib.clone(),
+            session: SessionOptions {
+                device: self.device,
+                intra_threads: self.intra_threads,
+                optimization: self.graph_optimization,
+            },
+            batching: BatchSettings {
+                max_batch: self.max_batch as usize,
+                max_delay: Duration::from_millis(self.max_batch_delay_ms),
+            },
+            limits: ImageLimits {
+                max_bytes: self.max_image_bytes,
+                max_pixels: self.max_image_pixels,
+                max_aspect_ratio: self.max_image_aspect_ratio,
+            },
+        }
+    }
 }
 
 /// Settings of `qscore serve`.
@@ -292,19 +326,6 @@ fn parse_band(s: &str) -> Result<(f64, f64), String> {
     Ok((lo, hi))
 }
 
-/// ONNX Runtime's graph optimisation levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GraphOptimization {
-    /// No graph optimisation.
-    Disable,
-    /// Constant folding and redundant-node removal.
-    Basic,
-    /// Plus operator fusions.
-    Extended,
-    /// Everything, including layout optimisations.
-    All,
-}
-
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -312,41 +333,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Where inference runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    /// ONNX Runtime's CPU execution provider.
-    Cpu,
-    /// The CUDA execution provider on the GPU with this ordinal.
-    Cuda(i32),
-}
-
-impl FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<i32>().ok())
-                .filter(|&n| n >= 0)
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("`{s}` is not a device; use cpu, cuda or cuda:N")),
-        }
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use std::{
 
 use serde::Serialize;
 
-use crate::model::{
-    Model,
-    calibration::{Calibration, Distribution},
+use crate::{
+    engine::Model,
+    model::calibration::{Calibration, Distribution},
 };
 
 /// How much recent history a window keeps.

@@ -145,6 +145,15 @@ pub enum Error {
     /// The model produced an embedding that cannot be scored (NaN or infinity).
     #[error("the model produced an invalid embedding: {0}")]
     InvalidEmbedding(String),
+    /// A file `qscore score` was given could not be read.
+    #[error("cannot read the file: {0}")]
+    UnreadableFile(String),
+    /// A task image URL that qscore will not fetch (another host, not a URL).
+    #[error("{0}")]
+    UrlRefused(String),
+    /// A task image could not be fetched from Label Studio.
+    #[error("{0}")]
+    FetchFailed(String),
     /// Anything else that is the server's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -179,6 +188,9 @@ impl Error {
             Self::Timeout => "timeout",
             Self::Unavailable(_) => "unavailable",
             Self::InvalidEmbedding(_) => "invalid_embedding",
+            Self::UnreadableFile(_) => "unreadable_file",
+            Self::UrlRefused(_) => "url_refused",
+            Self::FetchFailed(_) => "fetch_failed",
             Self::Internal(_) => "internal",
         }
     }
@@ -191,6 +203,8 @@ impl Error {
             | Self::MissingImage
             | Self::UnexpectedField(_)
             | Self::IdTooLong { .. }
+            | Self::UrlRefused(_)
+            | Self::UnreadableFile(_)
             | Self::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) | Self::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -206,6 +220,7 @@ impl Error {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } | Self::MemoryBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::FetchFailed(_) => StatusCode::BAD_GATEWAY,
             Self::InvalidEmbedding(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

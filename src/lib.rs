@@ -29,22 +29,15 @@
 //! - [`drift`]: rolling windows of recent answers against the calibration reference.
 //! - [`webhook`]: flagged answers pushed to one configured endpoint, off the request path.
 
-pub mod batch;
-pub mod budget;
 pub mod calibrate;
 pub mod config;
 pub mod drift;
 pub mod error;
 pub mod http;
+pub mod engine;
 pub mod image;
-pub mod isotonic;
 pub mod metrics;
 pub mod model;
-pub mod neighbours;
-pub mod probe;
 pub mod qscore;
-pub mod ranking;
 pub mod risk;
-pub mod scoring;
 pub mod server;
-pub mod webhook;

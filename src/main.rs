@@ -7,7 +7,8 @@ use clap::Parser;
 use qscore::{
     config::{Cli, Command, LogFormat, OutputFormat, ScoreArgs, SortOrder},
     http::error::ErrorDetail,
-    scoring::{Embedding, ImageScore},
+    engine::{Capacity, EmbeddingMode, Engine, ImageScore, Input, Selection, answer::sort_riskiest_first},
+    error::Error,
     server,
 };
 
@@ -74,7 +75,8 @@ fn print_openapi() -> anyhow::Result<ExitCode> {
 #[derive(serde::Serialize)]
 struct FileLine {
     file: PathBuf,
-    /// p_misclassified for a calibrated model, -Q otherwise: higher is riskier.
+    /// [`ImageScore::risk`]: p_misclassified for a calibrated model, 1 / (1 + Q) otherwise;
+    /// higher is riskier.
     #[serde(skip_serializing_if = "Option::is_none")]
     risk: Option<f64>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -87,8 +89,7 @@ impl FileLine {
     fn new(file: PathBuf, answer: Result<ImageScore, ErrorDetail>) -> Self {
         match answer {
             Ok(s) => {
-                let risk = s.p_misclassified.map_or(-f64::from(s.q_score), f64::from);
-                Self { file, risk: Some(risk), score: Some(s), error: None }
+                Self { file, risk: Some(s.risk()), score: Some(s), error: None }
             }
             Err(e) => Self { file, risk: None, score: None, error: Some(e) },
         }
@@ -184,43 +185,32 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 /// Scores files through the same pipeline as the server. Exits 1 when any file failed, after
 /// writing every line.
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
-    let engine = args.engine.clone();
-    let scorer = tokio::task::spawn_blocking(move || {
-        server::build_scorer(&engine, &qscore::model::Selection::All, server::Capacity::OFFLINE)
-    })
-    .await??;
-    let model = scorer.registry.get(args.engine.model.as_deref())?.clone();
+    let config = args.engine.config();
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, Capacity::OFFLINE)).await??;
+    let model = engine.registry.get(args.engine.model.as_deref())?.clone();
     let files = expand(&args.files)?;
     let mut writer = Writer::new(args.format)?;
     let mut held = Vec::new();
     let mut failed = false;
     for chunk in files.chunks(256) {
-        let mut readable = Vec::with_capacity(chunk.len());
-        let reads: Vec<_> = chunk.iter().map(|f| std::fs::read(f).map(|b| readable.push(Bytes::from(b)))).collect();
-        let mut scored = scorer.score(&model, readable, Embedding::Omit).await?.into_iter();
-        for (file, read) in chunk.iter().zip(reads) {
-            let answer = match read {
-                Err(e) => Err(ErrorDetail { code: "unreadable_file".into(), message: e.to_string() }),
-                Ok(()) => scored
-                    .next()
-                    .unwrap_or_else(|| Err(qscore::error::Error::Internal("a file was left unanswered".into())))
-                    .map_err(|e| ErrorDetail::from(&e)),
-            };
-            failed |= answer.is_err();
-            let line = FileLine::new(file.clone(), answer);
+        let inputs = chunk
+            .iter()
+            .map(|f| Input {
+                id: f.display().to_string(),
+                bytes: std::fs::read(f).map(Bytes::from).map_err(|e| Error::UnreadableFile(e.to_string())),
+            })
+            .collect();
+        for (file, out) in chunk.iter().zip(engine.score(&model, inputs, EmbeddingMode::Omit).await?) {
+            failed |= out.answer.is_err();
+            let line = FileLine::new(file.clone(), out.answer.map_err(|e| ErrorDetail::from(&e)));
             match args.sort {
                 SortOrder::None => writer.write(&line)?,
                 SortOrder::Risk => held.push(line),
             }
         }
     }
-    // Riskiest first; files that could not be scored last, in input order.
-    held.sort_by(|a, b| match (a.risk, b.risk) {
-        (Some(x), Some(y)) => y.total_cmp(&x),
-        (Some(_), None) => std::cmp::Ordering::Less,
-        (None, Some(_)) => std::cmp::Ordering::Greater,
-        (None, None) => std::cmp::Ordering::Equal,
-    });
+    sort_riskiest_first(&mut held, |line| line.score.as_ref());
     for line in &held {
         writer.write(line)?;
     }

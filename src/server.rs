@@ -17,76 +17,20 @@ use std::{
 use anyhow::Context;
 
 use crate::{
-    batch::Admission,
-    budget::MemoryBudget,
-    config::{EngineArgs, ServeArgs},
-    drift::{DriftMonitor, DriftSettings},
+    config::ServeArgs,
+    drift::DriftSettings,
+    engine::{Capacity, Engine, Selection},
     http::{
         self, AppState, RequestLimits,
         auth::ApiKeys,
         connections::{self, ConnectionLimits, connection_cap},
         labelstudio::LabelStudio,
     },
-    image::ImageLimits,
-    metrics::Metrics,
-    model::{Registry, Selection},
-    scoring::Scorer,
 };
-
-/// How much work the pipeline takes on at once, for how long, and how much it remembers.
-#[derive(Debug, Clone, Copy)]
-pub struct Capacity {
-    /// Most images inside the pipeline at once.
-    pub max_images: usize,
-    /// Deadline of one call.
-    pub timeout: Duration,
-    /// The drift windows.
-    pub drift: DriftSettings,
-    /// `--memory-budget-bytes`.
-    pub memory_budget: u64,
-}
-
-impl Capacity {
-    /// For offline tools (`score`, `calibrate`): they feed the pipeline in chunks themselves,
-    /// wait as long as it takes, and watch no drift.
-    pub const OFFLINE: Self = Self {
-        max_images: usize::MAX / 2,
-        timeout: Duration::from_secs(24 * 3600),
-        drift: DriftSettings { max_images: 0, max_age: Duration::ZERO },
-        memory_budget: u64::MAX,
-    };
-}
-
-/// Loads the models and builds the scoring pipeline (shared by `serve`, `score` and
-/// `calibrate`).
-pub fn build_scorer(engine: &EngineArgs, selection: &Selection, capacity: Capacity) -> anyhow::Result<Scorer> {
-    let metrics = Metrics::new();
-    let registry = Registry::load(engine, selection, &metrics)?;
-    let drift = DriftMonitor::new(registry.models().map(AsRef::as_ref), capacity.drift);
-    Ok(Scorer {
-        drift,
-        registry: Arc::new(registry),
-        limits: ImageLimits {
-            max_bytes: engine.max_image_bytes,
-            max_pixels: engine.max_image_pixels,
-            max_aspect_ratio: engine.max_image_aspect_ratio,
-        },
-        admission: Admission::new(capacity.max_images),
-        budget: MemoryBudget::new(capacity.memory_budget),
-        decode_slots: Arc::new(tokio::sync::Semaphore::new(cores())),
-        request_timeout: capacity.timeout,
-        metrics,
-    })
-}
-
-/// CPU cores this process may use.
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(2, usize::from)
-}
 
 /// Runs the server until a shutdown signal, then drains for at most `--shutdown-grace-s`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let engine = args.engine.clone();
+    let config = args.engine.config();
     let capacity = Capacity {
         max_images: args.max_queued_images,
         timeout: Duration::from_millis(args.request_timeout_ms),
@@ -102,24 +46,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             LabelStudio::new(url, args.label_studio_token.clone(), timeout, args.engine.max_image_bytes).map(Arc::new)
         })
         .transpose()?;
-    let scorer = tokio::task::spawn_blocking(move || build_scorer(&engine, &Selection::All, capacity)).await??;
+    let mut engine = tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, capacity)).await??;
     if let Some(keys) = &api_keys {
         keys.watch();
     }
-    let webhook = args
-        .flagged_webhook
-        .as_deref()
-        .map(|url| {
-            let url =
-                reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("--flagged-webhook {url} is not a URL: {e}"))?;
-            let timeout = Duration::from_millis(args.flagged_webhook_timeout_ms);
-            crate::webhook::Webhook::start(url, timeout, scorer.metrics.clone())
-        })
-        .transpose()?;
+    if let Some(url) = args.flagged_webhook.as_deref() {
+        let url = reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("--flagged-webhook {url} is not a URL: {e}"))?;
+        let timeout = Duration::from_millis(args.flagged_webhook_timeout_ms);
+        engine.observe(Arc::new(crate::engine::webhook::Webhook::start(url, timeout, engine.metrics.clone())?));
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
-        webhook,
-        scorer: Arc::new(scorer),
+        engine: Arc::new(engine),
         limits: RequestLimits {
             max_body_bytes: args.max_body_bytes,
             max_batch_images: args.max_batch_images,

@@ -97,7 +97,8 @@ fn predict_sorts_the_riskiest_first_and_fetches_only_from_label_studio() {
     assert!((shirt - (1.0 - v1["p_misclassified"].as_f64().unwrap())).abs() < 1e-6, "score = 1 - p_misclassified");
     for i in [3, 4] {
         assert!(results[i]["score"].is_null());
-        assert!(results[i]["error"].as_str().unwrap().contains("refused"), "{}", results[i]);
+        assert_eq!(results[i]["error"]["code"], "url_refused", "{}", results[i]);
+        assert!(results[i]["error"]["message"].as_str().unwrap().contains("refused"), "{}", results[i]);
     }
     let fetched = seen.lock().unwrap().clone();
     assert_eq!(fetched.len(), 3, "only the three Label Studio images were fetched: {fetched:?}");
@@ -106,7 +107,8 @@ fn predict_sorts_the_riskiest_first_and_fetches_only_from_label_studio() {
     let s2 = Server::start(&["--model", "fmnist-simclr", "--label-studio-url", &base]);
     let one = serde_json::json!({"tasks": [{"id": 1, "data": {"image": "/data/upload/7/bag-t10k-00030.png"}}]});
     let r: Value = s2.client().post(format!("{}/predict", s2.url)).json(&one).send().unwrap().json().unwrap();
-    assert!(r["results"][0]["error"].as_str().unwrap().contains("401"), "{r}");
+    assert_eq!(r["results"][0]["error"]["code"], "fetch_failed", "{r}");
+    assert!(r["results"][0]["error"]["message"].as_str().unwrap().contains("401"), "{r}");
 }
 
 /// Offline: `qscore score --sort risk` walks a folder and writes the riskiest images first, as

@@ -8,15 +8,15 @@ use rand_chacha::ChaCha8Rng;
 
 use super::dataset::Part;
 use crate::{
-    isotonic::IsotonicMap,
+    risk::isotonic::IsotonicMap,
     model::calibration::{
         Calibration, Compression, DataFingerprint, Distribution, EstimatorMetrics, Evaluation, FORMAT_VERSION,
         FlagMetrics, Histogram, Ranking, Reference, SweepRow, ThresholdRule,
     },
-    neighbours::Neighbours,
-    probe::{Probe, ProbeSettings},
+    risk::neighbours::Neighbours,
+    risk::probe::{Probe, ProbeSettings},
     qscore::{self, Discriminative, Score},
-    ranking,
+    risk::{self, ranking},
     risk::RiskSource,
 };
 
@@ -114,14 +114,12 @@ pub fn calibrate(
             .map(|&i| {
                 let h = data.h.row(i);
                 let score = qscore::score(h, settings.epsilon, &mask).with_context(|| format!("image {i}"))?;
-                let z = probe.standardise(h);
-                let prediction = probe.predict_standardised(&z);
-                let mut risk = [0.0; 7];
-                for (slot, source) in risk.iter_mut().zip(RiskSource::ALL) {
-                    let knn = || neighbours.disagreement(&z, prediction.class);
-                    *slot = f64::from(source.risk(&score, &prediction, knn));
+                let measured = risk::measure(h, &score, &probe, &neighbours, &RiskSource::ALL);
+                let mut risk = [0.0; RiskSource::ALL.len()];
+                for (slot, r) in risk.iter_mut().zip(&measured.risks) {
+                    *slot = f64::from(*r);
                 }
-                Ok(Measured { wrong: prediction.class != data.labels[i], score, risk })
+                Ok(Measured { wrong: measured.prediction.class != data.labels[i], score, risk })
             })
             .collect()
     };

@@ -24,14 +24,12 @@ use self::{
 };
 use crate::{
     config::{CalibrateArgs, EvaluateArgs, ReportFormat},
+    engine::{Capacity, EmbeddingMode, Engine, Input, Model, Selection},
     model::{
-        Selection,
         calibration::{Calibration, DataFingerprint},
         manifest::Manifest,
     },
-    probe::ProbeSettings,
-    scoring::{Embedding, Scorer},
-    server::build_scorer,
+    risk::probe::ProbeSettings,
 };
 
 /// Images per call into the pipeline: large enough to keep the worker busy, small enough to
@@ -50,14 +48,13 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         _ => bail!("give --data DIR, or --fit DIR and --holdout DIR"),
     };
 
-    let (engine, selection) = (args.engine.clone(), Selection::Uncalibrated(name.clone()));
-    let scorer =
-        tokio::task::spawn_blocking(move || build_scorer(&engine, &selection, crate::server::Capacity::OFFLINE))
-            .await??;
-    let model = scorer.registry.get(Some(&name))?.clone();
+    let (config, selection) = (args.engine.config(), Selection::Uncalibrated(name.clone()));
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::open(&config, &selection, Capacity::OFFLINE)).await??;
+    let model = engine.registry.get(Some(&name))?.clone();
     let defaults = model.manifest.qscore;
 
-    let (h, kept, mut skipped) = embed(&scorer, &model, &dataset).await?;
+    let (h, kept, mut skipped) = embed(&engine, &model, &dataset).await?;
     skipped.extend(dataset.ignored.iter().map(|p| format!("{}: not an image file by its extension", p.display())));
     for s in &skipped {
         tracing::warn!("left out: {s}");
@@ -118,8 +115,8 @@ fn sweep_grid(args: &CalibrateArgs, epsilon: f32, band: (f64, f64)) -> Vec<(f32,
 /// Embeds every image through the server's pipeline. Returns the representations of the
 /// images that scored, their indices in `dataset.images`, and one line per image that did not.
 async fn embed(
-    scorer: &Scorer,
-    model: &std::sync::Arc<crate::model::Model>,
+    engine: &Engine,
+    model: &std::sync::Arc<Model>,
     dataset: &Dataset,
 ) -> anyhow::Result<(Array2<f32>, Vec<usize>, Vec<String>)> {
     let bar = if std::io::stderr().is_terminal() {
@@ -135,18 +132,19 @@ async fn embed(
     let (mut rows, mut kept, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..dataset.images.len()).collect();
     for chunk in indices.chunks(CHUNK) {
-        let mut readable = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let path = &dataset.images[i].path;
-            match std::fs::read(path) {
-                Ok(b) => readable.push((i, Bytes::from(b))),
-                Err(e) => skipped.push(format!("{}: {e}", path.display())),
-            }
-        }
-        let (ids, bytes): (Vec<usize>, Vec<Bytes>) = readable.into_iter().unzip();
-        let answers = scorer.score(model, bytes, Embedding::Full).await?;
-        for (i, answer) in ids.into_iter().zip(answers) {
-            match answer.map(|a| a.embedding) {
+        let inputs = chunk
+            .iter()
+            .map(|&i| {
+                let path = &dataset.images[i].path;
+                let bytes = std::fs::read(path)
+                    .map(Bytes::from)
+                    .map_err(|e| crate::error::Error::UnreadableFile(e.to_string()));
+                Input { id: i.to_string(), bytes }
+            })
+            .collect();
+        let answers = engine.score(model, inputs, EmbeddingMode::Full).await?;
+        for (&i, out) in chunk.iter().zip(answers) {
+            match out.answer.map(|a| a.embedding) {
                 Ok(Some(h)) if h.len() == dim => {
                     rows.extend(h);
                     kept.push(i);

@@ -12,13 +12,12 @@ use super::{
     AppState,
     error::ErrorBody,
     types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery},
-    upload::{JsonBatch, Upload, Uploads},
+    upload::{JsonBatch, Uploads},
 };
 use crate::{
     drift::DriftList,
+    engine::{EmbeddingMode, ImageScore, Input, Output},
     error::Error,
-    metrics::Outcome,
-    scoring::{Embedding, ImageScore},
 };
 
 /// A single image as multipart form data.
@@ -39,46 +38,19 @@ pub struct BatchUpload {
     image: Vec<Vec<u8>>,
 }
 
-/// Scores the readable uploads in one pass; an upload that could not be read (bad base64)
+/// Scores the uploads with the model asked for; an upload that could not be read (bad base64)
 /// keeps its place with its own error. Answers in upload order, with their ids.
 async fn score_uploads(
     state: &AppState,
     model: Option<&str>,
-    uploads: Vec<Upload>,
-    embedding: Embedding,
-) -> Result<Vec<(String, Result<ImageScore, Error>)>, Error> {
-    let model = state.scorer.registry.get(model)?;
-    if embedding == Embedding::Discriminative && model.calibration.is_none() {
+    uploads: Vec<Input>,
+    mode: EmbeddingMode,
+) -> Result<Vec<Output>, Error> {
+    let model = state.engine.registry.get(model)?;
+    if mode == EmbeddingMode::Discriminative && model.calibration.is_none() {
         return Err(Error::NotCalibrated { model: model.name().to_owned() });
     }
-    let mut slots = Vec::with_capacity(uploads.len());
-    let mut readable = Vec::with_capacity(uploads.len());
-    for Upload { id, data } in uploads {
-        match data {
-            Ok(bytes) => {
-                readable.push(bytes);
-                slots.push((id, None));
-            }
-            Err(e) => {
-                state.scorer.metrics.image(model.name(), Outcome::Rejected);
-                slots.push((id, Some(e)));
-            }
-        }
-    }
-    let mut scored = state.scorer.score(model, readable, embedding).await?.into_iter();
-    Ok(slots
-        .into_iter()
-        .map(|(id, unreadable)| {
-            let answer = match unreadable {
-                Some(e) => Err(e),
-                None => scored.next().unwrap_or_else(|| Err(Error::Internal("an image was left unanswered".into()))),
-            };
-            if let (Some(hook), Ok(s)) = (&state.webhook, &answer) {
-                hook.notify(&id, s);
-            }
-            (id, answer)
-        })
-        .collect())
+    state.engine.score(model, uploads, mode).await
 }
 
 /// Scores exactly one uploaded image.
@@ -86,7 +58,7 @@ async fn single(
     state: &AppState,
     model: Option<&str>,
     Uploads { items: uploads, held: _held }: Uploads,
-    embedding: Embedding,
+    embedding: EmbeddingMode,
 ) -> Result<Json<ImageScore>, Error> {
     if uploads.len() != 1 {
         return Err(Error::BadRequest(format!(
@@ -95,7 +67,7 @@ async fn single(
         )));
     }
     match score_uploads(state, model, uploads, embedding).await?.pop() {
-        Some((_, answer)) => answer.map(Json),
+        Some(Output { answer, .. }) => answer.map(Json),
         None => Err(Error::MissingImage),
     }
 }
@@ -121,7 +93,7 @@ pub async fn score(
     Query(q): Query<ModelQuery>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
-    single(&state, q.model.as_deref(), uploads, Embedding::Omit).await
+    single(&state, q.model.as_deref(), uploads, EmbeddingMode::Omit).await
 }
 
 /// Embed one image: its representation h with its Q-Score; with `compressed=true`, only the
@@ -142,7 +114,7 @@ pub async fn embed(
     Query(q): Query<EmbedQuery>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
-    let embedding = if q.compressed { Embedding::Discriminative } else { Embedding::Full };
+    let embedding = if q.compressed { EmbeddingMode::Discriminative } else { EmbeddingMode::Full };
     single(&state, q.model.as_deref(), uploads, embedding).await
 }
 
@@ -162,19 +134,19 @@ pub async fn score_batch(
     Query(q): Query<ModelQuery>,
     Uploads { items: uploads, held: _held }: Uploads,
 ) -> Result<Json<BatchResponse>, Error> {
-    let answers = score_uploads(&state, q.model.as_deref(), uploads, Embedding::Omit).await?;
-    let scores: Vec<f32> = answers.iter().filter_map(|(_, a)| a.as_ref().ok().map(|s| s.q_score)).collect();
+    let answers = score_uploads(&state, q.model.as_deref(), uploads, EmbeddingMode::Omit).await?;
+    let scores: Vec<f32> = answers.iter().filter_map(|o| o.answer.as_ref().ok().map(|s| s.q_score)).collect();
     let summary = BatchSummary {
         count: answers.len(),
         scored: scores.len(),
         failed: answers.len() - scores.len(),
-        flagged: answers.iter().filter(|(_, a)| matches!(a, Ok(s) if s.likely_misclassified == Some(true))).count(),
+        flagged: answers.iter().filter(|o| matches!(&o.answer, Ok(s) if s.likely_misclassified == Some(true))).count(),
         mean_q_score: (!scores.is_empty())
             .then(|| (scores.iter().map(|&q| f64::from(q)).sum::<f64>() / scores.len() as f64) as f32),
     };
     let results = answers
         .into_iter()
-        .map(|(id, a)| match a {
+        .map(|Output { id, answer }| match answer {
             Ok(score) => BatchItem::Scored { id, score },
             Err(e) => BatchItem::Failed { id, error: (&e).into() },
         })
@@ -185,7 +157,7 @@ pub async fn score_batch(
 /// List the loaded models.
 #[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
-    let registry = &state.scorer.registry;
+    let registry = &state.engine.registry;
     Json(ModelList {
         default: registry.default_name().to_owned(),
         models: registry.models().map(|m| ModelInfo::from(m.as_ref())).collect(),
@@ -199,7 +171,7 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     responses((status = 200, body = ModelInfo), (status = 404, description = "Unknown model", body = ErrorBody))
 )]
 pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<ModelInfo>, Error> {
-    Ok(Json(ModelInfo::from(state.scorer.registry.get(Some(&name))?.as_ref())))
+    Ok(Json(ModelInfo::from(state.engine.registry.get(Some(&name))?.as_ref())))
 }
 
 /// Drift of each model's recent answers from its calibration reference.
@@ -211,12 +183,12 @@ pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> R
     )
 )]
 pub async fn drift(State(state): State<AppState>, Query(q): Query<ModelQuery>) -> Result<Json<DriftList>, Error> {
-    let scorer = &state.scorer;
+    let engine = &state.engine;
     let models: Vec<_> = match q.model.as_deref() {
-        Some(name) => vec![scorer.registry.get(Some(name))?.clone()],
-        None => scorer.registry.models().cloned().collect(),
+        Some(name) => vec![engine.registry.get(Some(name))?.clone()],
+        None => engine.registry.models().cloned().collect(),
     };
-    Ok(Json(DriftList { models: models.iter().map(|m| scorer.drift.report(m)).collect() }))
+    Ok(Json(DriftList { models: models.iter().map(|m| engine.drift.report(m)).collect() }))
 }
 
 /// Liveness: the process answers.
@@ -241,10 +213,10 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error>
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let scorer = &state.scorer;
-    let reports: Vec<_> = scorer.registry.models().map(|m| (m.worker.queue_depth(), scorer.drift.report(m))).collect();
-    scorer.metrics.observe_state(scorer.admission.in_flight(), scorer.budget.used_bytes(), &reports);
-    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], scorer.metrics.render())
+    let engine = &state.engine;
+    let reports: Vec<_> = engine.registry.models().map(|m| (m.worker.queue_depth(), engine.drift.report(m))).collect();
+    engine.metrics.observe_state(engine.admission.in_flight(), engine.budget.used_bytes(), &reports);
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], engine.metrics.render())
 }
 
 /// This API's OpenAPI document.

@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{AppState, bounded};
-use crate::{error::Error, model::Model, scoring::Embedding};
+use crate::{
+    engine::{EmbeddingMode, Input, Model},
+    error::Error,
+};
 
 /// The protocol's error body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -201,7 +204,7 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelMetadata>, V2Failure> {
-    let m = state.scorer.registry.get(Some(&name))?;
+    let m = state.engine.registry.get(Some(&name))?;
     let t = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
         name: name.into(),
         datatype: datatype.into(),
@@ -231,7 +234,7 @@ pub async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Readiness>, V2Failure> {
-    state.scorer.registry.get(Some(&name))?;
+    state.engine.registry.get(Some(&name))?;
     Ok(Json(Readiness { ready: state.is_ready() }))
 }
 
@@ -251,21 +254,24 @@ pub async fn infer(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<InferResponse>, V2Failure> {
-    let model = state.scorer.registry.get(Some(&name))?.clone();
-    let budget = &state.scorer.budget;
+    let model = state.engine.registry.get(Some(&name))?.clone();
+    let budget = &state.engine.budget;
     let body = super::upload::read_limited(body, &state.limits, budget).await?;
     let (request, images) = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
     let wanted = wanted_outputs(&request, &model)?;
-    let embedding = if wanted.contains(&"embedding") { Embedding::Full } else { Embedding::Omit };
+    let embedding = if wanted.contains(&"embedding") { EmbeddingMode::Full } else { EmbeddingMode::Omit };
     let n = images.len();
     // The answer is built in memory before it is sent: reserve its size, as JSON numbers of at
     // most 24 characters, before any of it exists.
     let per_image = wanted.iter().map(|&o| if o == "embedding" { model.manifest.output.dim } else { 1 }).sum::<usize>();
     let _answer = budget.hold((n * per_image * 24 + 4096) as u64)?;
-    let scored = state.scorer.score(&model, images, embedding).await?;
+    // Items are named for the flagged webhook: the request id (when given) and the index.
+    let prefix = request.id.as_deref().map(|id| format!("{id}/")).unwrap_or_default();
+    let inputs = images.into_iter().enumerate().map(|(i, b)| Input { id: format!("{prefix}{i}"), bytes: Ok(b) }).collect();
+    let scored = state.engine.score(&model, inputs, embedding).await?;
     let mut answers = Vec::with_capacity(n);
-    for (i, a) in scored.into_iter().enumerate() {
-        answers.push(a.map_err(|e| Error::BadRequest(format!("image {i} of the `image` tensor: {e}")))?);
+    for (i, out) in scored.into_iter().enumerate() {
+        answers.push(out.answer.map_err(|e| Error::BadRequest(format!("image {i} of the `image` tensor: {e}")))?);
     }
 
     let outputs = wanted

@@ -20,10 +20,13 @@ use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::Value;
 
 use super::{AppState, bounded};
+use super::error::ErrorDetail;
 use crate::{
-    budget::{MemoryBudget, Reservation},
+    engine::{
+        EmbeddingMode, Input, Output,
+        budget::{MemoryBudget, Reservation},
+    },
     error::Error,
-    scoring::Embedding,
 };
 
 /// Where task images may come from.
@@ -52,48 +55,48 @@ impl LabelStudio {
     }
 
     /// The URL to fetch for a task's image reference, or why it is refused.
-    pub fn resolve(&self, reference: &str) -> Result<reqwest::Url, String> {
-        let url = self.base.join(reference).map_err(|e| format!("`{reference}` is not a URL: {e}"))?;
+    pub fn resolve(&self, reference: &str) -> Result<reqwest::Url, Error> {
+        let url = self.base.join(reference).map_err(|e| Error::UrlRefused(format!("`{reference}` is not a URL: {e}")))?;
         let same = url.scheme() == self.base.scheme()
             && url.host_str() == self.base.host_str()
             && url.port_or_known_default() == self.base.port_or_known_default();
         if same {
             Ok(url)
         } else {
-            Err(format!(
+            Err(Error::UrlRefused(format!(
                 "refused to fetch {url}: images are fetched only from the Label Studio host {} (--label-studio-url)",
                 self.base.origin().ascii_serialization()
-            ))
+            )))
         }
     }
 
     /// Fetches one image, within the size limit, reserving its bytes from `budget` as they
     /// arrive.
-    async fn fetch(&self, url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), String> {
+    async fn fetch(&self, url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), Error> {
         let mut req = self.client.get(url.clone());
         if let Some(token) = &self.token {
             req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
         }
-        let mut resp = req.send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
+        let mut resp = req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {url}: {e}")))?;
         if !resp.status().is_success() {
-            return Err(format!("fetching {url} answered {}", resp.status()));
+            return Err(Error::FetchFailed(format!("fetching {url} answered {}", resp.status())));
         }
-        let too_large = || format!("{url} is larger than {} bytes (--max-image-bytes)", self.max_bytes);
+        let too_large = || Error::ImageTooLarge { size: self.max_bytes + 1, limit: self.max_bytes };
         let declared = resp.content_length().unwrap_or(0);
         if declared > self.max_bytes as u64 {
             return Err(too_large());
         }
         // As for request bodies, the buffer's capacity is what is reserved, before it grows.
-        let mut held = budget.hold(declared).map_err(|e| e.to_string())?;
+        let mut held = budget.hold(declared)?;
         let mut buf: Vec<u8> = Vec::with_capacity(declared as usize);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("reading {url}: {e}"))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {url}: {e}")))? {
             let needed = buf.len() + chunk.len();
             if needed > self.max_bytes {
                 return Err(too_large());
             }
             if needed > buf.capacity() {
                 let grown = needed.max(buf.capacity() * 2).min(self.max_bytes);
-                held.merge(budget.hold((grown - buf.capacity()) as u64).map_err(|e| e.to_string())?);
+                held.merge(budget.hold((grown - buf.capacity()) as u64)?);
                 buf.reserve_exact(grown - buf.len());
             }
             buf.extend_from_slice(&chunk);
@@ -259,12 +262,12 @@ pub fn parse_predict(body: &[u8], max_tasks: usize) -> Result<PredictRequest, Er
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PredictResponse {
     /// Predictions.
-    pub results: Vec<Prediction>,
+    pub results: Vec<TaskPrediction>,
 }
 
 /// One task's prediction.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Prediction {
+pub struct TaskPrediction {
     /// `model@version`.
     pub model_version: String,
     /// Lowest = riskiest (see the module docs); null when the task failed.
@@ -272,9 +275,9 @@ pub struct Prediction {
     /// Regions (none: qscore scores whole images).
     #[schema(value_type = Vec<Object>)]
     pub result: Vec<Value>,
-    /// Why the task could not be scored.
+    /// Why the task could not be scored: the same `{code, message}` as a batch item's error.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<ErrorDetail>,
 }
 
 /// `POST /setup`'s answer.
@@ -294,7 +297,7 @@ pub struct BackendHealth {
 }
 
 fn model_version(state: &AppState) -> Result<String, Error> {
-    let m = state.scorer.registry.get(None)?;
+    let m = state.engine.registry.get(None)?;
     Ok(format!("{}@{}", m.name(), m.manifest.version))
 }
 
@@ -317,63 +320,54 @@ pub async fn setup(State(state): State<AppState>) -> Result<Json<SetupResponse>,
               (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody))
 )]
 pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> Result<Json<PredictResponse>, Error> {
-    let body = super::upload::read_limited(body, &state.limits, &state.scorer.budget).await?;
+    let body = super::upload::read_limited(body, &state.limits, &state.engine.budget).await?;
     let req = parse_predict(&body.bytes, state.limits.max_batch_images)?;
     drop(body);
     let version = model_version(&state)?;
-    let model = state.scorer.registry.get(None)?.clone();
+    let model = state.engine.registry.get(None)?.clone();
     let fetches: Vec<_> = req.tasks.iter().map(|t| fetch_task(&state, t)).collect();
-    let fetched: Vec<_> = futures_util::stream::iter(fetches)
-        .buffered(FETCH_CONCURRENCY)
-        .collect()
-        .await;
-
-    let mut slots: Vec<Result<usize, String>> = Vec::with_capacity(fetched.len());
-    let mut images = Vec::new();
+    let fetched: Vec<_> = futures_util::stream::iter(fetches).buffered(FETCH_CONCURRENCY).collect().await;
+    // The fetched bytes stay reserved until the answer is built.
     let mut _held = Reservation::default();
-    for f in fetched {
-        slots.push(f.map(|(bytes, held)| {
-            _held.merge(held);
-            images.push(bytes);
-            images.len() - 1
-        }));
-    }
-    let scored = state.scorer.score(&model, images, Embedding::Omit).await?;
-    let results = slots
+    let inputs = req
+        .tasks
+        .iter()
+        .zip(fetched)
+        .map(|(task, fetched)| Input {
+            id: task.id.to_string(),
+            bytes: fetched.map(|(bytes, held)| {
+                _held.merge(held);
+                bytes
+            }),
+        })
+        .collect();
+    let results = state
+        .engine
+        .score(&model, inputs, EmbeddingMode::Omit)
+        .await?
         .into_iter()
-        .zip(&req.tasks)
-        .map(|(slot, task)| {
-            let answer = slot.and_then(|i| scored[i].as_ref().map_err(ToString::to_string).cloned());
-            if let (Some(hook), Ok(s)) = (&state.webhook, &answer) {
-                hook.notify(&task.id.to_string(), s);
-            }
-            match answer {
-                Ok(s) => Prediction {
-                    model_version: version.clone(),
-                    score: Some(match s.p_misclassified {
-                        Some(p) => 1.0 - f64::from(p),
-                        None => f64::from(s.q_score) / (1.0 + f64::from(s.q_score)),
-                    }),
-                    result: Vec::new(),
-                    error: None,
-                },
-                Err(e) => {
-                    Prediction { model_version: version.clone(), score: None, result: Vec::new(), error: Some(e) }
-                }
-            }
+        .map(|Output { answer, .. }| TaskPrediction {
+            model_version: version.clone(),
+            // Label Studio's Data Manager lists the lowest score first: the riskiest on top.
+            score: answer.as_ref().ok().map(|s| 1.0 - s.risk()),
+            result: Vec::new(),
+            error: answer.err().map(|e| ErrorDetail::from(&e)),
         })
         .collect();
     Ok(Json(PredictResponse { results }))
 }
 
-async fn fetch_task(state: &AppState, task: &Task) -> Result<(Bytes, Reservation), String> {
-    let reference =
-        task.data.image.as_deref().ok_or_else(|| format!("task {}: no image URL in its data", task.id))?;
+async fn fetch_task(state: &AppState, task: &Task) -> Result<(Bytes, Reservation), Error> {
+    let reference = task
+        .data
+        .image
+        .as_deref()
+        .ok_or_else(|| Error::BadRequest(format!("task {}: no image URL in its data", task.id)))?;
     let ls = state.label_studio.as_ref().ok_or_else(|| {
-        "no Label Studio host is configured (--label-studio-url), so no image URL is fetched".to_owned()
+        Error::FetchFailed("no Label Studio host is configured (--label-studio-url), so no image URL is fetched".into())
     })?;
     let url = ls.resolve(reference)?;
-    ls.fetch(url, &state.scorer.budget).await
+    ls.fetch(url, &state.engine.budget).await
 }
 
 #[cfg(test)]
@@ -391,7 +385,7 @@ mod tests {
             "http://evil.example/x.png",
             "file:///etc/passwd",
         ] {
-            assert!(ls.resolve(other).unwrap_err().contains("refused"), "{other}");
+            assert!(ls.resolve(other).unwrap_err().to_string().contains("refused"), "{other}");
         }
         assert!(LabelStudio::new("ftp://x", None, Duration::from_secs(1), 1).is_err());
     }

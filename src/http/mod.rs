@@ -1,7 +1,7 @@
 //! The HTTP API: router, shared state, middleware and the OpenAPI document.
 //!
 //! This layer parses, validates and answers. It does no maths: handlers hand images to
-//! [`crate::scoring::Scorer`] and turn its answers into JSON. Cross-cutting work (body limits,
+//! [`crate::engine::Engine::score`] and turn its answers into JSON. Cross-cutting work (body limits,
 //! tracing, panics, request metrics) lives in layers, not in handlers.
 
 pub mod auth;
@@ -30,7 +30,7 @@ use axum::{
 use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use utoipa::OpenApi;
 
-use crate::{error::Error, scoring::Scorer};
+use crate::{engine::Engine, error::Error};
 
 /// Request-shape limits the HTTP layer enforces.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,7 @@ pub struct RequestLimits {
 #[derive(Clone)]
 pub struct AppState {
     /// The scoring pipeline and the models.
-    pub scorer: Arc<Scorer>,
+    pub engine: Arc<Engine>,
     /// Request-shape limits.
     pub limits: RequestLimits,
     /// True once every model is warmed up; false again while draining.
@@ -56,8 +56,6 @@ pub struct AppState {
     pub api_keys: Option<Arc<auth::ApiKeys>>,
     /// The one host Label Studio task images may be fetched from.
     pub label_studio: Option<Arc<labelstudio::LabelStudio>>,
-    /// Where flagged answers are pushed.
-    pub webhook: Option<crate::webhook::Webhook>,
 }
 
 impl AppState {
@@ -198,7 +196,7 @@ async fn tag_route(path: MatchedPath, req: Request, next: Next) -> Response {
 /// scan shows in the 4xx alerts.
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let m = &state.scorer.metrics;
+    let m = &state.engine.metrics;
     m.requests_in_flight.inc();
     // Decremented on drop, so a request whose client went away is not counted forever.
     let _in_flight = scopeguard(|| m.requests_in_flight.dec());

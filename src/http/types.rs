@@ -1,17 +1,17 @@
 //! Response bodies that exist only at the HTTP edge (the per-image answer is
-//! [`crate::scoring::ImageScore`]).
+//! [`crate::engine::ImageScore`]).
 
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorDetail;
 use crate::{
+    engine::Model,
     model::{
-        Model,
         calibration::{Evaluation, ThresholdRule},
         manifest::{Color, Provenance, QScoreParams},
     },
     risk::RiskSource,
-    scoring::ImageScore,
+    engine::ImageScore,
 };
 
 /// `?model=NAME`.

@@ -1,7 +1,7 @@
 //! Getting images out of a request: multipart `image` parts, a raw `image/*` body, or the JSON
 //! batch form with base64 data.
 //!
-//! Every part and every JSON item becomes one [`Upload`] with an id, so nothing a client sent
+//! Every part and every JSON item becomes one engine [`Input`] with an id, so nothing a client sent
 //! is dropped: a part under another name is refused, not ignored, and an item with bad base64
 //! keeps its place in the batch with its own error.
 
@@ -18,24 +18,19 @@ use serde::Deserialize;
 
 use super::{AppState, bounded};
 use crate::{
-    budget::{MemoryBudget, Reservation},
+    engine::{
+        Input,
+        budget::{MemoryBudget, Reservation},
+    },
     error::Error,
 };
-
-/// One image as received, before decoding.
-#[derive(Debug)]
-pub struct Upload {
-    /// The client's name for it: the multipart file name, the JSON `id`, or its position.
-    pub id: String,
-    /// The encoded bytes, or why they could not be read.
-    pub data: Result<Bytes, Error>,
-}
 
 /// Every image of a request, in the order sent, and the memory they hold.
 #[derive(Debug)]
 pub struct Uploads {
-    /// The images.
-    pub items: Vec<Upload>,
+    /// The images: each with the client's name for it (the multipart file name, the JSON `id`,
+    /// or its position) and its bytes, or why they could not be read.
+    pub items: Vec<Input>,
     /// The body's (and its parsed copies') share of the memory budget, held while the images are.
     pub held: Reservation,
 }
@@ -64,7 +59,7 @@ impl FromRequest<AppState> for Uploads {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let Body { bytes, mut held } = read_limited(req.into_body(), &state.limits, &state.scorer.budget).await?;
+        let Body { bytes, mut held } = read_limited(req.into_body(), &state.limits, &state.engine.budget).await?;
         // Parsing copies the body: multer buffers it once (parts are slices of that copy); a
         // JSON batch holds its base64 strings and then their decoded bytes.
         let copies = match essence(&content_type).as_str() {
@@ -72,7 +67,7 @@ impl FromRequest<AppState> for Uploads {
             "application/json" => 2,
             _ => 0,
         };
-        held.merge(state.scorer.budget.hold(copies * bytes.len() as u64)?);
+        held.merge(state.engine.budget.hold(copies * bytes.len() as u64)?);
         let items = parse_uploads(&content_type, bytes, state.limits.max_batch_images).await?;
         Ok(Self { items, held })
     }
@@ -91,11 +86,11 @@ fn is_raw_image(content_type: &str) -> bool {
 /// The images of a request body, in order, by its content type: multipart `image` parts, a JSON
 /// batch, or one raw image. At most `max_images`; ids are checked against
 /// [`bounded::MAX_ID_BYTES`].
-pub async fn parse_uploads(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Upload>, Error> {
+pub async fn parse_uploads(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Input>, Error> {
     match essence(content_type).as_str() {
         "multipart/form-data" => parse_multipart(content_type, body, max_images).await,
         "application/json" => parse_json(&body, max_images),
-        _ if is_raw_image(content_type) => Ok(vec![Upload { id: "0".into(), data: Ok(body) }]),
+        _ if is_raw_image(content_type) => Ok(vec![Input { id: "0".into(), bytes: Ok(body) }]),
         "" => Err(Error::UnsupportedMediaType("(none)".into())),
         e => Err(Error::UnsupportedMediaType(e.to_owned())),
     }
@@ -187,7 +182,7 @@ async fn drain(stream: &mut axum::body::BodyDataStream, mut drained: usize, limi
     .await;
 }
 
-async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Upload>, Error> {
+async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> Result<Vec<Input>, Error> {
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| Error::BadRequest(format!("malformed multipart content type: {e}")))?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
@@ -204,7 +199,7 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
         let id = field.file_name().map(str::to_owned).unwrap_or_else(|| uploads.len().to_string());
         bounded::check_id(|| format!("the file name of part {}", uploads.len()), &id)?;
         let data = field.bytes().await.map_err(malformed)?;
-        uploads.push(Upload { id, data: Ok(data) });
+        uploads.push(Input { id, bytes: Ok(data) });
     }
     if uploads.is_empty() {
         return Err(Error::MissingImage);
@@ -212,7 +207,7 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
     Ok(uploads)
 }
 
-fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Upload>, Error> {
+fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Input>, Error> {
     let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| {
         Error::BadRequest(format!(
             "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
@@ -234,9 +229,9 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Upload>, Error> {
         .images
         .into_iter()
         .enumerate()
-        .map(|(i, img)| Upload {
+        .map(|(i, img)| Input {
             id: img.id.unwrap_or_else(|| i.to_string()),
-            data: engine
+            bytes: engine
                 .decode(img.data.as_bytes())
                 .map(Bytes::from)
                 .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}"))),

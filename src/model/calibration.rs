@@ -15,11 +15,11 @@ use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    isotonic::IsotonicMap,
-    neighbours::Neighbours,
-    probe::{Prediction, Probe},
+    risk::isotonic::IsotonicMap,
+    risk::neighbours::Neighbours,
+    risk::probe::{Prediction, Probe},
     qscore::{Discriminative, Score},
-    ranking::Operating,
+    risk::ranking::Operating,
     risk::RiskSource,
 };
 
@@ -296,10 +296,9 @@ impl Calibration {
 
     /// The probe's prediction and the calibrated risk of one representation and its score.
     pub fn assess(&self, h: ArrayView1<f32>, score: &Score) -> Assessment {
-        let z = self.probe.standardise(h);
-        let prediction = self.probe.predict_standardised(&z);
-        let risk = self.risk_source.risk(score, &prediction, || self.neighbours.disagreement(&z, prediction.class));
-        let p = self.isotonic.apply(risk);
+        let crate::risk::Measurement { prediction, risks } =
+            crate::risk::measure(h, score, &self.probe, &self.neighbours, &[self.risk_source]);
+        let p = self.isotonic.apply(risks[0]);
         Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold }
     }
 }

@@ -12,7 +12,6 @@ use ort::{
     value::TensorRef,
 };
 
-use crate::config::{Device, GraphOptimization};
 
 /// Session settings for every model.
 #[derive(Debug, Clone, Copy)]
@@ -22,8 +21,72 @@ pub struct SessionOptions {
     /// Intra-op threads (0: ONNX Runtime's default).
     pub intra_threads: usize,
     /// Graph optimisation level.
-    pub optimization: crate::config::GraphOptimization,
+    pub optimization: GraphOptimization,
 }
+
+/// ONNX Runtime's graph optimisation levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphOptimization {
+    /// No graph optimisation.
+    Disable,
+    /// Constant folding and redundant-node removal.
+    Basic,
+    /// Plus operator fusions.
+    Extended,
+    /// Everything, including layout optimisations.
+    All,
+}
+
+impl std::str::FromStr for GraphOptimization {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "basic" => Ok(Self::Basic),
+            "extended" => Ok(Self::Extended),
+            "all" => Ok(Self::All),
+            _ => Err(format!("`{s}` is not an optimisation level; use disable, basic, extended or all")),
+        }
+    }
+}
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    Cpu,
+    /// The CUDA execution provider on the GPU with this ordinal.
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok())
+                .filter(|&n| n >= 0)
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device; use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+
 
 /// An encoder session with the names of its input and output.
 pub struct Encoder {

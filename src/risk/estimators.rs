@@ -7,7 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{probe::Prediction, qscore::Score};
+use super::probe::Prediction;
+use crate::qscore::Score;
 
 /// Every estimator calibration measures; the one it picks drives `p_misclassified`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize, utoipa::ToSchema)]

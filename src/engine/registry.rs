@@ -1,4 +1,5 @@
-//! The models loaded at start-up, each with its own inference worker.
+//! The models loaded at start-up, each with its own inference worker: what a model folder holds
+//! at rest ([`crate::model`]) joined to the thread that runs it.
 //!
 //! Start-up order, as TEI does it: load every model, check its manifest against the graph, run
 //! one warm-up batch, and only then hand the registry to the server. A model that fails any
@@ -11,16 +12,18 @@ use ndarray::Array4;
 use ort::environment::Environment;
 
 use super::{
-    calibration::Calibration,
-    encoder::{Encoder, SessionOptions},
-    manifest::{Manifest, Preprocess, QScoreParams},
-    runtime,
+    EngineConfig,
+    batch::{BatchSettings, Worker},
 };
 use crate::{
-    batch::{BatchSettings, Worker},
-    config::EngineArgs,
     error::Error,
     metrics::Metrics,
+    model::{
+        calibration::Calibration,
+        encoder::{Device, Encoder, SessionOptions},
+        manifest::{Manifest, Preprocess, QScoreParams},
+        runtime,
+    },
     qscore::Discriminative,
 };
 
@@ -38,12 +41,32 @@ pub struct Model {
     /// else the manifest's.
     pub qscore: QScoreParams,
     /// Where inference runs.
-    pub device: crate::config::Device,
+    pub device: Device,
     /// Handle to its inference thread.
     pub worker: Worker,
 }
 
 impl Model {
+    /// Joins what a model folder holds to the worker that runs it, with the Q-Score parameters
+    /// and D in force (the calibration's when there is one). Fails when the calibration does not
+    /// fit the manifest's dimension.
+    pub fn new(
+        manifest: Manifest,
+        calibration: Option<Calibration>,
+        device: Device,
+        worker: Worker,
+    ) -> Result<Self, String> {
+        let dim = manifest.output.dim;
+        let discriminative = match &calibration {
+            Some(c) => c.discriminative_set(dim)?,
+            None => Discriminative::All,
+        };
+        let qscore = calibration
+            .as_ref()
+            .map_or(manifest.qscore, |c| QScoreParams { epsilon: c.epsilon, percentiles: c.percentiles });
+        Ok(Self { preprocess: manifest.preprocess(), manifest, calibration, discriminative, qscore, device, worker })
+    }
+
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.manifest.name
@@ -64,32 +87,25 @@ pub enum Selection {
 pub struct Registry {
     models: BTreeMap<String, Arc<Model>>,
     default: String,
-    // Sessions borrow the process-wide environment; it lives as long as the registry.
-    env: Environment,
+    // Sessions borrow the process-wide environment; it lives as long as the registry. None for
+    // models that run no ONNX Runtime session (tests' fake encoders).
+    env: Option<Environment>,
 }
 
 impl Registry {
-    /// Loads, checks and warms up the selected model folders under `args.models_dir`.
-    pub fn load(args: &EngineArgs, selection: &Selection, metrics: &Metrics) -> anyhow::Result<Self> {
-        let lib = runtime::locate(args.ort_lib.as_deref())?;
+    /// Loads, checks and warms up the selected model folders under `config.models_dir`.
+    pub fn load(config: &EngineConfig, selection: &Selection, metrics: &Metrics) -> anyhow::Result<Self> {
+        let lib = runtime::locate(config.ort_lib.as_deref())?;
         let env = runtime::start(&lib)?;
         tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
-        let opts = SessionOptions {
-            device: args.device,
-            intra_threads: args.intra_threads,
-            optimization: args.graph_optimization,
-        };
-        let batching = BatchSettings {
-            max_batch: args.max_batch as usize,
-            max_delay: std::time::Duration::from_millis(args.max_batch_delay_ms),
-        };
+        let (opts, batching) = (config.session, config.batching);
 
-        let mut dirs = model_dirs(&args.models_dir)?;
+        let mut dirs = model_dirs(&config.models_dir)?;
         if let Selection::Uncalibrated(name) = selection {
             let all: Vec<String> = dirs.iter().filter_map(|d| d.file_name()?.to_str().map(str::to_owned)).collect();
             dirs.retain(|d| d.file_name().is_some_and(|n| n == name.as_str()));
             if dirs.is_empty() {
-                bail!("no model `{name}` under {}; found: {}", args.models_dir.display(), all.join(", "));
+                bail!("no model `{name}` under {}; found: {}", config.models_dir.display(), all.join(", "));
             }
         }
         let with_calibration = *selection == Selection::All;
@@ -106,10 +122,10 @@ impl Registry {
         let Some(first) = models.keys().next().cloned() else {
             bail!(
                 "no model found under {}: each model is a folder with model.onnx and model.toml",
-                args.models_dir.display()
+                config.models_dir.display()
             );
         };
-        let default = match &args.model {
+        let default = match &config.default_model {
             Some(name) if !models.contains_key(name) => {
                 bail!(
                     "--model {name} is not among the loaded models: {}",
@@ -119,7 +135,15 @@ impl Registry {
             Some(name) => name.clone(),
             None => first,
         };
-        Ok(Self { models, default, env })
+        Ok(Self { models, default, env: Some(env) })
+    }
+
+    /// A registry of models built elsewhere (in-process tests with a fake encoder); the first
+    /// is the default.
+    pub fn from_models(models: Vec<Model>) -> anyhow::Result<Self> {
+        let default = models.first().map(|m| m.name().to_owned()).context("a registry needs a model")?;
+        let models = models.into_iter().map(|m| (m.name().to_owned(), Arc::new(m))).collect();
+        Ok(Self { models, default, env: None })
     }
 
     /// The model called `name`, or the default one.
@@ -142,8 +166,8 @@ impl Registry {
 
     /// The process's ONNX Runtime environment (there can be only one), for tools that build
     /// sessions of their own beside the registry's, such as the benchmarks.
-    pub fn environment(&self) -> &Environment {
-        &self.env
+    pub fn environment(&self) -> Option<&Environment> {
+        self.env.as_ref()
     }
 
     /// The default model's name.
@@ -177,13 +201,6 @@ fn load_model(
     }
     let dim = manifest.output.dim;
     let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
-    let discriminative = match &calibration {
-        Some(c) => c.discriminative_set(dim).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?,
-        None => Discriminative::All,
-    };
-    let qscore = calibration
-        .as_ref()
-        .map_or(manifest.qscore, |c| QScoreParams { epsilon: c.epsilon, percentiles: c.percentiles });
     let mut encoder =
         Encoder::load(env, &dir.join("model.onnx"), &manifest.input.name, &manifest.output.name, dim, opts)?;
 
@@ -196,5 +213,5 @@ fn load_model(
 
     let worker = Worker::spawn(manifest.name.clone(), encoder, batching, metrics.clone())
         .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
-    Ok(Model { preprocess: pre, manifest, calibration, discriminative, qscore, device: opts.device, worker })
+    Model::new(manifest, calibration, opts.device, worker).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
 }

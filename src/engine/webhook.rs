@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{metrics::Metrics, scoring::ImageScore};
+use super::{FlaggedObserver, ImageScore};
+use crate::metrics::Metrics;
 
 /// Tries per event, first included.
 pub const ATTEMPTS: u32 = 3;
@@ -75,11 +76,11 @@ impl Webhook {
         Ok(Self { tx, metrics })
     }
 
-    /// Queues `score` for delivery when it is flagged; never waits.
-    pub fn notify(&self, id: &str, score: &ImageScore) {
-        if score.likely_misclassified != Some(true) {
-            return;
-        }
+}
+
+impl FlaggedObserver for Webhook {
+    /// Queues the flagged answer for delivery; never waits.
+    fn flagged(&self, id: &str, score: &ImageScore) {
         let event = FlaggedEvent {
             model: score.model.clone(),
             id: id.to_owned(),

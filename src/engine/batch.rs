@@ -10,7 +10,7 @@
 //!
 //! Entries whose client went away are dropped before they cost inference, and entries still
 //! queued at their deadline are answered `Timeout`. Admission (how many images may be in the
-//! server at once) is decided before decoding, by [`Admission`], so the queue never grows
+//! server at once) is decided before decoding, by [`super::admission::Admission`], so the queue never grows
 //! without bound.
 
 use std::{
@@ -22,14 +22,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ndarray::{Array2, Array3, Array4, Axis};
+use ndarray::{Array2, Array3, Array4, ArrayView4, Axis};
 use tokio::sync::oneshot;
 
 use crate::{
     error::Error,
     metrics::{Metrics, Rejection},
-    model::encoder::Encoder,
 };
+
+/// What a model's thread runs: a batch of preprocessed images in, one representation per image
+/// out. ONNX Runtime's [`crate::model::encoder::Encoder`] is the real one; tests drive the
+/// whole pipeline with a fake.
+pub trait Embedder: Send + 'static {
+    /// Runs a batch of shape (N, C, H, W); answers shape (N, d).
+    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>>;
+}
+
+impl Embedder for crate::model::encoder::Encoder {
+    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>> {
+        crate::model::encoder::Encoder::embed(self, batch)
+    }
+}
 
 /// How a model's thread forms batches.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +55,7 @@ pub struct BatchSettings {
 
 /// One image's representation and what it went through.
 #[derive(Debug)]
-pub struct Embedded {
+pub struct Inferred {
     /// The representation h.
     pub embedding: Vec<f32>,
     /// Wall time of the ONNX Runtime run it was part of.
@@ -57,7 +70,7 @@ struct Entry {
     input: Array3<f32>,
     queued: Instant,
     deadline: Instant,
-    reply: oneshot::Sender<Result<Embedded, Error>>,
+    reply: oneshot::Sender<Result<Inferred, Error>>,
 }
 
 /// A cheap, cloneable handle to a model's inference thread.
@@ -74,7 +87,12 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the inference thread for `model`, which takes ownership of `encoder`.
-    pub fn spawn(model: String, encoder: Encoder, settings: BatchSettings, metrics: Metrics) -> std::io::Result<Self> {
+    pub fn spawn(
+        model: String,
+        encoder: impl Embedder,
+        settings: BatchSettings,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Entry>();
         let worker = Self {
             tx,
@@ -108,7 +126,7 @@ impl Worker {
         input: Array3<f32>,
         deadline: Instant,
         incoming: &mut Incoming,
-    ) -> Result<Embedded, Error> {
+    ) -> Result<Inferred, Error> {
         let (reply, answer) = oneshot::channel();
         let entry = Entry { input, queued: Instant::now(), deadline, reply };
         self.queued.fetch_add(1, Ordering::AcqRel);
@@ -152,7 +170,7 @@ impl Drop for Incoming {
 /// The thread's loop: gather a batch, drop what nobody waits for, run, answer.
 fn run(
     model: &str,
-    mut encoder: Encoder,
+    mut encoder: impl Embedder,
     rx: &mpsc::Receiver<Entry>,
     settings: BatchSettings,
     incoming: &AtomicUsize,
@@ -217,7 +235,7 @@ fn run(
                 for (e, row) in live.into_iter().zip(embeddings.axis_iter(Axis(0))) {
                     let wait = start.saturating_duration_since(e.queued);
                     queue_wait.observe(wait.as_secs_f64());
-                    let _ = e.reply.send(Ok(Embedded {
+                    let _ = e.reply.send(Ok(Inferred {
                         embedding: row.to_vec(),
                         inference: duration,
                         queue_wait: wait,
@@ -234,73 +252,9 @@ fn run(
     }
 }
 
-/// How many images may be inside the server at once, across every model and request: past
-/// it, a request is refused at once (429) instead of queueing without bound.
-#[derive(Debug)]
-pub struct Admission {
-    limit: usize,
-    used: AtomicUsize,
-}
-
-impl Admission {
-    /// At most `limit` images in flight.
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit: limit.max(1), used: AtomicUsize::new(0) })
-    }
-
-    /// Reserves room for `n` images, or says the server is full.
-    pub fn admit(self: &Arc<Self>, n: usize) -> Result<Permit, Error> {
-        let mut used = self.used.load(Ordering::Acquire);
-        loop {
-            if used + n > self.limit && used > 0 {
-                return Err(Error::Overloaded { retry_after_s: 1 });
-            }
-            match self.used.compare_exchange_weak(used, used + n, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(Permit { admission: Arc::clone(self), n }),
-                Err(now) => used = now,
-            }
-        }
-    }
-
-    /// Images in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.used.load(Ordering::Acquire)
-    }
-}
-
-/// Room for some images; given back on drop.
-#[derive(Debug)]
-pub struct Permit {
-    admission: Arc<Admission>,
-    n: usize,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.admission.used.fetch_sub(self.n, Ordering::AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Admission refuses past the limit and gives room back on drop. A single request larger
-    /// than the whole limit is still let in when nothing else runs, so it is never refused
-    /// forever (the batch-size limit bounds it).
-    #[test]
-    fn admission_is_bounded_and_released() {
-        let a = Admission::new(4);
-        let p1 = a.admit(3).unwrap();
-        assert!(matches!(a.admit(2), Err(Error::Overloaded { .. })));
-        let p2 = a.admit(1).unwrap();
-        assert_eq!(a.in_flight(), 4);
-        drop((p1, p2));
-        assert_eq!(a.in_flight(), 0);
-        let big = a.admit(10).unwrap();
-        assert!(a.admit(1).is_err());
-        drop(big);
-    }
 
     #[test]
     fn incoming_gives_back_what_never_arrived() {

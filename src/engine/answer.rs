@@ -1,0 +1,129 @@
+//! The answer for one image, built from its representation: Q-Score, flag, features and timings.
+//!
+//! It is the one shape every edge translates from: `/v1` serialises it as is, KServe v2 takes
+//! columns of it, Label Studio a score, `qscore score` a line.
+
+use ndarray::ArrayView1;
+use serde::Serialize;
+
+use super::Model;
+use crate::{
+    qscore::{ActiveFeature, Score, Stats},
+    risk::RiskSource,
+};
+
+/// Whether answers carry the representation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingMode {
+    /// No.
+    Omit,
+    /// All d features.
+    Full,
+    /// Only D's features, with their indices (a calibrated model's compression).
+    Discriminative,
+}
+
+/// The answer for one image: the body of `POST /v1/score`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ImageScore {
+    /// Model that scored the image.
+    pub model: String,
+    /// The Q-Score (design.md section 1). Higher means a more confident representation.
+    pub q_score: f32,
+    /// Whether the model has a calibration; without one, D = all features and there is no flag.
+    pub calibrated: bool,
+    /// p_misclassified >= the calibrated threshold; null when uncalibrated.
+    pub likely_misclassified: Option<bool>,
+    /// Calibrated probability that a linear probe misclassifies the image; null when uncalibrated.
+    pub p_misclassified: Option<f32>,
+    /// The estimator behind the flag; null when uncalibrated.
+    pub risk_source: Option<RiskSource>,
+    /// The calibration probe's class for the image; null when uncalibrated.
+    pub predicted_class: Option<String>,
+    /// The probe's softmax probability of that class; null when uncalibrated.
+    pub class_probability: Option<f32>,
+    /// Features in L ∩ D, strongest first.
+    pub discriminative_features: Vec<ActiveFeature>,
+    /// Statistics of the representation.
+    pub stats: Stats,
+    /// Where the time went, in milliseconds.
+    pub timings_ms: Timings,
+    /// The representation h, only from `/v1/embed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
+    /// Which features `embedding` holds, only from `/v1/embed?compressed=true` (D's indices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding_features: Option<Vec<usize>>,
+}
+
+/// Per-image timings in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// Decode, resize and normalise of this image.
+    pub decode: f64,
+    /// Waiting in the model's queue for its batch to run.
+    pub queue: f64,
+    /// The ONNX Runtime run that embedded it (shared by its batch).
+    pub inference: f64,
+    /// Images in that run (from any request).
+    pub batch_size: usize,
+    /// From the start of the request to this answer.
+    pub total: f64,
+}
+
+impl ImageScore {
+    /// The image's risk in [0, 1], higher is riskier: `p_misclassified` for a calibrated model,
+    /// `1 / (1 + Q)` otherwise (Q >= 0, so a weak representation is risky). This is the one
+    /// definition of "riskiest first" (`qscore score --sort risk`, Label Studio's score).
+    pub fn risk(&self) -> f64 {
+        match self.p_misclassified {
+            Some(p) => f64::from(p),
+            None => 1.0 / (1.0 + f64::from(self.q_score.max(0.0))),
+        }
+    }
+}
+
+/// Sorts answers riskiest first by [`ImageScore::risk`]; items without an answer go last, in
+/// their input order (the sort is stable).
+pub fn sort_riskiest_first<T>(items: &mut [T], answer: impl Fn(&T) -> Option<&ImageScore>) {
+    items.sort_by(|a, b| match (answer(a), answer(b)) {
+        (Some(x), Some(y)) => y.risk().total_cmp(&x.risk()),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+}
+
+/// Milliseconds, to the microsecond.
+pub(crate) fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1e3
+}
+
+/// Builds one answer from a representation and its score.
+pub(crate) fn answer(model: &Model, s: Score, h: ArrayView1<f32>, timings: Timings, embedding: EmbeddingMode) -> ImageScore {
+    let calibration = model.calibration.as_ref();
+    let assessed = calibration.map(|c| c.assess(h, &s));
+    let (embedding, embedding_features) = match (embedding, calibration) {
+        (EmbeddingMode::Omit, _) => (None, None),
+        (EmbeddingMode::Discriminative, Some(c)) => {
+            let d = &c.discriminative_features;
+            (Some(d.iter().map(|&j| h[j]).collect()), Some(d.clone()))
+        }
+        (EmbeddingMode::Full | EmbeddingMode::Discriminative, _) => (Some(h.to_vec()), None),
+    };
+    ImageScore {
+        model: model.name().to_owned(),
+        q_score: s.q_score,
+        calibrated: calibration.is_some(),
+        likely_misclassified: assessed.as_ref().map(|a| a.likely_misclassified),
+        p_misclassified: assessed.as_ref().map(|a| a.p_misclassified),
+        risk_source: calibration.map(|c| c.risk_source),
+        predicted_class: calibration.zip(assessed.as_ref()).map(|(c, a)| c.probe.classes[a.prediction.class].clone()),
+        class_probability: assessed.as_ref().map(|a| a.prediction.confidence()),
+        stats: s.stats,
+        discriminative_features: s.features,
+        timings_ms: timings,
+        embedding,
+        embedding_features,
+    }
+}

@@ -1,0 +1,324 @@
+//! The running service core: the one pipeline every edge calls.
+//!
+//! ```text
+//! edge (v1, KServe v2, Label Studio, `qscore score`, `qscore calibrate`)
+//!   → Engine::score(model, inputs)            admission: images in flight, memory budget
+//!     → decode slot → image::prepare          one per core, reserved before decoding
+//!     → batch::Worker (one thread per model)  gathers images from every request, runs the Embedder
+//!     → qscore maths → risk::measure          pure
+//!     → side effects, once per item           metrics, drift, flagged-answer observers
+//!   ← one answer per input, in order
+//! ```
+//!
+//! [`Engine::open`] starts it from a plain [`EngineConfig`] (never from clap's types): ONNX
+//! Runtime, the models under `models_dir` (checked and warmed up), one inference thread each.
+//! The offline commands open it exactly as the server does, so `qscore score` answers what
+//! `POST /v1/score` answers. Tests open it over fake [`batch::Embedder`]s instead
+//! ([`Engine::from_registry`]), so every edge can be tested in-process without ONNX Runtime.
+
+pub mod admission;
+pub mod answer;
+pub mod batch;
+pub mod budget;
+pub mod registry;
+pub mod webhook;
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use ndarray::Array3;
+use tokio::sync::Semaphore;
+
+pub use self::{
+    answer::{EmbeddingMode, ImageScore, Timings},
+    batch::BatchSettings,
+    registry::{Model, Registry, Selection},
+};
+use self::{
+    admission::Admission,
+    answer::{answer, millis},
+    budget::{MemoryBudget, Reservation},
+};
+use crate::{
+    drift::{DriftMonitor, DriftSettings},
+    error::Error,
+    image::{self, ImageLimits},
+    metrics::{Metrics, Outcome, Rejection},
+    model::encoder::SessionOptions,
+    qscore,
+};
+
+/// Where the models and ONNX Runtime come from, how they run, and how images are limited.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Folder holding one sub-folder per model.
+    pub models_dir: PathBuf,
+    /// The model used when a request names none (default: the first by name).
+    pub default_model: Option<String>,
+    /// Path to libonnxruntime.so, when not found by the usual search.
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime session settings.
+    pub session: SessionOptions,
+    /// How each model's thread forms batches.
+    pub batching: BatchSettings,
+    /// Limits checked on every image.
+    pub limits: ImageLimits,
+}
+
+/// How much work the pipeline takes on at once, for how long, and how much it remembers.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Most images inside the pipeline at once.
+    pub max_images: usize,
+    /// Deadline of one call.
+    pub timeout: Duration,
+    /// The drift windows.
+    pub drift: DriftSettings,
+    /// Bytes the memory budget holds (`--memory-budget-bytes`).
+    pub memory_budget: u64,
+}
+
+impl Capacity {
+    /// For offline tools (`score`, `calibrate`): they feed the pipeline in chunks themselves,
+    /// wait as long as it takes, and watch no drift.
+    pub const OFFLINE: Self = Self {
+        max_images: usize::MAX / 2,
+        timeout: Duration::from_secs(24 * 3600),
+        drift: DriftSettings { max_images: 0, max_age: Duration::ZERO },
+        memory_budget: u64::MAX,
+    };
+}
+
+/// Told of every flagged answer, whichever edge it came from (the `--flagged-webhook` is one).
+/// Called on the request's task: it must not block.
+pub trait FlaggedObserver: Send + Sync {
+    /// `id` is the client's name for the image; `answer` has `likely_misclassified == Some(true)`.
+    fn flagged(&self, id: &str, answer: &ImageScore);
+}
+
+/// One image as an edge hands it in: the client's id for it, and its bytes or why there are
+/// none (bad base64, a failed fetch). An input that is already an error keeps its place and is
+/// counted like any other.
+#[derive(Debug)]
+pub struct Input {
+    /// The client's name for the image (file name, JSON id, task id, position).
+    pub id: String,
+    /// The encoded image.
+    pub bytes: Result<Bytes, Error>,
+}
+
+/// One answer, in the order of the inputs.
+#[derive(Debug)]
+pub struct Output {
+    /// The input's id.
+    pub id: String,
+    /// Its score, or why it has none.
+    pub answer: Result<ImageScore, Error>,
+}
+
+/// The models, the pipeline's limits and its side effects.
+pub struct Engine {
+    /// The loaded models.
+    pub registry: Arc<Registry>,
+    /// Limits checked on every image.
+    pub limits: ImageLimits,
+    /// How many images may be in the server at once.
+    pub admission: Arc<Admission>,
+    /// How long a request may take before it is answered 503 and its work dropped.
+    pub request_timeout: Duration,
+    /// Where outcomes are counted.
+    pub metrics: Metrics,
+    /// Recent answers of each calibrated model, for drift monitoring.
+    pub drift: DriftMonitor,
+    /// Bytes held for requests, decodes and queued tensors.
+    pub budget: MemoryBudget,
+    /// Images being decoded at once (one per core): decoding is CPU-bound, and a slot is held
+    /// until its decode really ends, so abandoned requests never pile up work.
+    decode_slots: Arc<Semaphore>,
+    /// Told of every flagged answer.
+    observers: Vec<Arc<dyn FlaggedObserver>>,
+}
+
+/// CPU cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+impl Engine {
+    /// Starts ONNX Runtime, loads, checks and warms up the selected models. Blocking: call it
+    /// from a blocking context.
+    pub fn open(config: &EngineConfig, selection: &Selection, capacity: Capacity) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let registry = Registry::load(config, selection, &metrics)?;
+        Ok(Self::from_registry(registry, config.limits, capacity, metrics))
+    }
+
+    /// The engine over models loaded elsewhere (tests' fake encoders); `metrics` must be the
+    /// family their workers report to.
+    pub fn from_registry(registry: Registry, limits: ImageLimits, capacity: Capacity, metrics: Metrics) -> Self {
+        let drift = DriftMonitor::new(registry.models().map(AsRef::as_ref), capacity.drift);
+        Self {
+            drift,
+            registry: Arc::new(registry),
+            limits,
+            admission: Admission::new(capacity.max_images),
+            budget: MemoryBudget::new(capacity.memory_budget),
+            decode_slots: Arc::new(Semaphore::new(cores())),
+            request_timeout: capacity.timeout,
+            metrics,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Adds an observer of flagged answers.
+    pub fn observe(&mut self, observer: Arc<dyn FlaggedObserver>) {
+        self.observers.push(observer);
+    }
+
+    /// Scores `inputs` with `model`: one output per input, in order, with its id; `mode` says
+    /// whether answers carry the representation. Every side effect runs here, once per item:
+    /// the image counters (inputs that arrived as errors included), the Q-Score histogram,
+    /// drift, and the flagged-answer observers.
+    ///
+    /// Each image is decoded on the blocking pool and queued on its own as soon as it is ready,
+    /// so the model's thread batches it with whatever else is waiting, from any request. A
+    /// full server (`Overloaded`, 429, refused before any work), a passed deadline (`Timeout`,
+    /// 503) or a stopped worker fails the whole call: those say nothing about an image, and
+    /// the client should retry all of it. When this future is dropped (the client went away),
+    /// its queued images are skipped by the worker and its decodes not yet started never start.
+    pub async fn score(&self, model: &Arc<Model>, inputs: Vec<Input>, mode: EmbeddingMode) -> Result<Vec<Output>, Error> {
+        let start = Instant::now();
+        let name = model.name();
+        let readable = inputs.iter().filter(|i| i.bytes.is_ok()).count();
+        let _permit = self.admission.admit(readable).inspect_err(|_| {
+            (0..readable).for_each(|_| self.metrics.rejected(name, Rejection::Overloaded));
+        })?;
+        let deadline = start + self.request_timeout;
+        let (ids, work): (Vec<String>, Vec<_>) = inputs
+            .into_iter()
+            .map(|Input { id, bytes }| {
+                let work = async move {
+                    match bytes {
+                        Ok(bytes) => self.score_one(model, bytes, deadline, mode).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                (id, work)
+            })
+            .unzip();
+        let answers = match tokio::time::timeout_at(deadline.into(), futures_util::future::join_all(work)).await {
+            Ok(answers) => answers,
+            Err(_) => return Err(Error::Timeout),
+        };
+        if let Some(e) = answers.iter().find_map(|a| match a {
+            Err(e @ (Error::Unavailable(_) | Error::Timeout)) => Some(e.clone()),
+            _ => None,
+        }) {
+            return Err(e);
+        }
+
+        let total_ms = millis(start.elapsed());
+        Ok(ids
+            .into_iter()
+            .zip(answers)
+            .map(|(id, mut answer)| {
+                match &mut answer {
+                    Ok(s) => {
+                        s.timings_ms.total = total_ms;
+                        self.record(model, &id, s);
+                    }
+                    Err(e) if e.is_client_error() => {
+                        self.metrics.image(name, Outcome::Rejected);
+                        self.metrics.rejected(name, Rejection::Invalid);
+                    }
+                    Err(_) => self.metrics.image(name, Outcome::Failed),
+                }
+                Output { id, answer }
+            })
+            .collect())
+    }
+
+    /// The side effects of one scored image.
+    fn record(&self, model: &Model, id: &str, s: &ImageScore) {
+        let name = model.name();
+        self.metrics.image(name, Outcome::Scored);
+        self.metrics.score.with_label_values(&[name]).observe(f64::from(s.q_score));
+        let flagged = s.likely_misclassified == Some(true);
+        self.drift.record(name, s.q_score, flagged, s.discriminative_features.iter().map(|f| f.index));
+        if flagged {
+            for o in &self.observers {
+                o.flagged(id, s);
+            }
+        }
+    }
+
+    /// One image through decode, the model's queue and the maths.
+    async fn score_one(
+        &self,
+        model: &Arc<Model>,
+        bytes: Bytes,
+        deadline: Instant,
+        mode: EmbeddingMode,
+    ) -> Result<ImageScore, Error> {
+        let mut incoming = model.worker.expect(1);
+        let (tensor, decode, _tensor_bytes) = self.prepare(model, bytes, deadline).await?;
+        self.metrics.preprocess_duration.with_label_values(&[model.name()]).observe(decode.as_secs_f64());
+
+        let out = model.worker.embed(tensor, deadline, &mut incoming).await?;
+        let h = ndarray::ArrayView1::from(&out.embedding);
+        let score = qscore::score(h, model.qscore.epsilon, &model.discriminative)
+            .map_err(|e| Error::InvalidEmbedding(e.to_string()))?;
+        let timings = Timings {
+            decode: millis(decode),
+            queue: millis(out.queue_wait),
+            inference: millis(out.inference),
+            batch_size: out.batch_size,
+            total: 0.0,
+        };
+        Ok(answer(model, score, h, timings, mode))
+    }
+
+    /// Decodes and preprocesses one image within a decode slot and its share of the memory
+    /// budget; answers the tensor, the time it took, and the reservation that keeps the tensor's
+    /// bytes counted until it is embedded.
+    ///
+    /// The slot and the reservation move into the blocking tasks, so they stay taken until the
+    /// decode really ends even when this future is dropped (the client left, the deadline
+    /// passed): what runs is bounded, not only what waits. Nothing starts once the request is
+    /// gone, because the slot is awaited here first.
+    async fn prepare(
+        &self,
+        model: &Arc<Model>,
+        bytes: Bytes,
+        deadline: Instant,
+    ) -> Result<(Array3<f32>, Duration, Reservation), Error> {
+        let slot = tokio::time::timeout_at(deadline.into(), Arc::clone(&self.decode_slots).acquire_owned())
+            .await
+            .map_err(|_| Error::Timeout)?
+            .map_err(|_| Error::Unavailable("the decode pool is closed".into()))?;
+        let limits = self.limits;
+        let blocking_failed = |e: tokio::task::JoinError| Error::Internal(format!("image task failed: {e}"));
+        let (header, slot) = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || (image::inspect(&bytes, &limits), slot)).await.map_err(blocking_failed)?
+        };
+        let header = header?;
+        let preprocess = &model.preprocess;
+        let reservation = self.budget.decode(header.peak_bytes(preprocess), deadline).await?;
+        let m = Arc::clone(model);
+        let (result, mut reservation) = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let t = Instant::now();
+            (image::prepare(&bytes, &limits, &m.preprocess).map(|x| (x, t.elapsed())), reservation)
+        })
+        .await
+        .map_err(blocking_failed)?;
+        let (tensor, took) = result?;
+        reservation.shrink_to((tensor.len() * std::mem::size_of::<f32>()) as u64);
+        Ok((tensor, took, reservation))
+    }
+}
