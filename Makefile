@@ -73,7 +73,7 @@ run: build
 	$(BIN) serve --models-dir models --model $${QSCORE_MODEL:-$(DEFAULT_MODEL)} \
 	  --host $${QSCORE_HOST:-0.0.0.0} --port $${QSCORE_PORT:-8080}
 
-test: ort tools
+test: ort tools fuzz-smoke
 	$(CARGO) test --release --locked
 
 openapi: build
@@ -139,6 +139,9 @@ swagger-ui:
 # Regenerate the derived image fixtures (needs Pillow and numpy from Debian).
 fixtures:
 	/usr/bin/python3 tests/fixtures/make_fixtures.py
+
+# The fuzz harnesses (fuzz/README.md): `make fuzz` for long runs, `make fuzz-smoke` in `make test`.
+include fuzz/fuzz.mk
 
 clean:
 	$(CARGO) clean

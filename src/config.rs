@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// idle keep-alive connection stays open waiting for its next request.
     #[arg(long, env = "QSCORE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+    /// Longest an answer's write may make no progress because the client does not read it, in
+    /// milliseconds; the connection is then dropped.
+    #[arg(long, env = "QSCORE_SEND_TIMEOUT_MS", default_value_t = 10_000)]
+    pub send_timeout_ms: u64,
     /// Most client connections open at once; past it new connections wait in the kernel's
     /// backlog [default: the open-file limit minus 64, at most 4096].
     #[arg(long, env = "QSCORE_MAX_CONNECTIONS")]

@@ -54,6 +54,18 @@ pub struct DriftList {
     pub models: Vec<DriftReport>,
 }
 
+/// Whether a drift report compares anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftStatus {
+    /// The window was compared with the calibration reference.
+    Ok,
+    /// The model has no calibration.json, so there is no reference.
+    NoReference,
+    /// No image was answered in the window yet.
+    EmptyWindow,
+}
+
 /// Drift of one model's recent answers from its calibration reference.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DriftReport {
@@ -61,7 +73,7 @@ pub struct DriftReport {
     pub model: String,
     /// `ok`; `no_reference` for a model without calibration.json; `empty_window` before any
     /// answer.
-    pub status: String,
+    pub status: DriftStatus,
     /// What the status means.
     pub message: String,
     /// Answers in the window.
@@ -135,7 +147,7 @@ impl DriftMonitor {
         let (Some(cal), Some(window)) = (&model.calibration, self.windows.get(model.name())) else {
             return DriftReport::empty(
                 name.clone(),
-                "no_reference",
+                DriftStatus::NoReference,
                 format!(
                     "model `{name}` has no calibration.json, so there is no reference distribution to compare with; \
                      run `qscore calibrate --model {name}`"
@@ -148,7 +160,7 @@ impl DriftMonitor {
         if w.is_empty() {
             return DriftReport::empty(
                 name,
-                "empty_window",
+                DriftStatus::EmptyWindow,
                 "no image answered in the window yet".into(),
                 cal.reference.images,
             );
@@ -166,7 +178,7 @@ impl DriftMonitor {
         drop(w);
         DriftReport {
             model: name,
-            status: "ok".into(),
+            status: DriftStatus::Ok,
             message: "window compared with the calibration reference".into(),
             window_images: q.len(),
             window_seconds: oldest,
@@ -183,10 +195,10 @@ impl DriftMonitor {
 }
 
 impl DriftReport {
-    fn empty(model: String, status: &str, message: String, reference_images: usize) -> Self {
+    fn empty(model: String, status: DriftStatus, message: String, reference_images: usize) -> Self {
         Self {
             model,
-            status: status.into(),
+            status,
             message,
             window_images: 0,
             window_seconds: 0.0,

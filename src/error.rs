@@ -1,10 +1,29 @@
 //! The one error type a client of qscore can see.
 //!
 //! Variants name what went wrong for the user, never which library failed. Each has a stable
-//! snake_case `code` and an HTTP status (design.md section 4); `src/http/error.rs` turns it into
-//! the JSON body, and a batch answers it per item.
+//! snake_case `code` and a sentence saying what to do next; a batch item, a Label Studio task
+//! and a `qscore score` line answer it as [`ErrorDetail`]. Transport is not decided here: the
+//! HTTP status and headers of each variant live in `src/http/error.rs` alone.
 
-use axum::http::StatusCode;
+use serde::Serialize;
+
+/// Longest error message answered, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// A machine-readable code and a sentence for a human: how every error is answered.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `undecodable_image`.
+    pub code: String,
+    /// What happened and what to do about it.
+    pub message: String,
+}
+
+impl From<&Error> for ErrorDetail {
+    fn from(e: &Error) -> Self {
+        e.detail()
+    }
+}
 
 /// Everything that can stop one request or one image from being scored.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -16,7 +35,9 @@ pub enum Error {
     #[error("the image is empty (0 bytes); send the file's contents")]
     EmptyImage,
     /// A multipart request without any `image` part.
-    #[error("no `image` part in the multipart body; send the file as `-F image=@photo.jpg`")]
+    #[error(
+        "the request holds no image; send a multipart `image` part (`-F image=@photo.jpg`), a raw image/* body, or a JSON batch with at least one image"
+    )]
     MissingImage,
     /// A multipart part with a name other than `image`.
     #[error("unexpected multipart field `{0}`; only `image` parts are accepted")]
@@ -67,7 +88,9 @@ pub enum Error {
         limit: u64,
     },
     /// The server holds as many request bytes as its memory budget allows.
-    #[error("the server's memory budget (--memory-budget-bytes) is taken by other requests; retry after {retry_after_s} s")]
+    #[error(
+        "the server's memory budget (--memory-budget-bytes) is taken by other requests; retry after {retry_after_s} s"
+    )]
     MemoryBudgetExhausted {
         /// Seconds the client should wait.
         retry_after_s: u64,
@@ -195,38 +218,34 @@ impl Error {
         }
     }
 
-    /// The HTTP status this error is answered with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest(_)
-            | Self::EmptyImage
-            | Self::MissingImage
-            | Self::UnexpectedField(_)
-            | Self::IdTooLong { .. }
-            | Self::UrlRefused(_)
-            | Self::UnreadableFile(_)
-            | Self::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType(_) | Self::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::TooManyPixels { .. }
-            | Self::ImageTooLarge { .. }
-            | Self::AspectRatioTooLarge { .. }
-            | Self::ImageNeedsTooMuchMemory { .. }
-            | Self::BodyTooLarge { .. }
-            | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnknownModel { .. } | Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded { .. } | Self::MemoryBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
-            Self::FetchFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::InvalidEmbedding(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+    /// Whether the client caused it (and so it counts as `rejected`, not `failed`): its input,
+    /// its request's shape, or its share of capacity. The rest is the server's fault or its
+    /// upstream's (a failed Label Studio fetch), or a deadline it could not meet.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(
+            self,
+            Self::Unavailable(_) | Self::Timeout | Self::FetchFailed(_) | Self::InvalidEmbedding(_) | Self::Internal(_)
+        )
     }
 
-    /// Whether the client caused it (and so it counts as `rejected`, not `failed`).
-    pub fn is_client_error(&self) -> bool {
-        self.status().is_client_error()
+    /// The sentence answered for this error, at most [`MAX_MESSAGE_BYTES`]: messages quote
+    /// what the client sent (a field name, a parser's view of a value), and an answer must
+    /// never grow with it.
+    pub fn message(&self) -> String {
+        let mut message = self.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("… (truncated)");
+        }
+        message
+    }
+
+    /// The `{code, message}` pair every error answers with.
+    pub fn detail(&self) -> ErrorDetail {
+        ErrorDetail { code: self.code().to_owned(), message: self.message() }
     }
 }

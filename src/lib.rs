@@ -9,32 +9,45 @@
 //! The data flows one way, and the modules follow it:
 //!
 //! ```text
-//! http (parse, validate, answer) → scoring (decode, batch) → batch (worker thread, ort session)
-//!                                → qscore (maths) → http
+//! edges (translate only)            core                                         pure maths
+//! http::handlers  (/v1)      ─┐
+//! http::kserve    (/v2)       │    engine::Engine::score(model, inputs)
+//! http::labelstudio (/predict)├──►   admission, memory budget (engine::admission, ::budget)
+//! main: `qscore score`        │      decode slot → image::prepare
+//! calibrate: `qscore calibrate`┘     engine::batch::Worker → Embedder (model::encoder: ort)  ──► qscore, risk
+//!                                    side effects once: metrics, drift, FlaggedObservers (engine::webhook)
+//!                            ◄──   one Output per input, in order
 //! ```
 //!
-//! - [`config`]: flags and `QSCORE_*` variables, parsed once.
-//! - [`http`]: the axum router, handlers, error mapping and OpenAPI document.
-//! - [`scoring`]: the pipeline shared by the server and `qscore score`.
+//! Every edge turns its protocol into `Vec<engine::Input>` (an id and bytes, or the error that
+//! stopped them) and the answers back into its protocol; nothing else. The offline commands open
+//! the same engine as the server and never import the HTTP layer; the HTTP layer does no maths
+//! and owns every status code.
+//!
+//! - [`config`]: flags and `QSCORE_*` variables, parsed once into plain configuration.
+//! - [`engine`]: the running core: open, registry of loaded models, admission, memory budget,
+//!   batching worker, the one scoring entry point and its observers.
+//! - [`model`]: a model folder at rest: manifest, calibration file, one ONNX Runtime session.
 //! - [`image`]: decode with limits (every derived size bounded), resize, normalise.
-//! - [`budget`]: the one memory budget every request-held byte and every decode reserves from.
-//! - [`batch`]: the per-model inference thread.
-//! - [`model`]: manifests, calibration files, ONNX Runtime sessions, the registry.
 //! - [`qscore`]: the maths of design.md section 1, pure and tested on hand-computed cases.
-//! - [`probe`], [`neighbours`], [`risk`], [`isotonic`], [`ranking`]: the pieces calibration
-//!   measures and the server applies: the linear probe, the nearest-neighbour estimator, the
-//!   risk estimators, the isotonic map to p(misclassified), AUROC/AUPRC.
+//! - [`risk`]: the probe, the nearest-neighbour estimator, the risk estimators, the isotonic map
+//!   to p(misclassified), AUROC/AUPRC, and the one `measure` serving and calibration share.
+//! - [`drift`]: rolling windows of recent answers against the calibration reference.
+//! - [`http`]: the axum router, one module per protocol edge, connections, error mapping and
+//!   the OpenAPI document.
 //! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.
 //! - [`metrics`]: the Prometheus families.
-//! - [`drift`]: rolling windows of recent answers against the calibration reference.
-//! - [`webhook`]: flagged answers pushed to one configured endpoint, off the request path.
+//! - [`error`]: the one error type, its stable codes and `{code, message}` shape.
+//! - [`server`]: start-up and shutdown of `qscore serve`.
+
+#![warn(missing_docs)]
 
 pub mod calibrate;
 pub mod config;
 pub mod drift;
+pub mod engine;
 pub mod error;
 pub mod http;
-pub mod engine;
 pub mod image;
 pub mod metrics;
 pub mod model;

@@ -6,9 +6,8 @@ use bytes::Bytes;
 use clap::Parser;
 use qscore::{
     config::{Cli, Command, LogFormat, OutputFormat, ScoreArgs, SortOrder},
-    http::error::ErrorDetail,
     engine::{Capacity, EmbeddingMode, Engine, ImageScore, Input, Selection, answer::sort_riskiest_first},
-    error::Error,
+    error::{Error, ErrorDetail},
     server,
 };
 
@@ -88,9 +87,7 @@ struct FileLine {
 impl FileLine {
     fn new(file: PathBuf, answer: Result<ImageScore, ErrorDetail>) -> Self {
         match answer {
-            Ok(s) => {
-                Self { file, risk: Some(s.risk()), score: Some(s), error: None }
-            }
+            Ok(s) => Self { file, risk: Some(s.risk()), score: Some(s), error: None },
             Err(e) => Self { file, risk: None, score: None, error: Some(e) },
         }
     }

@@ -266,7 +266,7 @@ impl Metrics {
         for (depth, r) in models {
             let m = [r.model.as_str()];
             self.queue_depth.with_label_values(&m).set(*depth as i64);
-            if r.status == "no_reference" {
+            if r.status == crate::drift::DriftStatus::NoReference {
                 continue;
             }
             self.drift_window_images.with_label_values(&m).set(r.window_images as f64);

@@ -81,6 +81,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let notify = Arc::clone(&stopping);
     let connection_limits = ConnectionLimits {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        send_timeout: Duration::from_millis(args.send_timeout_ms),
         max_connections: connection_cap(args.max_connections),
     };
     let server = connections::serve(listener, app, connection_limits, async move {

@@ -127,10 +127,11 @@ fn image_host(body: Vec<u8>) -> String {
 /// refused on their header on every edge, and `qscore score` says so instead of aborting.
 #[test]
 fn strips_are_refused_on_every_edge() {
-    let strips: Vec<(String, Vec<u8>)> = [(1, 20_000_000), (4, 10_000_000), (1, 16_777_217), (5_000, 1), (40, 1_000_000)]
-        .into_iter()
-        .map(|(w, h)| (format!("{w}x{h}.png"), grey_png(w, h)))
-        .collect();
+    let strips: Vec<(String, Vec<u8>)> =
+        [(1, 20_000_000), (4, 10_000_000), (1, 16_777_217), (5_000, 1), (40, 1_000_000)]
+            .into_iter()
+            .map(|(w, h)| (format!("{w}x{h}.png"), grey_png(w, h)))
+            .collect();
     assert!(strips[0].1.len() < 100_000, "the 1 x 20,000,000 strip is {} bytes", strips[0].1.len());
     let host = image_host(strips[0].1.clone());
     let s = Server::start(&["--label-studio-url", &host]);
@@ -140,7 +141,8 @@ fn strips_are_refused_on_every_edge() {
         let v = assert_error(s.post_image("/v1/score", name, png.clone()), 413, "aspect_ratio_too_large");
         assert!(v["error"]["message"].as_str().unwrap().contains("--max-image-aspect-ratio"), "{v}");
 
-        let batch = json!({"images": [{"id": name, "data": b64(png)}, {"id": "ok", "data": b64(&read("photos/rocket.jpg"))}]});
+        let batch =
+            json!({"images": [{"id": name, "data": b64(png)}, {"id": "ok", "data": b64(&read("photos/rocket.jpg"))}]});
         let r: Value = c.post(format!("{}/v1/score/batch", s.url)).json(&batch).send().unwrap().json().unwrap();
         assert_eq!(r["results"][0]["error"]["code"], "aspect_ratio_too_large", "{name}: {r}");
         assert!(r["results"][1]["q_score"].is_number(), "one bad item never fails the others: {r}");
@@ -162,7 +164,8 @@ fn strips_are_refused_on_every_edge() {
 
     let dir = tempdir("strips");
     std::fs::write(dir.join("strip.png"), &strips[0].1).unwrap();
-    let out = qscore_bin().args(["score", "--model", "mobilenet_v2-imagenet"]).arg(dir.join("strip.png")).output().unwrap();
+    let out =
+        qscore_bin().args(["score", "--model", "mobilenet_v2-imagenet"]).arg(dir.join("strip.png")).output().unwrap();
     let line: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
     assert_eq!(line["error"]["code"], "aspect_ratio_too_large", "{line}");
     assert_ne!(out.status.code(), Some(134), "qscore score aborted");
@@ -224,17 +227,24 @@ fn huge_lists_are_counted_before_they_are_built() {
 }
 
 /// Identifiers are echoed in answers and queued for the webhook, so an 8 MiB `id` is refused,
-/// not held.
+/// not held: the item answers `id_too_long` in its own slot, under its position.
 #[test]
 fn identifiers_are_bounded() {
     let s = Server::start(&[]);
     let long = "x".repeat(8 << 20);
-    let batch = json!({"images": [{"id": long, "data": b64(&read("photos/rocket.jpg"))}]});
+    let rocket = b64(&read("photos/rocket.jpg"));
+    let batch = json!({"images": [{"id": long, "data": rocket}, {"id": "ok", "data": rocket}]});
     let r = s.client().post(format!("{}/v1/score/batch", s.url)).json(&batch).send().unwrap();
-    let v = assert_error(r, 400, "id_too_long");
-    assert!(v["error"]["message"].as_str().unwrap().contains("1024"), "{v}");
-    let r = s.post_image("/v1/score/batch", &"y".repeat(2000), read("photos/rocket.jpg"));
-    assert_error(r, 400, "id_too_long");
+    assert_eq!(r.status(), 200);
+    let text = r.text().unwrap();
+    assert!(text.len() < 20_000, "the answer echoes the long id: {} bytes", text.len());
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["results"][0]["id"], "0", "{v}");
+    assert_eq!(v["results"][0]["error"]["code"], "id_too_long", "{v}");
+    assert!(v["results"][0]["error"]["message"].as_str().unwrap().contains("1024"), "{v}");
+    assert!(v["results"][1]["q_score"].is_number(), "{v}");
+    let r: Value = s.post_image("/v1/score/batch", &"y".repeat(2000), read("photos/rocket.jpg")).json().unwrap();
+    assert_eq!(r["results"][0]["error"]["code"], "id_too_long", "{r}");
     s.assert_ready();
 }
 
@@ -266,7 +276,8 @@ fn abandoned_work_stops_and_sigterm_keeps_its_grace() {
     // SIGTERM while such a batch is decoding, with a stalled connection open: out within grace.
     let url = format!("{}/v1/score/batch", s.url);
     std::thread::spawn(move || {
-        let _ = reqwest::blocking::Client::new().post(url).header("content-type", "application/json").body(batch).send();
+        let _ =
+            reqwest::blocking::Client::new().post(url).header("content-type", "application/json").body(batch).send();
     });
     let mut stalled = TcpStream::connect(s.url.trim_start_matches("http://")).unwrap();
     stalled.write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc").unwrap();
@@ -324,7 +335,8 @@ fn label_studio_fetches_share_the_budget() {
     let mut big = grey_png(64, 64);
     big.resize(16 << 20, 0);
     let host = image_host(big);
-    let s = Server::start(&["--label-studio-url", &host, "--memory-budget-bytes", "268435456", "--max-batch-images", "64"]);
+    let s =
+        Server::start(&["--label-studio-url", &host, "--memory-budget-bytes", "268435456", "--max-batch-images", "64"]);
     let base = baseline(&s);
     let tasks: Vec<Value> = (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/{i}.png")}})).collect();
     let r: Value =
@@ -340,7 +352,8 @@ fn label_studio_fetches_share_the_budget() {
 /// arrives gets its 408 like every other route.
 #[test]
 fn connections_time_out_and_are_capped() {
-    let s = Server::start(&["--header-read-timeout-ms", "1500", "--max-connections", "32", "--request-timeout-ms", "3000"]);
+    let s =
+        Server::start(&["--header-read-timeout-ms", "1500", "--max-connections", "32", "--request-timeout-ms", "3000"]);
     let addr = s.url.trim_start_matches("http://").to_owned();
 
     let mut trickle = TcpStream::connect(&addr).unwrap();
@@ -411,4 +424,121 @@ fn every_answer_is_counted() {
     };
     assert_eq!(count("unmatched"), Some(3), "{metrics}");
     assert_eq!(count("/v1/score"), Some(1), "{metrics}");
+}
+
+/// Found by a hostile client: answers the client never reads. Error messages no longer grow
+/// with what the client sent, and a client that stops reading (a pipeline of requests, a tiny
+/// receive window) is dropped after `--send-timeout-ms`, so unread answers neither pile up in
+/// memory nor hold the connection slots the health probe needs.
+#[test]
+fn unread_answers_are_bounded_and_dropped() {
+    let s = Server::start(&["--send-timeout-ms", "1000", "--max-connections", "8", "--header-read-timeout-ms", "3000"]);
+    let base = baseline(&s);
+    let name = "n".repeat(8 << 20);
+    let body = format!("--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nx\r\n--b--\r\n");
+    let v = assert_error(
+        s.post_raw("/v1/score", "multipart/form-data; boundary=b", body.into_bytes()),
+        400,
+        "unexpected_field",
+    );
+    assert!(v["error"]["message"].as_str().unwrap().len() < 1200, "the message echoes the client's field name whole");
+    let huge = format!(r#"{{"images": [{{"id": 7, "data": "{}"}}]}}"#, "A".repeat(4 << 20));
+    let r: Value = s
+        .client()
+        .post(format!("{}/v1/score/batch", s.url))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(r["results"][0]["error"]["message"].as_str().unwrap().len() < 1200, "{}", r.to_string().len());
+
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let readers: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = c.write_all(request.as_bytes());
+            c
+        })
+        .collect();
+    let t = Instant::now();
+    s.assert_ready();
+    assert!(t.elapsed() < Duration::from_secs(8), "the probe waited {:?} behind unread answers", t.elapsed());
+    drop(readers);
+    assert_unharmed(&s, base, 128, "unread answers");
+}
+
+/// Found by a hostile client: `/predict` fetching from a Label Studio host that never answers
+/// ran 256 / 8 x the fetch timeout. The fetches share the request's deadline.
+#[test]
+fn label_studio_fetches_share_the_request_deadline() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let s = Server::start(&[
+        "--label-studio-url",
+        &host,
+        "--request-timeout-ms",
+        "2000",
+        "--label-studio-timeout-ms",
+        "10000",
+    ]);
+    let tasks: Vec<Value> = (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/{i}.png")}})).collect();
+    let t = Instant::now();
+    let r = s.client().post(format!("{}/predict", s.url)).json(&json!({ "tasks": tasks })).send().unwrap();
+    assert_error(r, 503, "timeout");
+    assert!(t.elapsed() < Duration::from_secs(5), "/predict took {:?} with a 2 s deadline", t.elapsed());
+    s.assert_ready();
+}
+
+/// Found by a hostile client: one malformed item failed a whole JSON batch, and some
+/// rejections answered plain text. Each item now answers in its own slot, and every error is
+/// JSON.
+#[test]
+fn malformed_items_keep_their_slot_and_every_error_is_json() {
+    let s = Server::start(&[]);
+    let good = b64(&read("photos/rocket.jpg"));
+    let batch = json!({"images": [
+        {"id": "good", "data": good},
+        {"id": "no-data"},
+        {"id": "null-data", "data": null},
+        {"id": 7, "data": good},
+        {"id": "extra", "data": good, "colour": "red"},
+        "not an object",
+        {"id": "x".repeat(2000), "data": good},
+        {"data": good},
+    ]});
+    let r: Value = s.client().post(format!("{}/v1/score/batch", s.url)).json(&batch).send().unwrap().json().unwrap();
+    let results = r["results"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(results.len(), 8, "{r}");
+    let ids: Vec<&str> = results.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["good", "1", "2", "3", "4", "5", "6", "7"]);
+    assert!(results[0]["q_score"].is_number() && results[7]["q_score"].is_number(), "{r}");
+    for (i, item) in results.iter().enumerate().take(7).skip(1) {
+        let code = item["error"]["code"].as_str().unwrap_or_else(|| panic!("item {i}: {item}"));
+        assert!(code == "bad_request" || code == "id_too_long", "item {i}: {item}");
+    }
+    assert_eq!(r["summary"]["scored"], 2);
+
+    for path in ["/v1/models/%ff%fe", "/v1/drift?model=%ff"] {
+        let r = s.get(path);
+        let status = r.status().as_u16();
+        assert!((400..500).contains(&status), "{path}: {status}");
+        let v: Value = r.json().unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
+        assert!(v["error"]["code"].is_string(), "{path}: {v}");
+    }
+    let shape = vec!["1"; 5_000_000].join(",");
+    let kserve = format!(r#"{{"inputs":[{{"name":"image","shape":[{shape}],"datatype":"BYTES","data":[]}}]}}"#);
+    let r = s.post_raw("/v2/models/mobilenet_v2-imagenet/infer", "application/json", kserve.into_bytes());
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().len() < 1200, "the shape is echoed");
+    s.assert_ready();
 }

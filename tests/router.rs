@@ -123,7 +123,8 @@ percentiles = [50.0, 95.0]
 
 /// The toy model folder, written as a real one is (model.toml and calibration.json).
 fn toy_model(metrics: &Metrics) -> Model {
-    let dir = std::env::temp_dir().join(format!("qscore-router-{}-{:?}", std::process::id(), std::thread::current().id()));
+    let dir =
+        std::env::temp_dir().join(format!("qscore-router-{}-{:?}", std::process::id(), std::thread::current().id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("model.toml"), MANIFEST).unwrap();
     std::fs::write(dir.join("calibration.json"), calibration_json().to_string()).unwrap();
@@ -234,7 +235,8 @@ async fn kserve_keeps_order_and_reaches_the_observers() {
         "data": [[b64(&png(0))], [b64(&png(255))], [b64(&png(0))]]}]});
     let (status, r) = call(&h.app, post_json("/v2/models/toy/infer", &body)).await;
     assert_eq!(status, 200, "{r}");
-    let column = |name: &str| r["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap()["data"].clone();
+    let column =
+        |name: &str| r["outputs"].as_array().unwrap().iter().find(|o| o["name"] == name).unwrap()["data"].clone();
     assert_eq!(column("likely_misclassified"), json!([true, false, true]));
     assert_eq!(*h.flagged.0.lock().unwrap(), ["req-7/0", "req-7/2"]);
 
@@ -263,7 +265,10 @@ fn file_host(bytes: Vec<u8>) -> String {
             let head = if request_line.contains("/missing") {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
             } else {
-                format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len())
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                )
             };
             let _ = stream.write_all(head.as_bytes());
             if !request_line.contains("/missing") {

@@ -8,16 +8,16 @@ use rand_chacha::ChaCha8Rng;
 
 use super::dataset::Part;
 use crate::{
-    risk::isotonic::IsotonicMap,
     model::calibration::{
         Calibration, Compression, DataFingerprint, Distribution, EstimatorMetrics, Evaluation, FORMAT_VERSION,
         FlagMetrics, Histogram, Ranking, Reference, SweepRow, ThresholdRule,
     },
+    qscore::{self, Discriminative, Score},
+    risk::RiskSource,
+    risk::isotonic::IsotonicMap,
     risk::neighbours::Neighbours,
     risk::probe::{Probe, ProbeSettings},
-    qscore::{self, Discriminative, Score},
     risk::{self, ranking},
-    risk::RiskSource,
 };
 
 /// The embedded labelled set.

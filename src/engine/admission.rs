@@ -74,5 +74,4 @@ mod tests {
         assert!(a.admit(1).is_err());
         drop(big);
     }
-
 }

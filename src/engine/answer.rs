@@ -100,7 +100,13 @@ pub(crate) fn millis(d: std::time::Duration) -> f64 {
 }
 
 /// Builds one answer from a representation and its score.
-pub(crate) fn answer(model: &Model, s: Score, h: ArrayView1<f32>, timings: Timings, embedding: EmbeddingMode) -> ImageScore {
+pub(crate) fn answer(
+    model: &Model,
+    s: Score,
+    h: ArrayView1<f32>,
+    timings: Timings,
+    embedding: EmbeddingMode,
+) -> ImageScore {
     let calibration = model.calibration.as_ref();
     let assessed = calibration.map(|c| c.assess(h, &s));
     let (embedding, embedding_features) = match (embedding, calibration) {

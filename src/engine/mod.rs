@@ -33,15 +33,15 @@ use bytes::Bytes;
 use ndarray::Array3;
 use tokio::sync::Semaphore;
 
-pub use self::{
-    answer::{EmbeddingMode, ImageScore, Timings},
-    batch::BatchSettings,
-    registry::{Model, Registry, Selection},
-};
 use self::{
     admission::Admission,
     answer::{answer, millis},
     budget::{MemoryBudget, Reservation},
+};
+pub use self::{
+    answer::{EmbeddingMode, ImageScore, Timings},
+    batch::BatchSettings,
+    registry::{Model, Registry, Selection},
 };
 use crate::{
     drift::{DriftMonitor, DriftSettings},
@@ -190,14 +190,30 @@ impl Engine {
     /// 503) or a stopped worker fails the whole call: those say nothing about an image, and
     /// the client should retry all of it. When this future is dropped (the client went away),
     /// its queued images are skipped by the worker and its decodes not yet started never start.
-    pub async fn score(&self, model: &Arc<Model>, inputs: Vec<Input>, mode: EmbeddingMode) -> Result<Vec<Output>, Error> {
+    pub async fn score(
+        &self,
+        model: &Arc<Model>,
+        inputs: Vec<Input>,
+        mode: EmbeddingMode,
+    ) -> Result<Vec<Output>, Error> {
+        self.score_until(model, inputs, mode, Instant::now() + self.request_timeout).await
+    }
+
+    /// [`Engine::score`] with the deadline of a request that started earlier (Label Studio's
+    /// fetches come out of the same `--request-timeout-ms`).
+    pub async fn score_until(
+        &self,
+        model: &Arc<Model>,
+        inputs: Vec<Input>,
+        mode: EmbeddingMode,
+        deadline: Instant,
+    ) -> Result<Vec<Output>, Error> {
         let start = Instant::now();
         let name = model.name();
         let readable = inputs.iter().filter(|i| i.bytes.is_ok()).count();
         let _permit = self.admission.admit(readable).inspect_err(|_| {
             (0..readable).for_each(|_| self.metrics.rejected(name, Rejection::Overloaded));
         })?;
-        let deadline = start + self.request_timeout;
         let (ids, work): (Vec<String>, Vec<_>) = inputs
             .into_iter()
             .map(|Input { id, bytes }| {
@@ -304,7 +320,9 @@ impl Engine {
         let blocking_failed = |e: tokio::task::JoinError| Error::Internal(format!("image task failed: {e}"));
         let (header, slot) = {
             let bytes = bytes.clone();
-            tokio::task::spawn_blocking(move || (image::inspect(&bytes, &limits), slot)).await.map_err(blocking_failed)?
+            tokio::task::spawn_blocking(move || (image::inspect(&bytes, &limits), slot))
+                .await
+                .map_err(blocking_failed)?
         };
         let header = header?;
         let preprocess = &model.preprocess;

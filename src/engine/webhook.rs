@@ -75,7 +75,6 @@ impl Webhook {
         });
         Ok(Self { tx, metrics })
     }
-
 }
 
 impl FlaggedObserver for Webhook {

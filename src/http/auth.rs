@@ -50,7 +50,10 @@ impl ApiKeys {
     /// Keys from a key file's text, for checking headers without a file (tests, fuzzing); such
     /// a set is never reloaded.
     pub fn from_text(text: &str) -> Arc<Self> {
-        Arc::new(Self { path: PathBuf::new(), state: RwLock::new(KeySet { digests: parse_keys(text), modified: None }) })
+        Arc::new(Self {
+            path: PathBuf::new(),
+            state: RwLock::new(KeySet { digests: parse_keys(text), modified: None }),
+        })
     }
 
     /// Re-reads the file; on failure the keys in force stay. Returns how many keys are now in force.
@@ -119,11 +122,19 @@ const MAX_KEYS_FILE_BYTES: u64 = 1 << 20;
 fn read(path: &Path) -> anyhow::Result<KeySet> {
     use std::io::Read;
     let modified = modified(path);
-    let cannot = |e: std::io::Error| anyhow::anyhow!("cannot read the API keys file {} (--api-keys-file): {e}", path.display());
+    let cannot =
+        |e: std::io::Error| anyhow::anyhow!("cannot read the API keys file {} (--api-keys-file): {e}", path.display());
     let mut text = String::new();
-    std::fs::File::open(path).map_err(cannot)?.take(MAX_KEYS_FILE_BYTES + 1).read_to_string(&mut text).map_err(cannot)?;
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_KEYS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
     if text.len() as u64 > MAX_KEYS_FILE_BYTES {
-        anyhow::bail!("the API keys file {} is over {MAX_KEYS_FILE_BYTES} bytes; it should hold one key per line", path.display());
+        anyhow::bail!(
+            "the API keys file {} is over {MAX_KEYS_FILE_BYTES} bytes; it should hold one key per line",
+            path.display()
+        );
     }
     let digests = parse_keys(&text);
     if digests.is_empty() {

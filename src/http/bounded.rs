@@ -188,7 +188,10 @@ mod tests {
         assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
         let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
-        assert_eq!(serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x"]]}"#).unwrap().data.unwrap().others, 1);
+        assert_eq!(
+            serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x"]]}"#).unwrap().data.unwrap().others,
+            1
+        );
         assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": null}"#).unwrap().data.is_none());
     }
 }

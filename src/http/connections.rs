@@ -8,6 +8,9 @@
 //!
 //! - a header-read timeout, which hyper also applies while a keep-alive connection waits for
 //!   its next request, so it is the idle timeout as well;
+//! - a send timeout: a client that stops reading its answers (a small receive window, a
+//!   pipeline of requests it never reads) is dropped once a write makes no progress for that
+//!   long, so unread answers never pile up in memory or hold a connection slot;
 //! - a cap on open connections: past it the accept loop waits and new clients queue in the
 //!   kernel's backlog, instead of the process running out of descriptors;
 //! - the open-file limit raised to its hard maximum at start-up, so the cap can be generous.
@@ -32,6 +35,8 @@ pub struct ConnectionLimits {
     /// Longest a client may take to send a request's headers, and longest an idle keep-alive
     /// connection is kept.
     pub header_read_timeout: Duration,
+    /// Longest a write to the client may make no progress before the connection is dropped.
+    pub send_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
 }
@@ -90,7 +95,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.send_timeout));
+        let io = TokioIo::new(Box::pin(stream));
+        let connection = http.serve_connection(io, TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _slot = slot;

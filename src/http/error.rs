@@ -2,12 +2,13 @@
 
 use axum::{
     Json,
-    http::{HeaderValue, header},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
 use crate::error::Error;
+pub use crate::error::ErrorDetail;
 
 /// `{"error": {"code": ..., "message": ...}}`, the body of every error answer.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -16,18 +17,33 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-/// A machine-readable code and a sentence for a human.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable snake_case code, e.g. `undecodable_image`.
-    pub code: String,
-    /// What happened and what to do about it.
-    pub message: String,
-}
-
-impl From<&Error> for ErrorDetail {
-    fn from(e: &Error) -> Self {
-        Self { code: e.code().to_owned(), message: e.to_string() }
+/// The HTTP status each error is answered with (design.md section 4).
+pub fn status(e: &Error) -> StatusCode {
+    match e {
+        Error::BadRequest(_)
+        | Error::EmptyImage
+        | Error::MissingImage
+        | Error::UnexpectedField(_)
+        | Error::IdTooLong { .. }
+        | Error::UrlRefused(_)
+        | Error::UnreadableFile(_)
+        | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
+        Error::UnsupportedMediaType(_) | Error::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::TooManyPixels { .. }
+        | Error::ImageTooLarge { .. }
+        | Error::AspectRatioTooLarge { .. }
+        | Error::ImageNeedsTooMuchMemory { .. }
+        | Error::BodyTooLarge { .. }
+        | Error::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::UnknownModel { .. } | Error::NotFound => StatusCode::NOT_FOUND,
+        Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+        Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        Error::Overloaded { .. } | Error::MemoryBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::Unavailable(_) | Error::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        Error::FetchFailed(_) => StatusCode::BAD_GATEWAY,
+        Error::InvalidEmbedding(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -39,7 +55,7 @@ impl Error {
         if !self.is_client_error() {
             tracing::error!(code = self.code(), "{self}");
         }
-        let mut response = (self.status(), body).into_response();
+        let mut response = (status(self), body).into_response();
         match self {
             Error::Overloaded { retry_after_s } | Error::MemoryBudgetExhausted { retry_after_s } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));

@@ -44,7 +44,7 @@ impl From<Error> for V2Failure {
 
 impl IntoResponse for V2Failure {
     fn into_response(self) -> Response {
-        self.0.respond(Json(V2Error { error: self.0.to_string() }))
+        self.0.respond(Json(V2Error { error: self.0.message() }))
     }
 }
 
@@ -97,7 +97,8 @@ pub struct Readiness {
 pub struct InferInput {
     /// Must be `image`.
     pub name: String,
-    /// Must be `[N]`.
+    /// Must be `[N]` (or `[N, 1]`).
+    #[serde(deserialize_with = "bounded::list")]
     pub shape: Vec<i64>,
     /// Must be `BYTES`.
     pub datatype: String,
@@ -267,7 +268,8 @@ pub async fn infer(
     let _answer = budget.hold((n * per_image * 24 + 4096) as u64)?;
     // Items are named for the flagged webhook: the request id (when given) and the index.
     let prefix = request.id.as_deref().map(|id| format!("{id}/")).unwrap_or_default();
-    let inputs = images.into_iter().enumerate().map(|(i, b)| Input { id: format!("{prefix}{i}"), bytes: Ok(b) }).collect();
+    let inputs =
+        images.into_iter().enumerate().map(|(i, b)| Input { id: format!("{prefix}{i}"), bytes: Ok(b) }).collect();
     let scored = state.engine.score(&model, inputs, embedding).await?;
     let mut answers = Vec::with_capacity(n);
     for (i, out) in scored.into_iter().enumerate() {
@@ -449,7 +451,9 @@ mod tests {
     #[test]
     fn outputs_are_listed_once() {
         let body = |outputs: &str| {
-            format!(r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}}],"outputs":{outputs}}}"#)
+            format!(
+                r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}}],"outputs":{outputs}}}"#
+            )
         };
         let (req, _) = parse(&HeaderMap::new(), &Bytes::from(body(r#"[{"name":"embedding"}]"#)), 8).unwrap();
         assert_eq!(req.outputs.unwrap().len(), 1);

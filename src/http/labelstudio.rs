@@ -19,8 +19,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::Value;
 
-use super::{AppState, bounded};
 use super::error::ErrorDetail;
+use super::{AppState, bounded};
 use crate::{
     engine::{
         EmbeddingMode, Input, Output,
@@ -56,7 +56,8 @@ impl LabelStudio {
 
     /// The URL to fetch for a task's image reference, or why it is refused.
     pub fn resolve(&self, reference: &str) -> Result<reqwest::Url, Error> {
-        let url = self.base.join(reference).map_err(|e| Error::UrlRefused(format!("`{reference}` is not a URL: {e}")))?;
+        let url =
+            self.base.join(reference).map_err(|e| Error::UrlRefused(format!("`{reference}` is not a URL: {e}")))?;
         let same = url.scheme() == self.base.scheme()
             && url.host_str() == self.base.host_str()
             && url.port_or_known_default() == self.base.port_or_known_default();
@@ -325,8 +326,11 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     drop(body);
     let version = model_version(&state)?;
     let model = state.engine.registry.get(None)?.clone();
+    // The fetches and the scoring share the request's deadline.
+    let deadline = std::time::Instant::now() + state.engine.request_timeout;
     let fetches: Vec<_> = req.tasks.iter().map(|t| fetch_task(&state, t)).collect();
-    let fetched: Vec<_> = futures_util::stream::iter(fetches).buffered(FETCH_CONCURRENCY).collect().await;
+    let fetching = futures_util::stream::iter(fetches).buffered(FETCH_CONCURRENCY).collect::<Vec<_>>();
+    let fetched = tokio::time::timeout_at(deadline.into(), fetching).await.map_err(|_| Error::Timeout)?;
     // The fetched bytes stay reserved until the answer is built.
     let mut _held = Reservation::default();
     let inputs = req
@@ -343,7 +347,7 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
         .collect();
     let results = state
         .engine
-        .score(&model, inputs, EmbeddingMode::Omit)
+        .score_until(&model, inputs, EmbeddingMode::Omit, deadline)
         .await?
         .into_iter()
         .map(|Output { answer, .. }| TaskPrediction {

@@ -147,6 +147,7 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .fallback(handlers::not_found);
     // Bodies are read, and limited, by `upload::read_limited` alone, on every route.
     let app = api
+        .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
@@ -206,6 +207,39 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     m.http_requests.with_label_values(&[route, &class]).inc();
     m.http_duration.with_label_values(&[route]).observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// Turns the plain-text rejections of axum's extractors (a path segment that is not UTF-8, a
+/// query that does not parse) into our JSON error shape, so that every error answer is JSON.
+async fn json_errors(response: Response) -> Response {
+    use axum::http::{StatusCode, header::CONTENT_TYPE};
+    use http_body_util::BodyExt;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/plain; version=0.0.4"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Extractor rejections are a sentence long; anything longer is cut, never buffered whole.
+    let text = match http_body_util::Limited::new(body, 4096).collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => String::new(),
+    };
+    let error = match status {
+        StatusCode::NOT_FOUND => Error::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => Error::MethodNotAllowed,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::UnsupportedMediaType(text),
+        s if s.is_client_error() => Error::BadRequest(if text.is_empty() { s.to_string() } else { text }),
+        _ => Error::Internal(text),
+    };
+    let mut answer = axum::response::IntoResponse::into_response(error);
+    *answer.status_mut() = parts.status;
+    answer.extensions_mut().extend(parts.extensions);
+    answer
 }
 
 /// Runs `f` when dropped.

@@ -5,13 +5,13 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ErrorDetail;
 use crate::{
+    engine::ImageScore,
     engine::Model,
     model::{
         calibration::{Evaluation, ThresholdRule},
         manifest::{Color, Provenance, QScoreParams},
     },
     risk::RiskSource,
-    engine::ImageScore,
 };
 
 /// `?model=NAME`.

@@ -196,8 +196,14 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
         if uploads.len() == max_images {
             return Err(Error::TooManyImages { limit: max_images });
         }
-        let id = field.file_name().map(str::to_owned).unwrap_or_else(|| uploads.len().to_string());
-        bounded::check_id(|| format!("the file name of part {}", uploads.len()), &id)?;
+        let position = uploads.len().to_string();
+        let id = field.file_name().map(str::to_owned).unwrap_or_else(|| position.clone());
+        if let Err(e) = bounded::check_id(|| format!("the file name of part {position}"), &id) {
+            // The part keeps its slot, under its position: its name is too long to echo.
+            let _ = field.bytes().await.map_err(malformed)?;
+            uploads.push(Input { id: position, bytes: Err(e) });
+            continue;
+        }
         let data = field.bytes().await.map_err(malformed)?;
         uploads.push(Input { id, bytes: Ok(data) });
     }
@@ -207,8 +213,18 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
     Ok(uploads)
 }
 
+/// The batch as it is read: each image kept as its raw JSON text (borrowed from the body, so
+/// nothing is copied), so that one malformed item gets its own error in its slot instead of
+/// failing the batch.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireBatch<'a> {
+    #[serde(borrow, deserialize_with = "bounded::list")]
+    images: Vec<&'a serde_json::value::RawValue>,
+}
+
 fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Input>, Error> {
-    let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| {
+    let batch: WireBatch = serde_json::from_slice(body).map_err(|e| {
         Error::BadRequest(format!(
             "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
         ))
@@ -219,22 +235,28 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Input>, Error> {
     if batch.images.is_empty() {
         return Err(Error::MissingImage);
     }
-    for (i, img) in batch.images.iter().enumerate() {
-        if let Some(id) = &img.id {
-            bounded::check_id(|| format!("the `id` of image {i}"), id)?;
+    Ok(batch.images.into_iter().enumerate().map(|(i, raw)| json_item(i, raw.get())).collect())
+}
+
+/// One item of a JSON batch: its id (its position when it has none, or none that can be
+/// echoed) and its decoded bytes, or why it has none.
+fn json_item(i: usize, raw: &str) -> Input {
+    let position = || i.to_string();
+    let item: JsonImage = match serde_json::from_str(raw) {
+        Ok(item) => item,
+        Err(e) => {
+            let e = Error::BadRequest(format!("image {i} is not {{\"id\": \"...\", \"data\": \"<base64>\"}}: {e}"));
+            return Input { id: position(), bytes: Err(e) };
         }
+    };
+    if let Some(id) = &item.id
+        && let Err(e) = bounded::check_id(|| format!("the `id` of image {i}"), id)
+    {
+        return Input { id: position(), bytes: Err(e) };
     }
-    let engine = base64::engine::general_purpose::STANDARD;
-    Ok(batch
-        .images
-        .into_iter()
-        .enumerate()
-        .map(|(i, img)| Input {
-            id: img.id.unwrap_or_else(|| i.to_string()),
-            bytes: engine
-                .decode(img.data.as_bytes())
-                .map(Bytes::from)
-                .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}"))),
-        })
-        .collect())
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(item.data.as_bytes())
+        .map(Bytes::from)
+        .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}")));
+    Input { id: item.id.unwrap_or_else(position), bytes }
 }

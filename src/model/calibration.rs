@@ -15,12 +15,12 @@ use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    qscore::{Discriminative, Score},
+    risk::RiskSource,
     risk::isotonic::IsotonicMap,
     risk::neighbours::Neighbours,
     risk::probe::{Prediction, Probe},
-    qscore::{Discriminative, Score},
     risk::ranking::Operating,
-    risk::RiskSource,
 };
 
 /// The format this build writes and reads.

@@ -12,7 +12,6 @@ use ort::{
     value::TensorRef,
 };
 
-
 /// Session settings for every model.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionOptions {
@@ -85,8 +84,6 @@ impl std::fmt::Display for Device {
         }
     }
 }
-
-
 
 /// An encoder session with the names of its input and output.
 pub struct Encoder {

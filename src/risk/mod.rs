@@ -18,7 +18,10 @@ pub mod ranking;
 use ndarray::ArrayView1;
 
 pub use self::estimators::RiskSource;
-use self::{neighbours::Neighbours, probe::{Prediction, Probe}};
+use self::{
+    neighbours::Neighbours,
+    probe::{Prediction, Probe},
+};
 use crate::qscore::Score;
 
 /// A representation as the risk model sees it: the probe's prediction and the estimators asked
