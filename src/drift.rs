@@ -18,10 +18,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{
-    engine::Model,
-    model::calibration::{Calibration, Distribution},
-};
+use crate::model::calibration::{Calibration, Distribution};
 
 /// How much recent history a window keeps.
 #[derive(Debug, Clone, Copy)]
@@ -113,11 +110,11 @@ pub struct FeatureShift {
 const TOP_FEATURES: usize = 10;
 
 impl DriftMonitor {
-    /// A window for every calibrated model among `models`.
-    pub fn new<'a>(models: impl Iterator<Item = &'a Model>, settings: DriftSettings) -> Self {
+    /// A window for every calibrated model among `models` (name, calibration).
+    pub fn new<'a>(models: impl Iterator<Item = (&'a str, Option<&'a Calibration>)>, settings: DriftSettings) -> Self {
         let windows = models
-            .filter(|m| m.calibration.is_some())
-            .map(|m| (m.name().to_owned(), Mutex::new(VecDeque::new())))
+            .filter(|(_, calibration)| calibration.is_some())
+            .map(|(name, _)| (name.to_owned(), Mutex::new(VecDeque::new())))
             .collect();
         Self { settings, windows }
     }
@@ -141,10 +138,10 @@ impl DriftMonitor {
         }
     }
 
-    /// The report for one model.
-    pub fn report(&self, model: &Model) -> DriftReport {
-        let name = model.name().to_owned();
-        let (Some(cal), Some(window)) = (&model.calibration, self.windows.get(model.name())) else {
+    /// The report for the model `name`, whose calibration (the reference) is `calibration`.
+    pub fn report(&self, name: &str, calibration: Option<&Calibration>) -> DriftReport {
+        let name = name.to_owned();
+        let (Some(cal), Some(window)) = (calibration, self.windows.get(&name)) else {
             return DriftReport::empty(
                 name.clone(),
                 DriftStatus::NoReference,

@@ -160,7 +160,8 @@ impl Engine {
     /// The engine over models loaded elsewhere (tests' fake encoders); `metrics` must be the
     /// family their workers report to.
     pub fn from_registry(registry: Registry, limits: ImageLimits, capacity: Capacity, metrics: Metrics) -> Self {
-        let drift = DriftMonitor::new(registry.models().map(AsRef::as_ref), capacity.drift);
+        let drift =
+            DriftMonitor::new(registry.models().map(|m| (m.name(), m.calibration.as_ref())), capacity.drift);
         Self {
             drift,
             registry: Arc::new(registry),
@@ -172,6 +173,11 @@ impl Engine {
             metrics,
             observers: Vec::new(),
         }
+    }
+
+    /// The drift report of `model`'s recent answers.
+    pub fn drift_report(&self, model: &Model) -> crate::drift::DriftReport {
+        self.drift.report(model.name(), model.calibration.as_ref())
     }
 
     /// Adds an observer of flagged answers.

@@ -188,7 +188,7 @@ pub async fn drift(State(state): State<AppState>, Query(q): Query<ModelQuery>) -
         Some(name) => vec![engine.registry.get(Some(name))?.clone()],
         None => engine.registry.models().cloned().collect(),
     };
-    Ok(Json(DriftList { models: models.iter().map(|m| engine.drift.report(m)).collect() }))
+    Ok(Json(DriftList { models: models.iter().map(|m| engine.drift_report(m)).collect() }))
 }
 
 /// Liveness: the process answers.
@@ -214,7 +214,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error>
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let engine = &state.engine;
-    let reports: Vec<_> = engine.registry.models().map(|m| (m.worker.queue_depth(), engine.drift.report(m))).collect();
+    let reports: Vec<_> = engine.registry.models().map(|m| (m.worker.queue_depth(), engine.drift_report(m))).collect();
     engine.metrics.observe_state(engine.admission.in_flight(), engine.budget.used_bytes(), &reports);
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], engine.metrics.render())
 }
