@@ -47,6 +47,10 @@ impl ImageLimits {
 /// 512 MiB; a colour profile or caption is never near this.
 pub const MAX_METADATA_BYTES: u64 = 4 << 20;
 
+/// The largest DCT partition a lossy WebP header can declare (a 24-bit size), which the decoder
+/// allocates before reading it.
+const WEBP_PARTITION_BYTES: u64 = 17 << 20;
+
 /// Formats qscore decodes; anything else is `unsupported_image_format`.
 const SUPPORTED: [ImageFormat; 6] =
     [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff];
@@ -96,9 +100,11 @@ impl Header {
         // What a decoder holds beside its output, measured on 6324 x 6324 images: a progressive
         // JPEG keeps every DCT coefficient (2 bytes a sample) until its last scan; lossless WebP
         // decodes into its own ARGB planes (+1.25x) and TIFF through strip buffers (+0.9x).
+        // Lossy WebP also reads each DCT partition into a buffer of the size its header declares
+        // (24 bits: up to 16 MiB, whatever the file's size; found by fuzzing).
         let decoder_working = match self.format {
             ImageFormat::Jpeg => 2 * self.decoded_bytes,
-            ImageFormat::WebP => self.decoded_bytes * 3 / 2,
+            ImageFormat::WebP => self.decoded_bytes * 3 / 2 + WEBP_PARTITION_BYTES,
             ImageFormat::Tiff => self.decoded_bytes,
             _ => 0,
         };
