@@ -2,7 +2,7 @@
 //! so that every figure has its baseline beside it.
 //!
 //! - `ort_raw`: the encoder's session alone on prepared tensors (batch 1 and 32): the ceiling.
-//! - `pipeline`: decode + resize + normalise + inference + Q-Score through the same `Scorer`
+//! - `pipeline`: decode + resize + normalise + inference + Q-Score through the same `Engine`
 //!   as the server and `qscore score` (1 image, 32 images).
 //! - `http`: a real server on a loopback port: `POST /v1/score` (1 image) and
 //!   `POST /v1/score/batch` (32 images), with a keep-alive client.

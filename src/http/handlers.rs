@@ -1,5 +1,5 @@
 //! Request handlers: small async functions over extractors. They parse, validate and answer;
-//! the scoring itself lives in [`crate::scoring`].
+//! the scoring itself lives in [`crate::engine::Engine::score`].
 
 use axum::{
     Json,
