@@ -101,11 +101,15 @@ impl Header {
         // JPEG keeps every DCT coefficient (2 bytes a sample) until its last scan; lossless WebP
         // decodes into its own ARGB planes (+1.25x) and TIFF through strip buffers (+0.9x).
         // Lossy WebP also reads each DCT partition into a buffer of the size its header declares
-        // (24 bits: up to 16 MiB, whatever the file's size; found by fuzzing).
+        // (24 bits: up to 16 MiB, whatever the file's size). The WebP partition and the GIF
+        // frame buffer were found by the fuzzer's allocation check.
         let decoder_working = match self.format {
             ImageFormat::Jpeg => 2 * self.decoded_bytes,
             ImageFormat::WebP => self.decoded_bytes * 3 / 2 + WEBP_PARTITION_BYTES,
             ImageFormat::Tiff => self.decoded_bytes,
+            // GIF decodes a frame (which may be larger than the screen) into its own buffer
+            // first, bounded by the decoder's memory limit: the image plus the metadata bound.
+            ImageFormat::Gif => self.decoded_bytes + MAX_METADATA_BYTES,
             _ => 0,
         };
         self.decoded_bytes + decoder_working + converted + intermediate + tensor + MAX_METADATA_BYTES
