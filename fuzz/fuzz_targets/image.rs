@@ -45,6 +45,10 @@ static GREY28: LazyLock<Preprocess> = LazyLock::new(|| Preprocess {
 
 const GIB: u64 = 1 << 30;
 
+/// `QSCORE_FUZZ_VERBOSE=1`: print each input's header, heap held and `peak_bytes` (to look into
+/// a reproducer by hand, e.g. `fuzz/target/*/release/image FILE`).
+static VERBOSE: LazyLock<bool> = LazyLock::new(|| std::env::var_os("QSCORE_FUZZ_VERBOSE").is_some());
+
 /// The system allocator, counting the bytes live now and the most live since the last reset.
 struct Counting;
 
@@ -110,6 +114,10 @@ fuzz_target!(|data: &[u8]| {
         (Err(e), Ok(_)) => panic!("prepare succeeded but inspect refused the same bytes: {e}"),
     };
     let peak = header.peak_bytes(p);
+    if *VERBOSE {
+        let outcome = result.as_ref().map(|t| t.dim()).map_err(ToString::to_string);
+        eprintln!("{header:?}, {} channel(s): held {held}, peak_bytes {peak}; {outcome:?}", p.channels());
+    }
     if held > peak {
         // Which stage: decoding (to its output image), or preprocessing with that image held.
         let (image, in_decode) = measured(|| decode(bytes, &limits));
