@@ -4,8 +4,8 @@
 #   make fuzz-tools   cargo-fuzz and the nightly toolchain, if missing
 #   make fuzz-build   build every harness (about 10 minutes from clean on 2 cores)
 #   make fuzz         FUZZ_RUNS executions of each harness, growing fuzz/corpus/<harness>/
-#   make fuzz-smoke   a few seconds of each harness on its seeds, plus every committed
-#                     regression input; exits non-zero on any crash, leak, OOM or timeout
+#   make fuzz-smoke   every committed regression input, then a few seconds of each harness on
+#                     its seeds; exits non-zero on any crash, leak, OOM or timeout
 #
 # Seeds (fuzz/seeds/, committed) start every run; the working corpus (fuzz/corpus/) and crash
 # artifacts (fuzz/artifacts/) are ignored. libFuzzer's memory limits stay at 2 GiB
@@ -39,13 +39,14 @@ $(addprefix fuzz-run-,$(FUZZ_TARGETS)): fuzz-run-%: fuzz-build
 
 fuzz-smoke: $(addprefix fuzz-smoke-,$(FUZZ_TARGETS))
 
-# New inputs go to the ignored corpus folder (libFuzzer writes into the first one given), never
-# into the committed seeds; each committed regression input is replayed on its own first.
+# Each committed regression input is replayed on its own first. Then the harness runs on its
+# seeds alone, its new inputs going to a scratch folder emptied each time (never into the
+# committed seeds, and the long-run corpus does not make the smoke test slower as it grows).
 $(addprefix fuzz-smoke-,$(FUZZ_TARGETS)): fuzz-smoke-%: fuzz-build
-	@mkdir -p $(FUZZ_DIR)/corpus/$*
 	@set -e; for f in $(wildcard $(FUZZ_DIR)/regressions/$*/*); do \
 	  echo "fuzz-smoke: replaying $$f"; \
 	  $(FUZZ_CARGO) fuzz run --fuzz-dir $(FUZZ_DIR) $* $$f -- $(FUZZ_FLAGS) $(FUZZ_FLAGS_$*); \
 	done
-	$(FUZZ_CARGO) fuzz run --fuzz-dir $(FUZZ_DIR) $* $(FUZZ_DIR)/corpus/$* $(FUZZ_DIR)/seeds/$* -- \
+	@rm -rf $(FUZZ_DIR)/target/smoke-corpus/$* && mkdir -p $(FUZZ_DIR)/target/smoke-corpus/$*
+	$(FUZZ_CARGO) fuzz run --fuzz-dir $(FUZZ_DIR) $* $(FUZZ_DIR)/target/smoke-corpus/$* $(FUZZ_DIR)/seeds/$* -- \
 	  -max_total_time=$(FUZZ_SMOKE_SECONDS) -print_final_stats=1 $(FUZZ_FLAGS) $(FUZZ_FLAGS_$*)
