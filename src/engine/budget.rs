@@ -62,6 +62,54 @@ impl Reservation {
     }
 }
 
+/// A byte buffer filled from the network (a request body, a fetched image) whose capacity, not
+/// only its length, is held in the budget: a declared length is reserved and allocated once,
+/// before the first byte arrives; a buffer of unknown length grows by doubling, up to `limit`,
+/// each growth reserved before it happens.
+#[derive(Debug)]
+pub struct HeldBuffer {
+    buf: Vec<u8>,
+    held: Reservation,
+    limit: usize,
+    budget: MemoryBudget,
+}
+
+impl HeldBuffer {
+    /// An empty buffer with room for `declared` bytes (at most `limit`: check before).
+    pub fn new(budget: &MemoryBudget, declared: usize, limit: usize) -> Result<Self, Error> {
+        let held = budget.hold(declared as u64)?;
+        Ok(Self { buf: Vec::with_capacity(declared), held, limit, budget: budget.clone() })
+    }
+
+    /// Bytes in the buffer.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Appends `chunk`, reserving any growth first. The caller has checked that the result stays
+    /// within `limit`.
+    pub fn extend(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        let needed = self.buf.len() + chunk.len();
+        if needed > self.buf.capacity() {
+            let grown = needed.max(self.buf.capacity() * 2).min(self.limit).max(needed);
+            self.held.merge(self.budget.hold((grown - self.buf.capacity()) as u64)?);
+            self.buf.reserve_exact(grown - self.buf.len());
+        }
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The bytes and their reservation.
+    pub fn into_parts(self) -> (bytes::Bytes, Reservation) {
+        (bytes::Bytes::from(self.buf), self.held)
+    }
+}
+
 fn kib(bytes: u64) -> u64 {
     bytes.div_ceil(1024)
 }

@@ -160,8 +160,7 @@ impl Engine {
     /// The engine over models loaded elsewhere (tests' fake encoders); `metrics` must be the
     /// family their workers report to.
     pub fn from_registry(registry: Registry, limits: ImageLimits, capacity: Capacity, metrics: Metrics) -> Self {
-        let drift =
-            DriftMonitor::new(registry.models().map(|m| (m.name(), m.calibration.as_ref())), capacity.drift);
+        let drift = DriftMonitor::new(registry.models().map(|m| (m.name(), m.calibration.as_ref())), capacity.drift);
         Self {
             drift,
             registry: Arc::new(registry),

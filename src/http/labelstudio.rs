@@ -24,7 +24,7 @@ use super::{AppState, bounded};
 use crate::{
     engine::{
         EmbeddingMode, Input, Output,
-        budget::{MemoryBudget, Reservation},
+        budget::{HeldBuffer, MemoryBudget, Reservation},
     },
     error::Error,
 };
@@ -87,22 +87,14 @@ impl LabelStudio {
         if declared > self.max_bytes as u64 {
             return Err(too_large());
         }
-        // As for request bodies, the buffer's capacity is what is reserved, before it grows.
-        let mut held = budget.hold(declared)?;
-        let mut buf: Vec<u8> = Vec::with_capacity(declared as usize);
+        let mut buf = HeldBuffer::new(budget, declared as usize, self.max_bytes)?;
         while let Some(chunk) = resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {url}: {e}")))? {
-            let needed = buf.len() + chunk.len();
-            if needed > self.max_bytes {
+            if buf.len() + chunk.len() > self.max_bytes {
                 return Err(too_large());
             }
-            if needed > buf.capacity() {
-                let grown = needed.max(buf.capacity() * 2).min(self.max_bytes);
-                held.merge(budget.hold((grown - buf.capacity()) as u64)?);
-                buf.reserve_exact(grown - buf.len());
-            }
-            buf.extend_from_slice(&chunk);
+            buf.extend(&chunk)?;
         }
-        Ok((Bytes::from(buf), held))
+        Ok(buf.into_parts())
     }
 }
 

@@ -20,7 +20,7 @@ use super::{AppState, bounded};
 use crate::{
     engine::{
         Input,
-        budget::{MemoryBudget, Reservation},
+        budget::{HeldBuffer, MemoryBudget, Reservation},
     },
     error::Error,
 };
@@ -35,12 +35,11 @@ pub struct Uploads {
     pub held: Reservation,
 }
 
-/// The JSON form of a batch.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+/// The JSON form of a batch. Each item is parsed on its own, so a malformed item answers an
+/// error in its own slot and the others are scored.
+#[derive(Debug, utoipa::ToSchema)]
 pub struct JsonBatch {
     /// The images, scored in this order.
-    #[serde(deserialize_with = "bounded::list")]
     pub images: Vec<JsonImage>,
 }
 
@@ -134,12 +133,8 @@ pub(crate) async fn read_limited(
     }
 }
 
-/// Reads the whole body, refusing it past `limit` bytes or past the budget; a refusal comes
-/// with the bytes received so far.
-///
-/// The buffer's capacity, not only its length, is what is reserved: a declared
-/// `Content-Length` is reserved and allocated once, before the first byte is read; a body of
-/// unknown length grows by doubling, each growth reserved before it happens.
+/// Reads the whole body into a [`HeldBuffer`], refusing it past `limit` bytes or past the
+/// budget; a refusal comes with the bytes received so far.
 async fn read_body(
     stream: &mut axum::body::BodyDataStream,
     declared: Option<u64>,
@@ -149,23 +144,17 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err((Error::BodyTooLarge { limit }, 0));
     }
-    let declared = declared.unwrap_or(0) as usize;
-    let mut held = budget.hold(declared as u64).map_err(|e| (e, 0))?;
-    let mut buf: Vec<u8> = Vec::with_capacity(declared);
+    let mut buf = HeldBuffer::new(budget, declared.unwrap_or(0) as usize, limit).map_err(|e| (e, 0))?;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| (Error::BadRequest(format!("cannot read the body: {e}")), buf.len()))?;
         let needed = buf.len() + chunk.len();
         if needed > limit {
             return Err((Error::BodyTooLarge { limit }, needed));
         }
-        if needed > buf.capacity() {
-            let grown = needed.max(buf.capacity() * 2).min(limit);
-            held.merge(budget.hold((grown - buf.capacity()) as u64).map_err(|e| (e, needed))?);
-            buf.reserve_exact(grown - buf.len());
-        }
-        buf.extend_from_slice(&chunk);
+        buf.extend(&chunk).map_err(|e| (e, needed))?;
     }
-    Ok(Body { bytes: Bytes::from(buf), held })
+    let (bytes, held) = buf.into_parts();
+    Ok(Body { bytes, held })
 }
 
 /// Reads and discards what the client is still sending (at most [`LINGER_TIME`] and
