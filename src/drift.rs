@@ -33,6 +33,7 @@ pub struct DriftSettings {
 struct Seen {
     at: Instant,
     q_score: f32,
+    p_misclassified: Option<f32>,
     flagged: bool,
     /// Features of L ∩ D.
     active: Vec<u32>,
@@ -87,6 +88,12 @@ pub struct DriftReport {
     pub flagged_ratio: Option<f64>,
     /// Share flagged on the reference (calibration's held-out images).
     pub expected_flagged_ratio: Option<f64>,
+    /// Mean `p_misclassified` over the window: a label-free estimate of the share of these images
+    /// the classifier behind the calibration gets wrong (its expected error rate).
+    pub mean_p_misclassified: Option<f64>,
+    /// Mean `p_misclassified` over the calibration reference (held-out images), the same
+    /// estimate where nothing drifted.
+    pub reference_mean_p_misclassified: Option<f64>,
     /// Mean Q-Score in the window.
     pub mean_q_score: Option<f64>,
     /// Median Q-Score of the reference.
@@ -120,9 +127,17 @@ impl DriftMonitor {
     }
 
     /// Remembers one answer of `model` (ignored for an uncalibrated one).
-    pub fn record(&self, model: &str, q_score: f32, flagged: bool, active: impl Iterator<Item = usize>) {
+    pub fn record(
+        &self,
+        model: &str,
+        q_score: f32,
+        p_misclassified: Option<f32>,
+        flagged: bool,
+        active: impl Iterator<Item = usize>,
+    ) {
         let Some(window) = self.windows.get(model) else { return };
-        let seen = Seen { at: Instant::now(), q_score, flagged, active: active.map(|j| j as u32).collect() };
+        let seen =
+            Seen { at: Instant::now(), q_score, p_misclassified, flagged, active: active.map(|j| j as u32).collect() };
         let mut w = window.lock().expect("drift window lock");
         w.push_back(seen);
         self.trim(&mut w);
@@ -171,6 +186,7 @@ impl DriftMonitor {
                 *counts.entry(j).or_default() += 1;
             }
         }
+        let p: Vec<f64> = w.iter().filter_map(|s| s.p_misclassified.map(f64::from)).collect();
         let oldest = w.front().map_or(0.0, |s| s.at.elapsed().as_secs_f64());
         drop(w);
         DriftReport {
@@ -184,6 +200,8 @@ impl DriftMonitor {
             psi: Some(psi(&q, &cal.reference.q_score)),
             flagged_ratio: Some(flagged),
             expected_flagged_ratio: Some(cal.reference.flagged_rate),
+            mean_p_misclassified: (!p.is_empty()).then(|| p.iter().sum::<f64>() / p.len() as f64),
+            reference_mean_p_misclassified: distribution_mean(&cal.reference.p_misclassified),
             mean_q_score: Some(q.iter().map(|&v| f64::from(v)).sum::<f64>() / n),
             reference_median_q_score: cal.reference.q_score.percentiles.get(50).map(|&v| f64::from(v)),
             features: feature_shifts(cal, &counts, n),
@@ -204,6 +222,8 @@ impl DriftReport {
             psi: None,
             flagged_ratio: None,
             expected_flagged_ratio: None,
+            mean_p_misclassified: None,
+            reference_mean_p_misclassified: None,
             mean_q_score: None,
             reference_median_q_score: None,
             features: Vec::new(),
@@ -228,6 +248,17 @@ fn feature_shifts(cal: &Calibration, counts: &BTreeMap<u32, usize>, n: f64) -> V
     });
     shifts.truncate(TOP_FEATURES);
     shifts
+}
+
+/// The mean of a distribution given by its percentiles, read as a quantile function linear
+/// between them: the integral of that function over [0, 1], by the trapezoid rule, which is exact
+/// for it. None without percentiles.
+fn distribution_mean(d: &Distribution) -> Option<f64> {
+    let p = &d.percentiles;
+    (p.len() >= 2).then(|| {
+        let sum: f64 = p.windows(2).map(|w| (f64::from(w[0]) + f64::from(w[1])) / 2.0).sum();
+        sum / (p.len() - 1) as f64
+    })
 }
 
 /// The reference CDF at `x`, P(X <= x), from its 101 percentiles (linear between them). A run
@@ -434,6 +465,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The reference mean from percentiles: uniform on [0, 100] has mean 50; 30% at 0 and then
+    /// linear from 1 to 70 (the quantile function is 0 on [0, .3], rises to 1 at .31, then
+    /// linearly to 70 at 1): (0.5 + (1 + 70) / 2 * 69) / 100 = 24.5.
+    #[test]
+    fn reference_mean_integrates_the_quantile_function() {
+        assert!((distribution_mean(&uniform()).unwrap() - 50.0).abs() < 1e-9);
+        let mut percentiles = vec![0.0_f32; 31];
+        percentiles.extend((1..=70).map(|v| v as f32));
+        let d = Distribution { percentiles, histogram: Histogram { edges: vec![], counts: vec![] } };
+        assert!((distribution_mean(&d).unwrap() - 24.5).abs() < 1e-9, "{:?}", distribution_mean(&d));
+        let none = Distribution { percentiles: vec![], histogram: Histogram { edges: vec![], counts: vec![] } };
+        assert_eq!(distribution_mean(&none), None);
     }
 
     /// A reference with a point mass at 0 (the Q = 0 images): its CDF at 0 is the mass.

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub flagged_ratio: GaugeVec,
     /// Share flagged on the calibration reference.
     pub expected_flagged_ratio: GaugeVec,
+    /// Mean p_misclassified over the drift window: the window's expected error rate.
+    pub drift_mean_p_misclassified: GaugeVec,
+    /// Mean p_misclassified over the calibration reference.
+    pub reference_mean_p_misclassified: GaugeVec,
     /// Answers in the drift window.
     pub drift_window_images: GaugeVec,
     /// Flagged-webhook events by outcome (sent, failed, dropped).
@@ -198,6 +202,14 @@ impl Metrics {
         let flagged_ratio = gauge("qscore_flagged_ratio", "Share of the drift window flagged likely misclassified.");
         let expected_flagged_ratio =
             gauge("qscore_expected_flagged_ratio", "Share flagged on the calibration reference (held-out images).");
+        let drift_mean_p_misclassified = gauge(
+            "qscore_drift_mean_p_misclassified",
+            "Mean p_misclassified over the drift window: a label-free estimate of the share of recent images the calibrated classifier gets wrong.",
+        );
+        let reference_mean_p_misclassified = gauge(
+            "qscore_reference_mean_p_misclassified",
+            "Mean p_misclassified over the calibration reference (held-out images).",
+        );
         let drift_window_images = gauge("qscore_drift_window_images", "Answers in the drift window.");
         let webhook_events = IntCounterVec::new(
             Opts::new(
@@ -227,6 +239,8 @@ impl Metrics {
             Box::new(drift_psi.clone()),
             Box::new(flagged_ratio.clone()),
             Box::new(expected_flagged_ratio.clone()),
+            Box::new(drift_mean_p_misclassified.clone()),
+            Box::new(reference_mean_p_misclassified.clone()),
             Box::new(drift_window_images.clone()),
             Box::new(webhook_events.clone()),
         ] {
@@ -253,6 +267,8 @@ impl Metrics {
             drift_psi,
             flagged_ratio,
             expected_flagged_ratio,
+            drift_mean_p_misclassified,
+            reference_mean_p_misclassified,
             drift_window_images,
             webhook_events,
         }
@@ -275,6 +291,8 @@ impl Metrics {
                 (&self.drift_psi, r.psi),
                 (&self.flagged_ratio, r.flagged_ratio),
                 (&self.expected_flagged_ratio, r.expected_flagged_ratio),
+                (&self.drift_mean_p_misclassified, r.mean_p_misclassified),
+                (&self.reference_mean_p_misclassified, r.reference_mean_p_misclassified),
             ] {
                 match value {
                     Some(v) => gauge.with_label_values(&m).set(v),

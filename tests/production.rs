@@ -301,6 +301,23 @@ fn drift_rises_past_the_alert_thresholds_on_a_degraded_stream() {
     let (ks1, psi1) = (after["ks"].as_f64().unwrap(), after["psi"].as_f64().unwrap());
     assert_eq!(after["window_images"], 200, "the window keeps the latest 200");
     assert!(ks1 > ks_alert && psi1 > psi_alert, "degraded stream: KS {ks1}, PSI {psi1}");
+    let expected_error = |d: &Value| d["mean_p_misclassified"].as_f64().unwrap();
+    let reference_error = after["reference_mean_p_misclassified"].as_f64().unwrap();
+    eprintln!(
+        "mean p_misclassified: reference {reference_error:.3}, clean {:.3}, degraded {:.3}",
+        expected_error(&before),
+        expected_error(&after)
+    );
+    assert!(
+        (expected_error(&before) - reference_error).abs() < 0.05,
+        "the held-out stream's expected error rate {} should be near the reference's {reference_error}",
+        expected_error(&before)
+    );
+    assert!(
+        expected_error(&after) > 1.5 * reference_error && expected_error(&after) > reference_error + 0.05,
+        "the degraded stream's expected error rate {} should pass the alert (reference {reference_error})",
+        expected_error(&after)
+    );
     assert!(!after["features"].as_array().unwrap().is_empty(), "the shifted features are listed");
 
     let metrics = s.get("/metrics").text().unwrap();
@@ -406,8 +423,9 @@ impl Prometheus {
 }
 
 /// The shipped alerting rules in a real Prometheus server scraping a real qscore: an undrifted
-/// stream (the held-out Fashion-MNIST fixtures) fires no drift alert; the same images blurred
-/// and noised fire the PSI and KS alerts, read from Prometheus's own alerts API.
+/// stream (the held-out Fashion-MNIST fixtures) fires no alert of the drift group; the same
+/// images blurred and noised fire the PSI, KS and expected-error-rate alerts, read from
+/// Prometheus's own alerts API.
 #[test]
 fn prometheus_fires_the_shipped_drift_alerts_on_a_degraded_stream_only() {
     let model = "fmnist-simclr";
@@ -430,14 +448,22 @@ fn prometheus_fires_the_shipped_drift_alerts_on_a_degraded_stream_only() {
     for rule in drift_rules["rules"].as_array().unwrap() {
         assert_eq!(rule["health"], "ok", "a shipped rule does not evaluate: {rule}");
     }
+    let drift_alerts: Vec<&str> =
+        drift_rules["rules"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     let firing = prometheus.firing();
-    assert!(!firing.iter().any(|a| a.starts_with("QScoreDrift")), "drift alerts on the undrifted stream: {firing:?}");
+    assert!(
+        !firing.iter().any(|a| drift_alerts.contains(&a.as_str())),
+        "drift alerts on the undrifted stream: {firing:?}"
+    );
 
     post(&degraded);
     let start = Instant::now();
     loop {
         let firing = prometheus.firing();
-        if firing.iter().any(|a| a == "QScoreDriftPSI") && firing.iter().any(|a| a == "QScoreDriftKS") {
+        if ["QScoreDriftPSI", "QScoreDriftKS", "QScoreExpectedErrorRateHigh"]
+            .iter()
+            .all(|want| firing.iter().any(|a| a == want))
+        {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "the drift alerts did not fire: {firing:?}");

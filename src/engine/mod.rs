@@ -269,7 +269,13 @@ impl Engine {
         self.metrics.image(name, Outcome::Scored);
         self.metrics.score.with_label_values(&[name]).observe(f64::from(s.q_score));
         let flagged = s.likely_misclassified == Some(true);
-        self.drift.record(name, s.q_score, flagged, s.discriminative_features.iter().map(|f| f.index));
+        self.drift.record(
+            name,
+            s.q_score,
+            s.p_misclassified,
+            flagged,
+            s.discriminative_features.iter().map(|f| f.index),
+        );
         if flagged {
             for o in &self.observers {
                 o.flagged(id, s);
