@@ -8,9 +8,15 @@ use common::{Server, fixture, read, root};
 use serde_json::Value;
 
 fn tritonclient(s: &Server, model: &str, files: &[std::path::PathBuf]) -> Value {
+    tritonclient_with(s, model, files, &[])
+}
+
+/// tritonclient with `env` (see tests/kserve_client.py: the tensor's shape, JSON or binary data).
+fn tritonclient_with(s: &Server, model: &str, files: &[std::path::PathBuf], env: &[(&str, &str)]) -> Value {
     let python = root().join(".venv-test/bin/python");
     assert!(python.exists(), "{} is missing: run `make tools` (make test does)", python.display());
     let out = std::process::Command::new(python)
+        .envs(env.iter().copied())
         .arg(root().join("tests/kserve_client.py"))
         .arg(s.url.trim_start_matches("http://"))
         .arg(model)
@@ -113,4 +119,27 @@ fn v2_errors_follow_the_protocol() {
 fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The tensor shapes users build with numpy ((N,), (N, 1), (1, N)), sent by tritonclient as
+/// binary data and as JSON (base64 strings, flattened): every form answers the same Q-Scores.
+/// A (1, N) tensor used to be refused. Nested JSON lists, which other clients send, are checked
+/// in the parser's unit tests.
+#[test]
+fn every_tensor_form_tritonclient_sends_is_read() {
+    let s = Server::start(&[]);
+    let model = "fmnist-simclr";
+    let files: Vec<_> = ["bag/t10k-00030.png", "shirt/t10k-00026.png", "trouser/t10k-00002.png"]
+        .iter()
+        .map(|f| fixture(&format!("fmnist/{f}")))
+        .collect();
+    let flat = tritonclient(&s, model, &files)["outputs"]["q_score"].clone();
+    assert_eq!(flat.as_array().unwrap().len(), 3);
+    for shape in ["flat", "column", "row"] {
+        for binary in ["0", "1"] {
+            let r =
+                tritonclient_with(&s, model, &files, &[("QSCORE_TENSOR_SHAPE", shape), ("QSCORE_BINARY_DATA", binary)]);
+            assert_eq!(r["outputs"]["q_score"], flat, "shape {shape}, binary data {binary}");
+        }
+    }
 }

@@ -2,7 +2,14 @@
 tritonclient[http]) and prints what came back as JSON, for tests/kserve.rs.
 
     python kserve_client.py HOST:PORT MODEL FILE...
+
+QSCORE_TENSOR_SHAPE picks the numpy array's shape as users build it: `flat` (N,), the default;
+`column` (N, 1); `row` (1, N). QSCORE_BINARY_DATA=0 sends the tensor as JSON (base64 strings,
+flattened in row-major order, as tritonclient serialises them) instead of the binary-data
+extension.
 """
+import base64
+import os
 import json
 import sys
 
@@ -14,9 +21,14 @@ client = http.InferenceServerClient(url=url)
 meta = client.get_model_metadata(model)
 wanted = [o["name"] for o in meta["outputs"]]
 
-images = np.array([open(f, "rb").read() for f in files], dtype=np.object_)
-tensor = http.InferInput("image", [len(files)], "BYTES")
-tensor.set_data_from_numpy(images, binary_data=True)
+binary = os.environ.get("QSCORE_BINARY_DATA", "1") == "1"
+raw = [open(f, "rb").read() for f in files]
+# JSON carries BYTES elements as text: image bytes go base64-encoded, as the protocol's users do.
+images = np.array(raw if binary else [base64.b64encode(b).decode() for b in raw], dtype=np.object_)
+shape = os.environ.get("QSCORE_TENSOR_SHAPE", "flat")
+images = {"flat": images, "column": images.reshape(-1, 1), "row": images.reshape(1, -1)}[shape]
+tensor = http.InferInput("image", list(images.shape), "BYTES")
+tensor.set_data_from_numpy(images, binary_data=binary)
 result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted])
 
 print(json.dumps({

@@ -97,7 +97,8 @@ pub struct Readiness {
 pub struct InferInput {
     /// Must be `image`.
     pub name: String,
-    /// Must be `[N]` (or `[N, 1]`).
+    /// The tensor's shape; its element count (the product of the dimensions, 1 for `[]`) is the
+    /// number of images: `[N]`, `[N, 1]`, `[1, N]` and any other shape with N elements.
     #[serde(deserialize_with = "bounded::list")]
     pub shape: Vec<i64>,
     /// Must be `BYTES`.
@@ -363,11 +364,7 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
             input.name, input.datatype
         )));
     }
-    let n = match input.shape.as_slice() {
-        [n] if *n >= 0 => *n as usize,
-        [n, 1] if *n >= 0 => *n as usize,
-        s => return Err(Error::BadRequest(format!("`image` must have shape [N]; got {s:?}"))),
-    };
+    let n = element_count(&input.shape, max_images)?;
     if n > max_images {
         return Err(Error::TooManyImages { limit: max_images });
     }
@@ -402,9 +399,31 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
         _ => return Err(Error::BadRequest("`image` carries no data: send base64 strings or binary data".into())),
     };
     if images.len() != n {
-        return Err(Error::BadRequest(format!("`image` has shape [{n}] but carries {} elements", images.len())));
+        return Err(Error::BadRequest(format!(
+            "`image` has shape {:?} ({n} elements) but carries {} elements",
+            input.shape,
+            images.len()
+        )));
     }
     Ok((request, images))
+}
+
+/// Elements a shape declares: the product of its dimensions (1 for a scalar's `[]`), as the
+/// protocol counts them, so `[N]`, `[N, 1]` and `[1, N]` all carry N images. A negative
+/// dimension is refused, and a count past `max_images` is refused as soon as the product passes
+/// it, which also keeps the product from overflowing.
+fn element_count(shape: &[i64], max_images: usize) -> Result<usize, Error> {
+    let mut n: usize = 1;
+    for &d in shape {
+        let d = usize::try_from(d).map_err(|_| {
+            Error::BadRequest(format!("`image` has shape {shape:?}: a dimension is negative; send the actual sizes"))
+        })?;
+        n = n.saturating_mul(d);
+        if n > max_images && !shape.contains(&0) {
+            return Err(Error::TooManyImages { limit: max_images });
+        }
+    }
+    Ok(n)
 }
 
 /// BYTES elements of the binary extension: each a u32 little-endian length and its bytes; more
@@ -414,7 +433,7 @@ fn split_bytes(raw: &Bytes, n: usize) -> Result<Vec<Bytes>, Error> {
     let mut at = 0;
     while at < raw.len() {
         if out.len() == n {
-            return Err(Error::BadRequest(format!("`image` has shape [{n}] but carries more elements")));
+            return Err(Error::BadRequest(format!("`image` has {n} elements in its shape but carries more")));
         }
         let len_bytes: [u8; 4] = raw
             .get(at..at + 4)
@@ -443,7 +462,7 @@ mod tests {
         assert!(split_bytes(&Bytes::from_static(&[9, 0, 0, 0, 1]), 1).is_err());
         assert!(split_bytes(&Bytes::from_static(&[1, 0]), 1).is_err());
         // More elements than the shape declares stops at the first extra one.
-        assert!(split_bytes(&raw, 2).unwrap_err().to_string().contains("more elements"));
+        assert!(split_bytes(&raw, 2).unwrap_err().to_string().contains("carries more"));
     }
 
     /// A client-repeated output would multiply the answer (4,000 `embedding` outputs of 64
@@ -462,6 +481,38 @@ mod tests {
             let err = parse(&HeaderMap::new(), &Bytes::from(body(&format!("[{repeated}]"))), 8).unwrap_err();
             let message = err.to_string();
             assert!(message.contains("more than once") || message.contains("more than 4096"), "{message}");
+        }
+    }
+
+    /// Every form the protocol allows for two BYTES elements: flat or nested row-major data, with
+    /// shape [2], [2, 1] or [1, 2]; and the shapes that cannot be right.
+    #[test]
+    fn tensor_forms_agree_on_their_element_count() {
+        let two = [Bytes::from_static(b"x"), Bytes::from_static(b"y")];
+        for (shape, data) in [
+            ("[2]", r#"["eA==","eQ=="]"#),
+            ("[2,1]", r#"[["eA=="],["eQ=="]]"#),
+            ("[2,1]", r#"["eA==","eQ=="]"#),
+            ("[1,2]", r#"[["eA==","eQ=="]]"#),
+            ("[1,2,1]", r#"[[["eA=="],["eQ=="]]]"#),
+        ] {
+            let body = format!(r#"{{"inputs":[{{"name":"image","shape":{shape},"datatype":"BYTES","data":{data}}}]}}"#);
+            let (_, images) =
+                parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_or_else(|e| panic!("{shape}: {e}"));
+            assert_eq!(images, two, "{shape} {data}");
+        }
+        let scalar = r#"{"inputs":[{"name":"image","shape":[],"datatype":"BYTES","data":["eA=="]}]}"#;
+        assert_eq!(parse(&HeaderMap::new(), &Bytes::from(scalar), 8).unwrap().1, vec![Bytes::from_static(b"x")]);
+
+        assert_eq!(element_count(&[3, 1], 8).unwrap(), 3);
+        assert_eq!(element_count(&[], 8).unwrap(), 1);
+        assert_eq!(element_count(&[0, 1 << 40], 8).unwrap(), 0);
+        assert!(matches!(element_count(&[1 << 40, 1 << 40], 8), Err(Error::TooManyImages { limit: 8 })));
+        assert!(element_count(&[2, -1], 8).unwrap_err().to_string().contains("negative"));
+        for (shape, data) in [("[3]", r#"["eA==","eQ=="]"#), ("[2,2]", r#"[["eA=="],["eQ=="]]"#)] {
+            let body = format!(r#"{{"inputs":[{{"name":"image","shape":{shape},"datatype":"BYTES","data":{data}}}]}}"#);
+            let err = parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_err().to_string();
+            assert!(err.contains("carries 2 elements"), "{shape}: {err}");
         }
     }
 
