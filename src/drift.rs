@@ -3,9 +3,11 @@
 //! Each calibrated model keeps a rolling window of its recent answers (bounded by count and by
 //! age) and compares it with the reference that calibration stored: the Kolmogorov-Smirnov
 //! statistic and the population stability index (PSI, over the reference's deciles) of the
-//! Q-Score distribution, the flagged share against the share expected at tau, and the activation
-//! frequency of every discriminative feature against its reference A_j. The last one says *which* features the new
-//! images stopped (or started) firing, which is what a person debugging the drift wants.
+//! Q-Score distribution, the flagged share against the share expected at tau, the mean
+//! `p_misclassified` against the reference's (a label-free expected error rate), and the
+//! activation frequency of every discriminative feature against its reference A_j. The last one
+//! says *which* features the new images stopped (or started) firing, which is what a person
+//! debugging the drift wants.
 //!
 //! The statistics are pure functions of the window and the reference; the window is the only
 //! state, one mutex per model, touched once per answered image.
