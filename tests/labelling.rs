@@ -460,3 +460,214 @@ fn a_failing_webhook_never_slows_scoring() {
         bodies.lock().unwrap().iter().filter(|b| serde_json::from_str::<Value>(b).unwrap()["id"] == first_id).count();
     assert_eq!(tries, 3, "bounded retries");
 }
+
+/// A real Label Studio: `make tools` installs the pinned release in `.venv-labelstudio` and
+/// migrates a template data folder once; each run copies it to a fresh folder, starts Label
+/// Studio on loopback in its own process group (offline: no version check, no analytics; loopback ML backends allowed), and
+/// kills the group on drop.
+struct LabelStudioProcess {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+/// The template's user token (Makefile, `.venv-labelstudio/installed`).
+const LS_TOKEN: &str = "qscore-test-token";
+
+impl LabelStudioProcess {
+    fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let venv = common::root().join(".venv-labelstudio");
+        let template = venv.join("template");
+        assert!(
+            template.join("label_studio.sqlite3").exists(),
+            "Label Studio is needed for this test: `make tools` installs it into .venv-labelstudio"
+        );
+        let dir = std::env::temp_dir().join(format!("qscore-labelstudio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let copied = std::process::Command::new("cp").arg("-a").arg(&template).arg(&dir).status().unwrap();
+        assert!(copied.success());
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let log = std::fs::File::create(dir.join("label-studio.log")).unwrap();
+        let child = std::process::Command::new(venv.join("bin/label-studio"))
+            .args(["start", "--no-browser", "--internal-host", "127.0.0.1", "--port", &port])
+            .env("LABEL_STUDIO_BASE_DATA_DIR", &dir)
+            .envs([
+                ("LATEST_VERSION_CHECK", "false"),
+                ("COLLECT_ANALYTICS", "false"),
+                ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "true"),
+                ("ML_BLOCK_LOCAL_IP", "false"),
+                ("SSRF_PROTECTION_ENABLED", "false"),
+            ])
+            .process_group(0)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start label-studio");
+        let ls = Self { child, dir, url: format!("http://127.0.0.1:{port}") };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let client = reqwest::blocking::Client::new();
+        while client.get(format!("{}/health", ls.url)).send().map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(std::time::Instant::now() < deadline, "Label Studio did not start in 90 s:\n{}", ls.log());
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        ls
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("label-studio.log")).unwrap_or_default();
+        log[log.len().saturating_sub(4000)..].to_owned()
+    }
+
+    /// A call to Label Studio's API with the token; panics with its answer unless 2xx.
+    fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .request(method.clone(), format!("{}{path}", self.url))
+            .header("authorization", format!("Token {LS_TOKEN}"));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req.send().unwrap();
+        let status = r.status();
+        let text = r.text().unwrap();
+        assert!(status.is_success(), "{method} {path}: {status} {text}\n{}", self.log());
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for LabelStudioProcess {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let kill = |signal: &str| {
+            let _ = std::process::Command::new("kill")
+                .args([signal, "--", &group])
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        kill("-TERM");
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        kill("-KILL");
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The main proof: a real Label Studio project whose image tag reads `$photo` (beside a
+/// `$caption` text), images uploaded through its import API, qscore connected as its ML
+/// backend; Label Studio asks for predictions and stores qscore's scores, riskiest lowest. A
+/// `data:` URI task is scored, and a task pointing at Label Studio's API is refused.
+#[test]
+fn a_real_label_studio_stores_the_riskiest_first() {
+    use reqwest::Method;
+    let started = std::time::Instant::now();
+    let ls = LabelStudioProcess::start();
+    let ls_ready = started.elapsed();
+    let qscore =
+        Server::start(&["--model", "fmnist-simclr", "--label-studio-url", &ls.url, "--label-studio-token", LS_TOKEN]);
+    let image_only = r#"<View><Image name="img" value="$photo"/><Choices name="c" toName="img"><Choice value="shirt"/><Choice value="other"/></Choices></View>"#;
+    let project = ls.api(
+        Method::POST,
+        "/api/projects",
+        Some(serde_json::json!({"title": "qscore risk", "label_config": image_only})),
+    );
+    let id = project["id"].as_u64().unwrap();
+
+    // Upload three images through the import API (one data key while uploading files).
+    let files = ["shirt/t10k-00026.png", "trouser/t10k-00002.png", "bag/t10k-00030.png"];
+    let mut form = reqwest::blocking::multipart::Form::new();
+    for (i, f) in files.iter().enumerate() {
+        let name = f.replace('/', "-");
+        form = form.part(
+            format!("file{i}"),
+            reqwest::blocking::multipart::Part::bytes(std::fs::read(fixture(&format!("fmnist/{f}"))).unwrap())
+                .file_name(name),
+        );
+    }
+    let r = reqwest::blocking::Client::new()
+        .post(format!("{}/api/projects/{id}/import", ls.url))
+        .header("authorization", format!("Token {LS_TOKEN}"))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    let uploaded = ls.api(Method::GET, &format!("/api/tasks?project={id}&fields=all"), None);
+    let mut urls = std::collections::HashMap::new();
+    for t in uploaded["tasks"].as_array().unwrap() {
+        let url = t["data"]["photo"].as_str().unwrap().to_owned();
+        let class = files.iter().find(|f| url.ends_with(&f.replace('/', "-"))).unwrap().split('/').next().unwrap();
+        urls.insert(class.to_owned(), url);
+        ls.api(Method::DELETE, &format!("/api/tasks/{}", t["id"]), None);
+    }
+    assert_eq!(urls.len(), 3, "{uploaded}");
+
+    // The project's real config: a caption first, the image in `$photo`.
+    let config = image_only.replace("<View>", r#"<View><Text name="cap" value="$caption"/>"#);
+    ls.api(Method::PATCH, &format!("/api/projects/{id}"), Some(serde_json::json!({"label_config": config})));
+    use base64::Engine as _;
+    let coat = std::fs::read(fixture("fmnist/coat/t10k-00056.png")).ok();
+    let mut tasks: Vec<Value> = ["shirt", "trouser", "bag"]
+        .iter()
+        .map(|c| serde_json::json!({"caption": format!("a {c} on a blanket"), "photo": urls[*c]}))
+        .collect();
+    let inline = coat.or_else(|| std::fs::read(fixture("fmnist/bag/t10k-00018.png")).ok()).unwrap();
+    let inline_uri = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&inline));
+    tasks.push(serde_json::json!({"caption": "inline", "photo": inline_uri}));
+    tasks.push(serde_json::json!({"caption": "the API", "photo": "/api/projects"}));
+    ls.api(Method::POST, &format!("/api/projects/{id}/import"), Some(Value::Array(tasks)));
+    let imported = ls.api(Method::GET, &format!("/api/tasks?project={id}&fields=all"), None);
+    let by_caption: std::collections::HashMap<String, u64> = imported["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["data"]["caption"].as_str().unwrap().to_owned(), t["id"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(by_caption.len(), 5, "{imported}");
+
+    // Connect qscore (Label Studio calls /health and /setup), then ask for every task's prediction.
+    let backend =
+        ls.api(Method::POST, "/api/ml", Some(serde_json::json!({"url": qscore.url, "project": id, "title": "qscore"})));
+    assert_eq!(backend["readable_state"], "Connected", "{backend}");
+    assert_eq!(backend["model_version"], "fmnist-simclr@1.0.0");
+    let action = ls.api(
+        Method::POST,
+        &format!("/api/dm/actions?id=retrieve_tasks_predictions&project={id}"),
+        Some(serde_json::json!({"selectedItems": {"all": true, "excluded": []}})),
+    );
+    assert!(action["detail"].as_str().unwrap_or("").contains("5 predictions"), "{action}");
+
+    let stored = ls.api(Method::GET, &format!("/api/predictions?project={id}"), None);
+    let score = |caption: &str| {
+        let task = by_caption[caption];
+        let p = stored
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["task"] == task)
+            .unwrap_or_else(|| panic!("{caption}: {stored}"));
+        assert_eq!(p["model_version"], "fmnist-simclr@1.0.0");
+        p["score"].as_f64()
+    };
+    let (shirt, trouser, bag) = (
+        score("a shirt on a blanket").expect("the photo, not the caption"),
+        score("a trouser on a blanket").unwrap(),
+        score("a bag on a blanket").unwrap(),
+    );
+    assert!(shirt < trouser && shirt < bag, "riskiest lowest: shirt {shirt}, trouser {trouser}, bag {bag}");
+    let v1: Value = qscore
+        .post_raw("/v1/score", "image/png", std::fs::read(fixture("fmnist/shirt/t10k-00026.png")).unwrap())
+        .json()
+        .unwrap();
+    assert!((shirt - (1.0 - v1["p_misclassified"].as_f64().unwrap())).abs() < 1e-6);
+    assert!(score("inline").is_some(), "the data: URI task is scored");
+    assert!(score("the API").is_none(), "a task pointing at the API is refused, not fetched");
+    assert!(!qscore.log().contains("api/projects\" answered"), "{}", qscore.log());
+    eprintln!("Label Studio ready in {ls_ready:?}; whole test {:?}", started.elapsed());
+}
