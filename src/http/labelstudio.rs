@@ -103,6 +103,17 @@ impl<'de> Deserialize<'de> for ProjectRef {
             fn visit_unit<E: serde::de::Error>(self) -> Result<ProjectRef, E> {
                 Ok(ProjectRef::default())
             }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::default())
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::default())
+            }
+            /// Not a project Label Studio sends: skipped unread, however large.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ProjectRef, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ProjectRef::default())
+            }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<ProjectRef, A::Error> {
                 let mut out = ProjectRef::default();
                 while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {

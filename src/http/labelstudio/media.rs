@@ -139,6 +139,21 @@ impl LabelStudio {
         if CLOUD_SCHEMES.iter().any(|s| reference.starts_with(s)) {
             return self.presign_url(reference, task);
         }
+        // Behind a path prefix (`--label-studio-url http://host/label-studio`), Label Studio writes
+        // upload paths with the prefix (`/label-studio/data/upload/...`) or, in older tasks,
+        // without it; both resolve under the prefix.
+        let prefix = self.base_path();
+        let prefixed;
+        let reference = if !prefix.is_empty()
+            && reference.starts_with('/')
+            && !reference.starts_with("//")
+            && !reference.starts_with(&format!("{prefix}/"))
+        {
+            prefixed = format!("{prefix}{reference}");
+            &prefixed
+        } else {
+            reference
+        };
         let url =
             self.base.join(reference).map_err(|e| Error::UrlRefused(format!("`{reference}` is not a URL: {e}")))?;
         if !self.is_label_studio(&url) {
@@ -300,7 +315,9 @@ pub fn decode_data_uri(reference: &str, limit: usize, budget: &MemoryBudget) -> 
     let Some(media_type) = meta.strip_suffix(";base64") else {
         return Err(bad("only base64 data: URIs are read (data:image/png;base64,...)"));
     };
-    if !(media_type.is_empty() || media_type.starts_with("image/")) {
+    // Label Studio itself inlines storage files as `application/octet-stream`; the decoder reads
+    // the format from the bytes.
+    if !(media_type.is_empty() || media_type.starts_with("image/") || media_type == "application/octet-stream") {
         return Err(bad(&format!("media type `{media_type}` is not an image")));
     }
     let size = payload.len() / 4 * 3;
@@ -398,6 +415,13 @@ mod tests {
         assert!(ls.resolve("azure-blob://c/x.png", "1").unwrap().path() == "/tasks/1/presign/");
         let sub = LabelStudio::new("http://ls.local/ls/", None, Duration::from_secs(1), 1).unwrap();
         assert_eq!(sub.resolve("s3://b/k", "5").unwrap().path(), "/ls/tasks/5/presign/");
+        // Behind a path prefix, upload paths come with or without it (label-studio-sdk#575).
+        for r in ["/ls/data/upload/4/a.png", "/data/upload/4/a.png", "http://ls.local/ls/data/upload/4/a.png"] {
+            assert_eq!(sub.resolve(r, "1").unwrap().as_str(), "http://ls.local/ls/data/upload/4/a.png", "{r}");
+        }
+        for r in ["/ls/api/projects", "/ls/../api/projects", "/api/projects", "//evil.example/ls/data/upload/1/a"] {
+            assert!(matches!(sub.resolve(r, "1"), Err(Error::UrlRefused(_))), "{r}");
+        }
         assert!(matches!(ls.resolve("s3://b/k", "t-1"), Err(Error::UnresolvedImage(_))));
     }
 
@@ -435,6 +459,8 @@ mod tests {
         let (bytes, _) = decode_data_uri(&format!("data:image/png;base64,{b64}"), 1 << 20, &budget).unwrap();
         assert_eq!(bytes.as_ref(), png.as_slice());
         assert!(decode_data_uri(&format!("DATA:;BASE64,{b64}"), 1 << 20, &budget).is_ok());
+        // As Label Studio inlines storage files (label-studio-ml-backend#632).
+        assert!(decode_data_uri(&format!("data:application/octet-stream;base64,{b64}"), 1 << 20, &budget).is_ok());
         let e = decode_data_uri(&format!("data:image/png;base64,{b64}"), 1000, &budget).unwrap_err();
         assert!(matches!(e, Error::ImageTooLarge { .. }), "{e}");
         for bad in ["data:image/png,abc", "data:text/html;base64,AAAA", "data:image/png;base64,@@@@", "data:"] {
