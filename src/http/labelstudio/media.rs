@@ -107,8 +107,8 @@ impl LabelStudio {
         Self { storage_hosts: hosts, ..self }
     }
 
-    /// Remembers a project's image fields (from `/setup`); the oldest are forgotten past
-    /// [`MAX_PROJECTS`] projects.
+    /// Remembers a project's image fields (from `/setup`); past [`MAX_PROJECTS`] projects, one
+    /// already known is forgotten (that project's `/predict` still carries its `label_config`).
     pub fn remember(&self, project: String, fields: Vec<ImageField>) {
         let mut configs = self.configs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if configs.len() >= MAX_PROJECTS && !configs.contains_key(&project) {
