@@ -17,6 +17,12 @@ EPOCHS_byol         ?= 10
 EPOCHS_vicreg       ?= 3
 EPOCHS_barlow_twins ?= 3
 CARGO          ?= cargo
+# The Label Studio the labelling test starts (tests/labelling.rs), and the environment it runs
+# it in: offline (no version check, no analytics), legacy tokens on, loopback ML backends allowed.
+LABEL_STUDIO_VERSION := 1.23.2
+LABEL_STUDIO_ENV     := LATEST_VERSION_CHECK=false COLLECT_ANALYTICS=false \
+                        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true ML_BLOCK_LOCAL_IP=false \
+                        SSRF_PROTECTION_ENABLED=false
 # Scratch folder for the Fashion-MNIST PNGs that calibration reads (70,000 files, ~60 MB).
 FMNIST_DIR     ?= /tmp/qscore-fmnist
 # The Q-Score sweep recorded in every bundled calibration (eps x percentile bands).
@@ -57,13 +63,26 @@ tools:
 	@command -v chromium >/dev/null || { \
 	  echo "installing chromium (Debian) for the /docs screenshot test"; \
 	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
-	@$(MAKE) --no-print-directory .venv-test/installed
+	@$(MAKE) --no-print-directory .venv-test/installed .venv-labelstudio/installed
 
 # schemathesis and tritonclient, reinstalled when tests/requirements.txt changes.
 .venv-test/installed: tests/requirements.txt
 	@echo "installing tests/requirements.txt into .venv-test"
 	test -x .venv-test/bin/pip || python3 -m venv .venv-test
 	.venv-test/bin/pip install -q -r tests/requirements.txt
+	touch $@
+
+# A real Label Studio for tests/labelling.rs, in its own venv (its pinned dependencies conflict
+# with .venv-test's). The template data folder is migrated once here (about a minute on two
+# cores); each test copies it to a fresh folder, so Label Studio starts in seconds, offline.
+.venv-labelstudio/installed: Makefile
+	@echo "installing label-studio==$(LABEL_STUDIO_VERSION) into .venv-labelstudio"
+	test -x .venv-labelstudio/bin/pip || python3 -m venv .venv-labelstudio
+	.venv-labelstudio/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	rm -rf .venv-labelstudio/template
+	$(LABEL_STUDIO_ENV) LABEL_STUDIO_BASE_DATA_DIR=$(CURDIR)/.venv-labelstudio/template \
+	  .venv-labelstudio/bin/label-studio init --agree-fix-sqlite --enable-legacy-api-token \
+	  --username qscore@example.com --password qscore-test --user-token qscore-test-token -q >/dev/null
 	touch $@
 
 build: ort

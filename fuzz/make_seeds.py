@@ -157,6 +157,24 @@ write("labelstudio", "predict_fixture_like", json.dumps({
 write("labelstudio", "refs", b"{}\x00/data/upload/1/a.png\x00http://ls.local:8080/../../x")
 write("labelstudio", "refs_tricky", b"\x00http://ls.local:8080@evil.example/\x00\\\\evil.example\\x")
 
+# The label config names the image fields ($photo beside a caption, several tags, valueList);
+# the part before the first NUL is also parsed as a label config on its own.
+write("labelstudio", "predict_label_config", json.dumps({
+    "tasks": [{"id": 1, "data": {"caption": "a cat on a blanket", "photo": "/data/upload/1/cat.png"}},
+              {"id": 2, "data": {"caption": "no photo"}},
+              {"id": 3, "data": {"front": "s3://bucket/a.png", "pages": ["gs://b/p1.png", 7, "data:image/png;base64,iVBORw0KGgo="]}}],
+    "label_config": "<View><Text name=\"cap\" value=\"$caption\"/><Image name=\"img\" value=\"$photo\"/>"
+                    "<image name=\"f\" VALUE=\"$front\"/><Image name=\"p\" valueList=\"$pages\"/></View>",
+    "project": "1.1700000000"}).encode())
+write("labelstudio", "predict_project_object", json.dumps({
+    "tasks": [{"id": 4, "data": {"photo": "/data/upload/../../api/projects"}}],
+    "project": {"id": 3, "label_config": "<View><Image name=\"i\" value=\"$photo\"/></View>"}}).encode())
+write("labelstudio", "config_raw", b"<View><Image name=\"i\" value=\"$photo\"/><Image name=\"r\" value=\"$items[{{idx}}].url\"/></View>"
+      b"\x00/data/upload/%2e%2e/api/projects\x00s3://bucket/cat.png")
+write("labelstudio", "config_doctype", b"<!DOCTYPE v [<!ENTITY a \"&#38;a;\">]><View>&a;</View>\x00/data/local-files/?d=../x\x00"
+      b"/tasks/1/presign/?fileuri=czM6Ly9iL2E=")
+write("labelstudio", "config_deep", b"<V>" * 80 + b"<Image value=\"$x\"/>" + b"</V>" * 80)
+
 # --- api_keys: byte 0 = header mode; key file text, NUL, the presented part ------------------
 BEARER, BASIC_ENC, BASIC_RAW, PLAIN = 0, 1, 2, 3
 keys = b"# qscore API keys\nk-0123456789abcdef\n\n  spaced-key  \n#disabled-key\n"

@@ -164,15 +164,22 @@ pub struct ServeArgs {
     /// CORS is off without it.
     #[arg(long, env = "QSCORE_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
-    /// Label Studio's base URL: `POST /predict` fetches task images from this host only.
+    /// Label Studio's base URL: `POST /predict` fetches task images from this host only, and
+    /// only from its media paths (uploads, local files, storage proxy, presign).
     #[arg(long, env = "QSCORE_LABEL_STUDIO_URL")]
     pub label_studio_url: Option<String>,
-    /// Label Studio API token, sent as `Authorization: Token ...` when fetching task images.
+    /// Label Studio API token, sent as `Authorization: Token ...` when fetching task images from
+    /// Label Studio's media paths, and nowhere else.
     #[arg(long, env = "QSCORE_LABEL_STUDIO_TOKEN", hide_env_values = true)]
     pub label_studio_token: Option<String>,
     /// Timeout of one task image fetch, in milliseconds.
     #[arg(long, env = "QSCORE_LABEL_STUDIO_TIMEOUT_MS", default_value_t = 10_000)]
     pub label_studio_timeout_ms: u64,
+    /// Storage hosts Label Studio's presign redirects may lead to, for S3/GCS/Azure projects
+    /// (comma-separated exact host names, or `*.domain` for any host below it). They are
+    /// fetched without the token; a redirect elsewhere is refused. Empty: no redirect followed.
+    #[arg(long, env = "QSCORE_LABEL_STUDIO_STORAGE_HOSTS", value_delimiter = ',')]
+    pub label_studio_storage_hosts: Vec<String>,
     /// POST every flagged answer (model, id, scores; never the image) to this URL, in the
     /// background: at most 3 tries each, and a slow endpoint never slows scoring.
     #[arg(long, env = "QSCORE_FLAGGED_WEBHOOK")]

@@ -177,6 +177,10 @@ pub enum Error {
     /// A task image could not be fetched from Label Studio.
     #[error("{0}")]
     FetchFailed(String),
+    /// A Label Studio task whose image qscore cannot find: no `<Image>` variable in its data, or
+    /// an image reference of a kind qscore does not read.
+    #[error("{0}")]
+    UnresolvedImage(String),
     /// Anything else that is the server's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -214,6 +218,7 @@ impl Error {
             Self::UnreadableFile(_) => "unreadable_file",
             Self::UrlRefused(_) => "url_refused",
             Self::FetchFailed(_) => "fetch_failed",
+            Self::UnresolvedImage(_) => "unresolved_image",
             Self::Internal(_) => "internal",
         }
     }

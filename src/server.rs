@@ -24,7 +24,7 @@ use crate::{
         self, AppState, RequestLimits,
         auth::ApiKeys,
         connections::{self, ConnectionLimits, connection_cap},
-        labelstudio::LabelStudio,
+        labelstudio::{LabelStudio, StorageHosts},
     },
 };
 
@@ -43,7 +43,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|url| {
             let timeout = Duration::from_millis(args.label_studio_timeout_ms);
-            LabelStudio::new(url, args.label_studio_token.clone(), timeout, args.engine.max_image_bytes).map(Arc::new)
+            let hosts = StorageHosts::parse(&args.label_studio_storage_hosts)?;
+            let ls = LabelStudio::new(url, args.label_studio_token.clone(), timeout, args.engine.max_image_bytes)?;
+            anyhow::Ok(Arc::new(ls.with_storage_hosts(hosts)))
         })
         .transpose()?;
     let mut engine = tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, capacity)).await??;

@@ -338,7 +338,8 @@ fn label_studio_fetches_share_the_budget() {
     let s =
         Server::start(&["--label-studio-url", &host, "--memory-budget-bytes", "268435456", "--max-batch-images", "64"]);
     let base = baseline(&s);
-    let tasks: Vec<Value> = (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/{i}.png")}})).collect();
+    let tasks: Vec<Value> =
+        (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/upload/1/{i}.png")}})).collect();
     let r: Value =
         s.client().post(format!("{}/predict", s.url)).json(&json!({ "tasks": tasks })).send().unwrap().json().unwrap();
     let results = r["results"].as_array().unwrap();
@@ -491,7 +492,8 @@ fn label_studio_fetches_share_the_request_deadline() {
         "--label-studio-timeout-ms",
         "10000",
     ]);
-    let tasks: Vec<Value> = (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/{i}.png")}})).collect();
+    let tasks: Vec<Value> =
+        (0..64).map(|i| json!({"id": i, "data": {"image": format!("/data/upload/1/{i}.png")}})).collect();
     let t = Instant::now();
     let r = s.client().post(format!("{}/predict", s.url)).json(&json!({ "tasks": tasks })).send().unwrap();
     assert_error(r, 503, "timeout");

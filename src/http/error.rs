@@ -26,6 +26,7 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UnexpectedField(_)
         | Error::IdTooLong { .. }
         | Error::UrlRefused(_)
+        | Error::UnresolvedImage(_)
         | Error::UnreadableFile(_)
         | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
         Error::UnsupportedMediaType(_) | Error::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -6,12 +6,17 @@
 //! Q-Score squashed into [0, 1), still low for a weak representation) otherwise. Sorting the
 //! "Prediction score" column ascending therefore puts the riskiest images on top.
 //!
-//! Task images arrive as URLs. They are fetched only from the one Label Studio host given by
-//! `--label-studio-url` (relative paths such as `/data/upload/...` are resolved against it),
-//! with its `--label-studio-token`, a size limit and a timeout; any other URL is refused with an
-//! error on that task alone. Nothing else in qscore ever fetches a URL.
+//! A task's images are the fields its project's label config names in `<Image value="$...">`
+//! (or `valueList`) tags ([`label_config`]): the config comes in each `/predict` request's
+//! `label_config` (or `project.label_config`), else from the project's `/setup`; without one,
+//! `data.image` is read, or the task's only data field. A task with several images scores as its
+//! riskiest. What each image reference may point at, and where the Label Studio token may go, is
+//! [`media`]'s: nothing else in qscore ever fetches a URL.
 
-use std::time::Duration;
+mod label_config;
+mod media;
+
+use std::sync::Arc;
 
 use axum::{Json, extract::State};
 use bytes::Bytes;
@@ -19,84 +24,15 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::Value;
 
+pub use label_config::{ImageField, image_fields};
+pub use media::{LabelStudio, StorageHosts};
+
 use super::error::ErrorDetail;
 use super::{AppState, bounded};
 use crate::{
-    engine::{
-        EmbeddingMode, Input, Output,
-        budget::{HeldBuffer, MemoryBudget, Reservation},
-    },
+    engine::{EmbeddingMode, Input, Output, budget::Reservation},
     error::Error,
 };
-
-/// Where task images may come from.
-#[derive(Debug, Clone)]
-pub struct LabelStudio {
-    /// The Label Studio base URL.
-    pub base: reqwest::Url,
-    /// Sent as `Authorization: Token ...`.
-    pub token: Option<String>,
-    /// The HTTP client, with the fetch timeout.
-    pub client: reqwest::Client,
-    /// Largest image fetched, in bytes.
-    pub max_bytes: usize,
-}
-
-impl LabelStudio {
-    /// A fetcher for `base`, with `timeout` per image.
-    pub fn new(base: &str, token: Option<String>, timeout: Duration, max_bytes: usize) -> anyhow::Result<Self> {
-        let base =
-            reqwest::Url::parse(base).map_err(|e| anyhow::anyhow!("--label-studio-url {base} is not a URL: {e}"))?;
-        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
-            anyhow::bail!("--label-studio-url must be an http(s) URL with a host, got {base}");
-        }
-        let client = reqwest::Client::builder().timeout(timeout).redirect(reqwest::redirect::Policy::none()).build()?;
-        Ok(Self { base, token, client, max_bytes })
-    }
-
-    /// The URL to fetch for a task's image reference, or why it is refused.
-    pub fn resolve(&self, reference: &str) -> Result<reqwest::Url, Error> {
-        let url =
-            self.base.join(reference).map_err(|e| Error::UrlRefused(format!("`{reference}` is not a URL: {e}")))?;
-        let same = url.scheme() == self.base.scheme()
-            && url.host_str() == self.base.host_str()
-            && url.port_or_known_default() == self.base.port_or_known_default();
-        if same {
-            Ok(url)
-        } else {
-            Err(Error::UrlRefused(format!(
-                "refused to fetch {url}: images are fetched only from the Label Studio host {} (--label-studio-url)",
-                self.base.origin().ascii_serialization()
-            )))
-        }
-    }
-
-    /// Fetches one image, within the size limit, reserving its bytes from `budget` as they
-    /// arrive.
-    async fn fetch(&self, url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), Error> {
-        let mut req = self.client.get(url.clone());
-        if let Some(token) = &self.token {
-            req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
-        }
-        let mut resp = req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {url}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(Error::FetchFailed(format!("fetching {url} answered {}", resp.status())));
-        }
-        let too_large = || Error::ImageTooLarge { size: self.max_bytes + 1, limit: self.max_bytes };
-        let declared = resp.content_length().unwrap_or(0);
-        if declared > self.max_bytes as u64 {
-            return Err(too_large());
-        }
-        let mut buf = HeldBuffer::new(budget, declared as usize, self.max_bytes)?;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {url}: {e}")))? {
-            if buf.len() + chunk.len() > self.max_bytes {
-                return Err(too_large());
-            }
-            buf.extend(&chunk)?;
-        }
-        Ok(buf.into_parts())
-    }
-}
 
 /// Task images fetched at once for one `/predict`: enough to hide the latency of Label Studio,
 /// few enough that one request cannot open hundreds of connections.
@@ -108,23 +44,101 @@ pub struct PredictRequest {
     /// The tasks to score.
     #[serde(deserialize_with = "bounded::list")]
     pub tasks: Vec<Task>,
-    /// The project's labelling config (unused, skipped unread).
+    /// The project's label config (XML): its `<Image>` tags name the image fields.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
-    pub label_config: Option<IgnoredAny>,
-    /// The project id (unused, skipped unread).
+    pub label_config: Option<String>,
+    /// The project: Label Studio's `"<id>.<created>"` key, or an object with `id` and
+    /// `label_config`.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub project: Option<IgnoredAny>,
+    pub project: Option<ProjectRef>,
+}
+
+/// `POST /setup`, as Label Studio sends it: the project and its label config. Its `hostname`
+/// and `access_token` are ignored: images come only from `--label-studio-url`, with
+/// `--label-studio-token`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct SetupRequest {
+    /// The project key, as `/predict` will send it.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub project: Option<ProjectRef>,
+    /// The label config (Label Studio sends it as `schema`).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// The label config, as some clients name it.
+    #[serde(default)]
+    pub label_config: Option<String>,
+}
+
+/// Which project a request is for: its key, and its label config when it came along.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProjectRef {
+    /// `"12.1732945600"` (Label Studio's id and creation time), or the bare id.
+    pub key: Option<String>,
+    /// The label config inside a project object.
+    pub label_config: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ProjectRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ProjectRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a project key (string or number) or a project object")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ProjectRef, E> {
+                if v.len() > bounded::MAX_ID_BYTES {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                Ok(ProjectRef { key: Some(v.to_owned()), label_config: None })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ProjectRef, E> {
+                Ok(ProjectRef { key: Some(v.to_string()), label_config: None })
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ProjectRef, E> {
+                Ok(ProjectRef { key: Some(v.to_string()), label_config: None })
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::default())
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ProjectRef, E> {
+                Ok(ProjectRef::default())
+            }
+            /// Not a project Label Studio sends: skipped unread, however large.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ProjectRef, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ProjectRef::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<ProjectRef, A::Error> {
+                let mut out = ProjectRef::default();
+                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "id" => out.key = a.next_value::<Option<ProjectRef>>()?.and_then(|p| p.key),
+                        "label_config" => out.label_config = a.next_value()?,
+                        _ => {
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// One Label Studio task.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Task {
-    /// Task id: a number or a string.
+    /// Task id: a number or a string; a cloud storage image needs Label Studio's number.
     #[schema(value_type = Object)]
     pub id: TaskId,
-    /// Task data; the image URL is `data.image`, else the first string field.
+    /// Task data: the image fields are those the label config names.
     #[schema(value_type = Object)]
     pub data: TaskData,
 }
@@ -167,56 +181,137 @@ impl<'de> Deserialize<'de> for TaskId {
     }
 }
 
-/// What qscore reads of a task's `data`: the image reference, `data.image` or else the first
-/// string field. Every other field is skipped unread, whatever its size or shape.
+/// One top-level field of a task's data, as far as qscore reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    /// A string: an image reference, or text.
+    One(String),
+    /// A list; its strings are kept, anything else in it skipped.
+    List(Vec<String>),
+    /// Anything else, skipped unread.
+    Other,
+}
+
+/// What qscore reads of a task's `data`: its top-level strings and lists of strings, by key.
+/// Every other value is skipped unread, whatever its size or shape.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskData {
-    /// The image URL or path, when there is one.
-    pub image: Option<String>,
+    /// The fields, in order.
+    pub fields: Vec<(String, Field)>,
+}
+
+impl TaskData {
+    /// The field named `key`.
+    pub fn get(&self, key: &str) -> Option<&Field> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The image references of this task, by the label config's image fields (`None`: no label
+    /// config, so `data.image`, or else the only field).
+    pub fn images(&self, fields: Option<&[ImageField]>) -> Result<Vec<&str>, Error> {
+        let unresolved = |why: String| Err(Error::UnresolvedImage(why));
+        let Some(fields) = fields else {
+            return match (self.get("image"), self.fields.as_slice()) {
+                (Some(Field::One(url)), _) => Ok(vec![url.as_str()]),
+                (None, [(_, Field::One(url))]) => Ok(vec![url.as_str()]),
+                _ => unresolved(format!(
+                    "no label config came with the request (`label_config`) or from /setup for this project, so the \
+                     image is `data.image` or the task's only field; this task has {}",
+                    self.keys()
+                )),
+            };
+        };
+        if fields.is_empty() {
+            return unresolved(
+                "the label config has no <Image value=\"$field\"> (or valueList) tag, so no task field holds an image"
+                    .into(),
+            );
+        }
+        let mut out = Vec::new();
+        for field in fields {
+            let key = field.key();
+            match (field, self.get(key)) {
+                (_, None) => {
+                    return unresolved(format!(
+                        "the label config's <Image> reads `${key}`, but the task data has no `{key}` field (it has {})",
+                        self.keys()
+                    ));
+                }
+                (ImageField::One(_), Some(Field::One(url))) => out.push(url.as_str()),
+                (ImageField::List(_), Some(Field::List(urls))) => out.extend(urls.iter().map(String::as_str)),
+                (ImageField::One(_), Some(_)) => {
+                    return unresolved(format!("task field `{key}` is not a string (an image URL)"));
+                }
+                (ImageField::List(_), Some(_)) => {
+                    return unresolved(format!("task field `{key}` is not a list of image URLs (valueList)"));
+                }
+            }
+        }
+        if out.is_empty() {
+            return unresolved("the task's image list is empty".into());
+        }
+        Ok(out)
+    }
+
+    /// The data's keys, for messages: at most a few.
+    fn keys(&self) -> String {
+        if self.fields.is_empty() {
+            return "no fields".into();
+        }
+        let mut keys: Vec<String> = self.fields.iter().take(8).map(|(k, _)| format!("`{k}`")).collect();
+        if self.fields.len() > 8 {
+            keys.push("...".into());
+        }
+        keys.join(", ")
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Field, E> {
+                Ok(Field::One(v.to_owned()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(item) = a.next_element::<Field>()? {
+                    if let Field::One(url) = item {
+                        urls.push(url);
+                    }
+                }
+                Ok(Field::List(urls))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl<'de> Deserialize<'de> for TaskData {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        /// A field's value: kept when it is a string, skipped unread otherwise.
-        struct MaybeString(Option<String>);
-        impl<'de> Deserialize<'de> for MaybeString {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = MaybeString;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("any value")
-                    }
-                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MaybeString, E> {
-                        Ok(MaybeString(Some(v.to_owned())))
-                    }
-                    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<MaybeString, E> {
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<MaybeString, E> {
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<MaybeString, E> {
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<MaybeString, E> {
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_unit<E: serde::de::Error>(self) -> Result<MaybeString, E> {
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<MaybeString, A::Error> {
-                        while a.next_element::<IgnoredAny>()?.is_some() {}
-                        Ok(MaybeString(None))
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<MaybeString, A::Error> {
-                        while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                        Ok(MaybeString(None))
-                    }
-                }
-                d.deserialize_any(V)
-            }
-        }
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = TaskData;
@@ -224,16 +319,11 @@ impl<'de> Deserialize<'de> for TaskData {
                 f.write_str("the task's data object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<TaskData, A::Error> {
-                let (mut image, mut first) = (None, None);
-                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let MaybeString(value) = a.next_value()?;
-                    if key == "image" && value.is_some() {
-                        image = value;
-                    } else if first.is_none() {
-                        first = value;
-                    }
+                let mut fields = Vec::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    fields.push((key, a.next_value()?));
                 }
-                Ok(TaskData { image: image.or(first) })
+                Ok(TaskData { fields })
             }
         }
         d.deserialize_map(V)
@@ -243,7 +333,7 @@ impl<'de> Deserialize<'de> for TaskData {
 /// Parses a `/predict` body: at most `max_tasks` tasks, every field checked before it is kept.
 pub fn parse_predict(body: &[u8], max_tasks: usize) -> Result<PredictRequest, Error> {
     let req: PredictRequest = serde_json::from_slice(body).map_err(|e| {
-        Error::BadRequest(format!("invalid /predict request: {e}; expected {{\"tasks\": [{{\"id\": ..., \"data\": {{\"image\": \"<url>\"}}}}]}}"))
+        Error::BadRequest(format!("invalid /predict request: {e}; expected {{\"tasks\": [{{\"id\": ..., \"data\": {{\"photo\": \"<url>\"}}}}], \"label_config\": \"<View><Image name=\\\"img\\\" value=\\\"$photo\\\"/></View>\"}}"))
     })?;
     if req.tasks.len() > max_tasks {
         return Err(Error::TooManyImages { limit: max_tasks });
@@ -300,9 +390,31 @@ pub async fn health() -> Json<BackendHealth> {
     Json(BackendHealth { status: "UP".into(), model_class: "qscore".into() })
 }
 
-/// Label Studio ML backend setup: names the model that will score.
-#[utoipa::path(post, path = "/setup", tag = "label-studio", responses((status = 200, body = SetupResponse)))]
-pub async fn setup(State(state): State<AppState>) -> Result<Json<SetupResponse>, Error> {
+/// Label Studio ML backend setup: names the model that will score, and remembers the project's
+/// image fields for `/predict` requests that come without a label config.
+#[utoipa::path(
+    post, path = "/setup", tag = "label-studio", request_body = SetupRequest,
+    responses((status = 200, body = SetupResponse), (status = 400, body = super::error::ErrorBody))
+)]
+pub async fn setup(State(state): State<AppState>, body: axum::body::Body) -> Result<Json<SetupResponse>, Error> {
+    let body = super::upload::read_limited(body, &state.limits, &state.engine.budget).await?;
+    let req: SetupRequest = if body.bytes.iter().all(u8::is_ascii_whitespace) {
+        SetupRequest::default()
+    } else {
+        serde_json::from_slice(&body.bytes).map_err(|e| {
+            Error::BadRequest(format!(
+                "invalid /setup request: {e}; expected {{\"project\": \"<id>.<created>\", \"schema\": \"<label config>\"}}"
+            ))
+        })?
+    };
+    drop(body);
+    let config = req.schema.as_deref().or(req.label_config.as_deref()).filter(|c| !c.trim().is_empty());
+    if let Some(config) = config {
+        let fields = image_fields(config)?;
+        if let (Some(ls), Some(key)) = (&state.label_studio, req.project.and_then(|p| p.key)) {
+            ls.remember(key, fields);
+        }
+    }
     Ok(Json(SetupResponse { model_version: model_version(&state)? }))
 }
 
@@ -316,53 +428,92 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     let body = super::upload::read_limited(body, &state.limits, &state.engine.budget).await?;
     let req = parse_predict(&body.bytes, state.limits.max_batch_images)?;
     drop(body);
+    let fields = request_image_fields(&state, &req)?;
+    // One job per image: a task with several images has several; a task whose images cannot be
+    // named has one, its error.
+    let mut jobs: Vec<(usize, Result<&str, Error>)> = Vec::new();
+    for (i, task) in req.tasks.iter().enumerate() {
+        match task.data.images(fields.as_deref().map(Vec::as_slice)) {
+            Ok(images) => jobs.extend(images.into_iter().map(|r| (i, Ok(r)))),
+            Err(e) => jobs.push((i, Err(e))),
+        }
+    }
+    if jobs.len() > state.limits.max_batch_images {
+        return Err(Error::TooManyImages { limit: state.limits.max_batch_images });
+    }
     let version = model_version(&state)?;
     let model = state.engine.registry.get(None)?.clone();
     // The fetches and the scoring share the request's deadline.
     let deadline = std::time::Instant::now() + state.engine.request_timeout;
-    let fetches: Vec<_> = req.tasks.iter().map(|t| fetch_task(&state, t)).collect();
+    let fetches: Vec<_> = jobs
+        .iter()
+        .map(|(i, reference)| {
+            let (state, task, reference) = (&state, &req.tasks[*i], reference.clone());
+            async move { fetch_image(state, task, reference?).await }
+        })
+        .collect();
     let fetching = futures_util::stream::iter(fetches).buffered(FETCH_CONCURRENCY).collect::<Vec<_>>();
     let fetched = tokio::time::timeout_at(deadline.into(), fetching).await.map_err(|_| Error::Timeout)?;
     // The fetched bytes stay reserved until the answer is built.
     let mut _held = Reservation::default();
-    let inputs = req
-        .tasks
+    let inputs = jobs
         .iter()
         .zip(fetched)
-        .map(|(task, fetched)| Input {
-            id: task.id.to_string(),
+        .map(|((i, _), fetched)| Input {
+            id: req.tasks[*i].id.to_string(),
             bytes: fetched.map(|(bytes, held)| {
                 _held.merge(held);
                 bytes
             }),
         })
         .collect();
-    let results = state
-        .engine
-        .score_until(&model, inputs, EmbeddingMode::Omit, deadline)
-        .await?
+    let outputs = state.engine.score_until(&model, inputs, EmbeddingMode::Omit, deadline).await?;
+    // A task's score is its riskiest image's; one image that fails fails the task.
+    let mut per_task: Vec<Option<Result<f64, Error>>> = vec![None; req.tasks.len()];
+    for ((i, _), Output { answer, .. }) in jobs.iter().zip(outputs) {
+        // Label Studio's Data Manager lists the lowest score first: the riskiest on top.
+        let score = answer.map(|s| 1.0 - s.risk());
+        per_task[*i] = Some(match (per_task[*i].take(), score) {
+            (None, s) => s,
+            (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(a)), Ok(b)) => Ok(a.min(b)),
+        });
+    }
+    let results = per_task
         .into_iter()
-        .map(|Output { answer, .. }| TaskPrediction {
-            model_version: version.clone(),
-            // Label Studio's Data Manager lists the lowest score first: the riskiest on top.
-            score: answer.as_ref().ok().map(|s| 1.0 - s.risk()),
-            result: Vec::new(),
-            error: answer.err().map(|e| ErrorDetail::from(&e)),
+        .map(|score| {
+            let score = score.unwrap_or_else(|| Err(Error::Internal("a task got no job".into())));
+            TaskPrediction {
+                model_version: version.clone(),
+                score: score.as_ref().ok().copied(),
+                result: Vec::new(),
+                error: score.err().map(|e| ErrorDetail::from(&e)),
+            }
         })
         .collect();
     Ok(Json(PredictResponse { results }))
 }
 
-async fn fetch_task(state: &AppState, task: &Task) -> Result<(Bytes, Reservation), Error> {
-    let reference = task
-        .data
-        .image
-        .as_deref()
-        .ok_or_else(|| Error::BadRequest(format!("task {}: no image URL in its data", task.id)))?;
+/// The image fields of a `/predict` request: from its `label_config`, its project object's, or
+/// the project's `/setup`; `None` when none of them is known.
+fn request_image_fields(state: &AppState, req: &PredictRequest) -> Result<Option<Arc<Vec<ImageField>>>, Error> {
+    let given = req.label_config.as_deref().or(req.project.as_ref().and_then(|p| p.label_config.as_deref()));
+    if let Some(config) = given.filter(|c| !c.trim().is_empty()) {
+        return Ok(Some(Arc::new(image_fields(config)?)));
+    }
+    let key = req.project.as_ref().and_then(|p| p.key.as_deref());
+    Ok(key.zip(state.label_studio.as_ref()).and_then(|(key, ls)| ls.recall(key)))
+}
+
+/// One image of a task: decoded from a `data:` URI, or fetched through Label Studio.
+async fn fetch_image(state: &AppState, task: &Task, reference: &str) -> Result<(Bytes, Reservation), Error> {
+    if media::is_data_uri(reference) {
+        return media::decode_data_uri(reference, state.engine.limits.max_bytes, &state.engine.budget);
+    }
     let ls = state.label_studio.as_ref().ok_or_else(|| {
         Error::FetchFailed("no Label Studio host is configured (--label-studio-url), so no image URL is fetched".into())
     })?;
-    let url = ls.resolve(reference)?;
+    let url = ls.resolve(reference, &task.id.0)?;
     ls.fetch(url, &state.engine.budget).await
 }
 
@@ -370,19 +521,49 @@ async fn fetch_task(state: &AppState, task: &Task) -> Result<(Bytes, Reservation
 mod tests {
     use super::*;
 
+    fn parse(json: &str) -> PredictRequest {
+        parse_predict(json.as_bytes(), 16).unwrap()
+    }
+
     #[test]
-    fn only_the_label_studio_host_is_fetched() {
-        let ls = LabelStudio::new("http://ls.local:8080", None, Duration::from_secs(1), 1 << 20).unwrap();
-        assert_eq!(ls.resolve("/data/upload/1/a.png").unwrap().as_str(), "http://ls.local:8080/data/upload/1/a.png");
-        assert!(ls.resolve("http://ls.local:8080/data/x.png").is_ok());
-        for other in [
-            "http://ls.local:9090/x.png",
-            "https://ls.local:8080/x.png",
-            "http://evil.example/x.png",
-            "file:///etc/passwd",
-        ] {
-            assert!(ls.resolve(other).unwrap_err().to_string().contains("refused"), "{other}");
-        }
-        assert!(LabelStudio::new("ftp://x", None, Duration::from_secs(1), 1).is_err());
+    fn the_image_is_the_field_the_label_config_names() {
+        let req = parse(
+            r#"{"tasks": [{"id": 1, "data": {"caption": "a cat on a blanket", "photo": "/data/upload/1/cat.png"}}],
+                "label_config": "<View><Text name=\"t\" value=\"$caption\"/><Image name=\"img\" value=\"$photo\"/></View>",
+                "project": "1.1732945600"}"#,
+        );
+        let fields = image_fields(req.label_config.as_deref().unwrap()).unwrap();
+        assert_eq!(req.tasks[0].data.images(Some(&fields)).unwrap(), ["/data/upload/1/cat.png"]);
+        assert_eq!(req.project.unwrap().key.as_deref(), Some("1.1732945600"));
+        // No config: `image`, else the only field; never a caption picked by position.
+        assert!(
+            matches!(req.tasks[0].data.images(None), Err(Error::UnresolvedImage(m)) if m.contains("`caption`, `photo`"))
+        );
+        let only = parse(r#"{"tasks": [{"id": 1, "data": {"photo": "/data/upload/1/a.png"}}]}"#);
+        assert_eq!(only.tasks[0].data.images(None).unwrap(), ["/data/upload/1/a.png"]);
+        let image = parse(r#"{"tasks": [{"id": 1, "data": {"caption": "x", "image": "/data/upload/1/a.png"}}]}"#);
+        assert_eq!(image.tasks[0].data.images(None).unwrap(), ["/data/upload/1/a.png"]);
+    }
+
+    #[test]
+    fn several_images_lists_and_missing_fields() {
+        let req = parse(
+            r#"{"tasks": [{"id": 1, "data": {"front": "/data/upload/1/f.png", "pages": ["/data/upload/1/p1.png", 7, "/data/upload/1/p2.png"], "n": {"deep": [1]}}},
+                          {"id": 2, "data": {"pages": []}}],
+                "project": {"id": 3, "label_config": "<View><Image name=\"a\" value=\"$front\"/><Image name=\"b\" valueList=\"$pages\"/></View>"}}"#,
+        );
+        let project = req.project.unwrap();
+        assert_eq!(project.key.as_deref(), Some("3"));
+        let fields = image_fields(project.label_config.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            req.tasks[0].data.images(Some(&fields)).unwrap(),
+            ["/data/upload/1/f.png", "/data/upload/1/p1.png", "/data/upload/1/p2.png"]
+        );
+        let e = req.tasks[1].data.images(Some(&fields)).unwrap_err();
+        assert!(e.to_string().contains("no `front` field") && e.code() == "unresolved_image", "{e}");
+        let text_only = image_fields(r#"<View><Text name="t" value="$text"/></View>"#).unwrap();
+        assert!(req.tasks[0].data.images(Some(&text_only)).unwrap_err().to_string().contains("no <Image"));
+        let wrong = [ImageField::One("pages".into())];
+        assert!(req.tasks[0].data.images(Some(&wrong)).unwrap_err().to_string().contains("not a string"));
     }
 }
