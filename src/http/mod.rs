@@ -9,6 +9,7 @@ pub mod bounded;
 pub mod connections;
 pub mod docs;
 pub mod error;
+pub mod form_data;
 pub mod handlers;
 pub mod kserve;
 pub mod labelstudio;
