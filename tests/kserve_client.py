@@ -1,7 +1,10 @@
 """Sends images through qscore's KServe v2 endpoint with the real tritonclient (PyPI
 tritonclient[http]) and prints what came back as JSON, for tests/kserve.rs.
 
-    python kserve_client.py HOST:PORT MODEL FILE...
+    python kserve_client.py [--compression=gzip|deflate] HOST:PORT MODEL FILE...
+
+With --compression the infer request's body is compressed by tritonclient
+(`request_compression_algorithm`), as Triton's users turn on for large batches.
 """
 import json
 import sys
@@ -9,7 +12,11 @@ import sys
 import numpy as np
 import tritonclient.http as http
 
-url, model, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+args = sys.argv[1:]
+compression = None
+if args[0].startswith("--compression="):
+    compression = args.pop(0).split("=", 1)[1]
+url, model, files = args[0], args[1], args[2:]
 client = http.InferenceServerClient(url=url)
 meta = client.get_model_metadata(model)
 wanted = [o["name"] for o in meta["outputs"]]
@@ -17,7 +24,8 @@ wanted = [o["name"] for o in meta["outputs"]]
 images = np.array([open(f, "rb").read() for f in files], dtype=np.object_)
 tensor = http.InferInput("image", [len(files)], "BYTES")
 tensor.set_data_from_numpy(images, binary_data=True)
-result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted])
+result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted],
+                      request_compression_algorithm=compression)
 
 print(json.dumps({
     "live": client.is_server_live(),
