@@ -201,13 +201,25 @@ fn api_key_schemes_and_key_file_lines() {
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys");
     std::fs::write(&keys, "# ops\nk-1\nclé-2\n").unwrap();
-    let out = common::qscore_bin()
+    // A server that starts anyway is killed after a while, so the test fails instead of waiting.
+    let mut child = common::qscore_bin()
         .args(["serve", "--host", "127.0.0.1", "--port", "0", "--api-keys-file"])
         .arg(&keys)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("line 3"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("line 3"), "qscore started with a key it cannot match:\n{stderr}");
 
     std::fs::write(&keys, "k-1\n").unwrap();
     let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
