@@ -108,6 +108,14 @@ write("multipart_and_json_batch", "raw_png", bytes([RAW]) + png)
 write("multipart_and_json_batch", "ct_multipart_quoted",
       bytes([3 << 4 | CT]) + b'Multipart/Form-Data; charset=utf-8; boundary="XyZ"\n'
       + part("image", "b.png", b"abc") + b"--XyZ--\r\n")
+# Case-insensitive parameter names, filename* (RFC 8187), escaped and %22 quotes, no
+# Content-Type, uppercase Boundary= in the request's content type.
+write("multipart_and_json_batch", "multipart_disposition_forms",
+      bytes([3 << 4 | CT]) + b'multipart/form-data; Boundary="XyZ"\n' + b"preamble\r\n"
+      + b'--XyZ\r\nContent-Disposition: Form-Data; Name="image"; FileName="A.PNG"\r\n\r\n' + png + b"\r\n"
+      + b"--XyZ\r\ncontent-disposition: form-data ; name = image ; filename*=UTF-8''%C3%BC%20b.png\r\n\r\nx\r\n"
+      + b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a\\"b%22c.png"\r\n'
+      + b"Content-Type: application/octet-stream\r\n\r\ny\r\n--XyZ--\r\nepilogue")
 write("multipart_and_json_batch", "ct_json_charset",
       bytes([3 << 4 | CT]) + b"application/json; charset=utf-8\n" + b'{"images":[{"id":"x","data":"eA=="}]}')
 write("multipart_and_json_batch", "ct_octet_stream", bytes([CT]) + b"application/octet-stream\n" + png[:64])
@@ -185,4 +193,6 @@ write("api_keys", "basic_encoded", bytes([BASIC_ENC]) + keys + b"\x00labelstudio
 write("api_keys", "basic_raw", bytes([BASIC_RAW]) + keys + b"\x00"
       + base64.b64encode(b"user:spaced-key"))
 write("api_keys", "plain", bytes([PLAIN]) + b"a\r\nb\x00Token a")
+write("api_keys", "scheme_lower_spaces", bytes([PLAIN]) + keys + b"\x00bearer    k-0123456789abcdef")
+write("api_keys", "key_not_ascii", bytes([BEARER]) + "ok\ncl\u00e9\n".encode() + b"\x00ok")
 print("seeds written")

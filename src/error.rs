@@ -47,6 +47,9 @@ pub enum Error {
         "unsupported content type `{0}`; send multipart/form-data with an `image` part, a raw image/* body, or JSON for the batch endpoint"
     )]
     UnsupportedMediaType(String),
+    /// The body's `Content-Encoding` is not one qscore decodes.
+    #[error("unsupported content encoding `{0}`; send the body uncompressed or with Content-Encoding gzip or deflate")]
+    UnsupportedContentEncoding(String),
     /// The bytes are not in an image format qscore decodes.
     #[error("not a supported image: the bytes are none of JPEG, PNG, WebP, GIF, BMP or TIFF")]
     UnsupportedFormat,
@@ -195,6 +198,7 @@ impl Error {
             Self::MissingImage => "missing_image",
             Self::UnexpectedField(_) => "unexpected_field",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UnsupportedContentEncoding(_) => "unsupported_content_encoding",
             Self::UnsupportedFormat => "unsupported_image_format",
             Self::UndecodableImage(_) => "undecodable_image",
             Self::TooManyPixels { .. } => "too_many_pixels",

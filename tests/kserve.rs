@@ -11,7 +11,8 @@ fn tritonclient(s: &Server, model: &str, files: &[std::path::PathBuf]) -> Value 
     tritonclient_with(s, model, files, &[])
 }
 
-/// tritonclient with `env` (see tests/kserve_client.py: the tensor's shape, JSON or binary data).
+/// tritonclient with `env` (see tests/kserve_client.py: the tensor's shape, JSON or binary data,
+/// request compression).
 fn tritonclient_with(s: &Server, model: &str, files: &[std::path::PathBuf], env: &[(&str, &str)]) -> Value {
     let python = root().join(".venv-test/bin/python");
     assert!(python.exists(), "{} is missing: run `make tools` (make test does)", python.display());
@@ -69,6 +70,22 @@ fn tritonclient_gets_the_same_scores_as_v1() {
             s.post_image("/v1/score?model=mobilenet_v2-imagenet", p, read(&format!("photos/{p}"))).json().unwrap();
         let (q2, q1) = (r["outputs"]["q_score"][i].as_f64().unwrap(), v1["q_score"].as_f64().unwrap());
         assert!((q2 - q1).abs() <= 1e-6 * q1.abs().max(1.0), "{p}: v2 {q2} vs v1 {q1}");
+    }
+}
+
+/// tritonclient's `request_compression_algorithm` compresses the whole infer body (the JSON
+/// header and the binary tensor) and keeps `Inference-Header-Content-Length` the uncompressed
+/// header's length: the answers must equal the uncompressed request's.
+#[test]
+fn tritonclient_compressed_requests_get_the_same_answers() {
+    let s = Server::start(&[]);
+    let model = "fmnist-simclr";
+    let files: Vec<_> =
+        ["bag/t10k-00030.png", "shirt/t10k-00026.png"].iter().map(|f| fixture(&format!("fmnist/{f}"))).collect();
+    let plain = tritonclient(&s, model, &files);
+    for algorithm in ["gzip", "deflate"] {
+        let r = tritonclient_with(&s, model, &files, &[("QSCORE_COMPRESSION", algorithm)]);
+        assert_eq!(r["outputs"], plain["outputs"], "{algorithm}");
     }
 }
 

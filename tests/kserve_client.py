@@ -6,7 +6,8 @@ tritonclient[http]) and prints what came back as JSON, for tests/kserve.rs.
 QSCORE_TENSOR_SHAPE picks the numpy array's shape as users build it: `flat` (N,), the default;
 `column` (N, 1); `row` (1, N). QSCORE_BINARY_DATA=0 sends the tensor as JSON (base64 strings,
 flattened in row-major order, as tritonclient serialises them) instead of the binary-data
-extension.
+extension. QSCORE_COMPRESSION=gzip|deflate has tritonclient compress the infer request's body
+(`request_compression_algorithm`), as Triton's users turn on for large batches.
 """
 import base64
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import tritonclient.http as http
 
 url, model, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+compression = os.environ.get("QSCORE_COMPRESSION")
 client = http.InferenceServerClient(url=url)
 meta = client.get_model_metadata(model)
 wanted = [o["name"] for o in meta["outputs"]]
@@ -29,7 +31,8 @@ shape = os.environ.get("QSCORE_TENSOR_SHAPE", "flat")
 images = {"flat": images, "column": images.reshape(-1, 1), "row": images.reshape(1, -1)}[shape]
 tensor = http.InferInput("image", list(images.shape), "BYTES")
 tensor.set_data_from_numpy(images, binary_data=binary)
-result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted])
+result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted],
+                      request_compression_algorithm=compression)
 
 print(json.dumps({
     "live": client.is_server_live(),

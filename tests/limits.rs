@@ -544,3 +544,47 @@ fn malformed_items_keep_their_slot_and_every_error_is_json() {
     assert!(r.text().unwrap().len() < 1200, "the shape is echoed");
     s.assert_ready();
 }
+
+/// A 1 GiB body of zeros, gzip-compressed to about 1 MiB: the limits count the decoded bytes,
+/// so it is a 413 `body_too_large` JSON error (on a raw image, a multipart form and a KServe
+/// binary request) with the server's peak memory flat; the budget's 429 comes first when the
+/// decoded bytes would pass the held share.
+#[test]
+fn compression_bombs_are_held_to_the_decoded_limits() {
+    use flate2::{Compression, write::GzEncoder};
+    let s = Server::start(&["--max-body-bytes", "4194304", "--memory-budget-bytes", "268435456"]);
+    let base = baseline(&s);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        gz.write_all(&zeros).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 2 << 20, "{} bytes", bomb.len());
+    for (path, content_type, extra) in [
+        ("/v1/score", "image/png", None),
+        ("/v1/score/batch", "multipart/form-data; boundary=XyZ", None),
+        ("/v2/models/fmnist-simclr/infer", "application/octet-stream", Some(("Inference-Header-Content-Length", "64"))),
+        ("/predict", "application/json", None),
+    ] {
+        let started = Instant::now();
+        // A client of its own each time: the server closes a connection whose body it did not
+        // read to the end, and a pooled one could be reused just as it does.
+        let mut req = s
+            .client()
+            .post(format!("{}{path}", s.url))
+            .header("content-type", content_type)
+            .header("content-encoding", "gzip")
+            .body(bomb.clone());
+        if let Some((k, v)) = extra {
+            req = req.header(k, v);
+        }
+        let r = req.send().unwrap();
+        assert_eq!(r.status(), 413, "{path}");
+        let body: Value = r.json().unwrap();
+        let text = body.to_string();
+        assert!(text.contains("over the 4194304-byte limit"), "{path}: {text}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{path} took {:?}", started.elapsed());
+    }
+    assert_unharmed(&s, base, 24, "gzip bombs");
+}

@@ -192,6 +192,107 @@ fn api_keys_are_required_and_rotate_on_sighup() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// The auth scheme is case-insensitive (RFC 9110 §11.1) with any spaces after it; a key file
+/// line that no header could carry (non-ASCII, control characters) stops the start naming the
+/// line, and on a reload keeps the old keys, saying why in the log.
+#[test]
+fn api_key_schemes_and_key_file_lines() {
+    let dir = std::env::temp_dir().join(format!("qscore-keylines-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "# ops\nk-1\nclé-2\n").unwrap();
+    // A server that starts anyway is killed after a while, so the test fails instead of waiting.
+    let mut child = common::qscore_bin()
+        .args(["serve", "--host", "127.0.0.1", "--port", "0", "--api-keys-file"])
+        .arg(&keys)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("line 3"), "qscore started with a key it cannot match:\n{stderr}");
+
+    std::fs::write(&keys, "k-1\n").unwrap();
+    let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    let models = |authorization: &str| {
+        s.client().get(format!("{}/v1/models", s.url)).header("authorization", authorization).send().unwrap().status()
+    };
+    // "u:k-1" in base64, as basic auth sends it.
+    for ok in ["bearer k-1", "BEARER k-1", "Bearer    k-1", "basic dTprLTE=", "BASIC  dTprLTE="] {
+        assert_eq!(models(ok), 200, "{ok:?}");
+    }
+    assert_eq!(models("Bearerk-1"), 401);
+    std::fs::write(&keys, "k-2\nk-\u{3}3\n").unwrap();
+    s.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.log().contains("API keys not reloaded") {
+        assert!(Instant::now() < deadline, "no reload refusal in the log:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.log().contains("line 2"), "{}", s.log());
+    assert_eq!(models("Bearer k-1"), 200, "the old keys stay");
+    assert_eq!(models("Bearer k-2"), 401);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A key file rewritten slowly (truncated, then written a few bytes at a time with a stall of
+/// several seconds mid-file, as a stalled writer or a copy over NFS does) never locks out a key
+/// that is in both the old and the new file, while a client checks it every few milliseconds;
+/// the new file's keys take effect once it is complete.
+#[test]
+fn a_key_file_caught_half_written_never_locks_out_a_kept_key() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("qscore-keyslow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "# old\nstable-key-0123456789\nold-key\n").unwrap();
+    let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    let models =
+        |key: &str| s.client().get(format!("{}/v1/models", s.url)).bearer_auth(key).send().unwrap().status().as_u16();
+    assert_eq!(models("stable-key-0123456789"), 200);
+    let stop = AtomicBool::new(false);
+    let (checks, failures) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let (mut checks, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let status = models("stable-key-0123456789");
+                checks += 1;
+                if status != 200 {
+                    failures.push(status);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (checks, failures)
+        });
+        let mut f = std::fs::File::create(&keys).unwrap(); // truncates
+        for (i, piece) in b"# new\nnew-key\nstable-key-0123456789\n".chunks(6).enumerate() {
+            f.write_all(piece).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(if i == 3 { Duration::from_millis(2500) } else { Duration::from_millis(30) });
+        }
+        drop(f);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while models("new-key") != 200 {
+            assert!(Instant::now() < deadline, "the new key never took effect");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        client.join().unwrap()
+    });
+    assert!(checks > 100, "{checks} checks");
+    assert!(failures.is_empty(), "a kept key was refused {} times during the rewrite", failures.len());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Requests from many clients share ONNX Runtime runs: 16 concurrent single-image requests
 /// produce runs of more than one image, and each answer says how big its run was.
 #[test]

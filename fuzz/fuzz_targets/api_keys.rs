@@ -5,21 +5,27 @@
 //! base64(part), 2 `Basic ` + part, 3 part alone); the rest splits at its first NUL byte into
 //! the key file's text and that part (both lossy UTF-8, except that mode 1 encodes the raw bytes).
 //!
-//! Properties: no panic, and `check` accepts exactly when the presented key (trimmed,
-//! non-empty) equals one of the file's keys (lines trimmed, blank and `#` lines skipped).
+//! Properties: no panic; `from_text` refuses exactly a text with a key line holding a
+//! character outside printable ASCII; and `check` accepts exactly when the presented key
+//! (trimmed, non-empty) equals one of the file's keys (lines trimmed, blank and `#` lines
+//! skipped).
 #![no_main]
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use libfuzzer_sys::fuzz_target;
 use qscore::http::auth::ApiKeys;
 
-/// The key a header presents, as the documented format says.
+/// The key a header presents, as the documented format says: the scheme in any case, then
+/// spaces or tabs.
 fn presented(header: &str) -> Option<String> {
-    let key = if let Some(k) = header.strip_prefix("Bearer ") {
-        k.to_owned()
-    } else {
-        let raw = STANDARD.decode(header.strip_prefix("Basic ")?.trim()).ok()?;
+    let (scheme, credentials) = header.trim().split_once([' ', '\t'])?;
+    let key = if scheme.eq_ignore_ascii_case("bearer") {
+        credentials.to_owned()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let raw = STANDARD.decode(credentials.trim()).ok()?;
         String::from_utf8(raw).ok()?.split_once(':')?.1.to_owned()
+    } else {
+        return None;
     };
     Some(key.trim().to_owned()).filter(|k| !k.is_empty())
 }
@@ -36,10 +42,15 @@ fuzz_target!(|data: &[u8]| {
         2 => format!("Basic {lossy}"),
         _ => lossy.into_owned(),
     };
-    let keys = ApiKeys::from_text(&text);
+    let is_key = |l: &str| !l.is_empty() && !l.starts_with('#');
+    let Ok(keys) = ApiKeys::from_text(&text) else {
+        // Refused exactly when a key line holds a character a header cannot carry.
+        assert!(text.lines().map(str::trim).any(|l| is_key(l) && l.chars().any(|c| !matches!(c, ' '..='~'))));
+        return;
+    };
     let accepted = keys.check(Some(&header)).is_ok();
     let expected = presented(&header)
-        .is_some_and(|k| text.lines().map(str::trim).any(|l| !l.is_empty() && !l.starts_with('#') && l == k));
+        .is_some_and(|k| text.lines().map(str::trim).any(|l| is_key(l) && l == k));
     assert_eq!(accepted, expected, "key file {text:?}, header {header:?}");
     assert!(keys.check(None).is_err(), "no header must be refused");
 });

@@ -17,6 +17,10 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
+/// The request `Content-Encoding`s qscore decodes, as answered in `Accept-Encoding` with a 415
+/// (RFC 9110 §12.5.3).
+pub const ACCEPTED_ENCODINGS: &str = "gzip, deflate, identity";
+
 /// The HTTP status each error is answered with (design.md section 4).
 pub fn status(e: &Error) -> StatusCode {
     match e {
@@ -29,7 +33,9 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UnresolvedImage(_)
         | Error::UnreadableFile(_)
         | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
-        Error::UnsupportedMediaType(_) | Error::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::UnsupportedMediaType(_) | Error::UnsupportedContentEncoding(_) | Error::UnsupportedFormat => {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        }
         Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::TooManyPixels { .. }
         | Error::ImageTooLarge { .. }
@@ -60,6 +66,9 @@ impl Error {
         match self {
             Error::Overloaded { retry_after_s } | Error::MemoryBudgetExhausted { retry_after_s } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            }
+            Error::UnsupportedContentEncoding(_) => {
+                response.headers_mut().insert(header::ACCEPT_ENCODING, HeaderValue::from_static(ACCEPTED_ENCODINGS));
             }
             Error::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -9,6 +9,7 @@ pub mod bounded;
 pub mod connections;
 pub mod docs;
 pub mod error;
+pub mod form_data;
 pub mod handlers;
 pub mod kserve;
 pub mod labelstudio;
@@ -145,8 +146,11 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route_layer(middleware::from_fn(tag_route))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::not_found);
-    // Bodies are read, and limited, by `upload::read_limited` alone, on every route.
+    // Bodies are read, and limited, by `upload::read_limited` alone, on every route: behind
+    // the decompression layer, so the limits count decoded bytes.
     let app = api
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
+        .layer(middleware::from_fn(content_encoding))
         .layer(middleware::map_response(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
@@ -176,7 +180,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::CONTENT_ENCODING])
             .max_age(std::time::Duration::from_secs(3600)),
     )
 }
@@ -207,6 +211,40 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     m.http_requests.with_label_values(&[route, &class]).inc();
     m.http_duration.with_label_values(&[route]).observe(start.elapsed().as_secs_f64());
     response
+}
+
+/// Refuses a request body in a `Content-Encoding` qscore does not decode (415 naming it and,
+/// in `Accept-Encoding`, the accepted ones), and spells the accepted ones the way the
+/// decompression layer behind it matches them: content codings are case-insensitive (RFC 9110
+/// §8.4.1), `x-gzip` is gzip (§8.4.1.3), and `identity` is no coding at all.
+async fn content_encoding(mut req: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, header::CONTENT_ENCODING};
+    let Some(value) = req.headers().get(CONTENT_ENCODING) else {
+        return next.run(req).await;
+    };
+    let coding = String::from_utf8_lossy(value.as_bytes()).trim().to_ascii_lowercase();
+    match coding.as_str() {
+        "" | "identity" => {
+            req.headers_mut().remove(CONTENT_ENCODING);
+        }
+        "gzip" | "x-gzip" => {
+            req.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        "deflate" => {
+            req.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("deflate"));
+        }
+        _ => {
+            // A name longer than any coding is cut: error messages never grow with the request.
+            let shown: String = coding.chars().take(64).collect();
+            let error = Error::UnsupportedContentEncoding(shown);
+            return if req.uri().path().starts_with("/v2/") {
+                axum::response::IntoResponse::into_response(kserve::V2Failure::from(error))
+            } else {
+                axum::response::IntoResponse::into_response(error)
+            };
+        }
+    }
+    next.run(req).await
 }
 
 /// Turns the plain-text rejections of axum's extractors (a path segment that is not UTF-8, a

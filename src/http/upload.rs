@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use axum::{
     extract::{FromRequest, Request},
-    http::header::CONTENT_TYPE,
+    http::header::{CONTENT_DISPOSITION, CONTENT_TYPE},
 };
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::{AppState, bounded};
+use super::{AppState, bounded, form_data::Disposition};
 use crate::{
     engine::{
         Input,
@@ -179,14 +179,24 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
     let malformed = |e: multer::Error| Error::BadRequest(format!("malformed multipart body: {e}"));
     let mut uploads = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(malformed)? {
-        if field.name() != Some("image") {
-            return Err(Error::UnexpectedField(field.name().unwrap_or("").to_owned()));
+        // The part's names are read from its header here, not with multer's `name()` and
+        // `file_name()`, which match `name=` case-sensitively and skip `filename*`.
+        let disposition =
+            field.headers().get(CONTENT_DISPOSITION).map(|v| Disposition::parse(v.as_bytes())).unwrap_or_default();
+        if !disposition.form_data {
+            return Err(Error::BadRequest(format!(
+                "multipart part {} has no `Content-Disposition: form-data; name=\"image\"` header",
+                uploads.len()
+            )));
+        }
+        if disposition.name.as_deref() != Some("image") {
+            return Err(Error::UnexpectedField(disposition.name.unwrap_or_default()));
         }
         if uploads.len() == max_images {
             return Err(Error::TooManyImages { limit: max_images });
         }
         let position = uploads.len().to_string();
-        let id = field.file_name().map(str::to_owned).unwrap_or_else(|| position.clone());
+        let id = disposition.filename.unwrap_or_else(|| position.clone());
         if let Err(e) = bounded::check_id(|| format!("the file name of part {position}"), &id) {
             // The part keeps its slot, under its position: its name is too long to echo.
             let _ = field.bytes().await.map_err(malformed)?;
