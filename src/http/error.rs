@@ -28,7 +28,9 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UrlRefused(_)
         | Error::UnreadableFile(_)
         | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
-        Error::UnsupportedMediaType(_) | Error::UnsupportedFormat => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::UnsupportedMediaType(_) | Error::UnsupportedFormat | Error::UnsupportedVariant { .. } => {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        }
         Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::TooManyPixels { .. }
         | Error::ImageTooLarge { .. }
