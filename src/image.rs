@@ -135,13 +135,18 @@ fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(Box<dyn ImageDecod
     }
     let format = match image::guess_format(bytes) {
         Ok(f) if SUPPORTED.contains(&f) => f,
+        // The image crate sniffs classic TIFF only; its TIFF decoder reads BigTIFF too.
+        _ if bytes.starts_with(b"II+\0") || bytes.starts_with(b"MM\0+") => ImageFormat::Tiff,
         _ => return Err(Error::UnsupportedFormat),
     };
     // A JPEG is read only up to the EOI that ends its image: what follows (a motion photo's
     // video, an MPF second picture) is not the image, and an image without its EOI is not whole.
     let bytes = match format {
-        ImageFormat::Jpeg => match jpeg::image_len(bytes) {
-            Ok(len) => &bytes[..len],
+        ImageFormat::Jpeg => match jpeg::walk(bytes) {
+            Ok(jpeg) => match jpeg.unsupported() {
+                Some(feature) => return Err(Error::UnsupportedVariant { format: "JPEG", feature }),
+                None => &bytes[..jpeg.len],
+            },
             Err(jpeg::Incomplete::Truncated(why)) => {
                 return Err(Error::UndecodableImage(format!("the JPEG is truncated: {why}")));
             }

@@ -18,13 +18,42 @@ pub enum Incomplete {
     Corrupt(&'static str),
 }
 
-/// The length of the first JPEG image in `bytes`, through its EOI marker: everything after it
-/// is not part of the image. `bytes` must start with SOI (FF D8).
-pub fn image_len(bytes: &[u8]) -> Result<usize, Incomplete> {
+/// What the walk found of the first image in a JPEG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Structure {
+    /// Its length through its EOI marker: everything after it is not part of the image.
+    pub len: usize,
+    /// Its frame: the start-of-frame marker's second byte (C0 baseline ... CF) and the sample
+    /// precision in bits; `None` if no frame header comes before the first scan.
+    pub frame: Option<(u8, u8)>,
+}
+
+impl Structure {
+    /// The coding process the JPEG decoder does not implement, in words (T.81, table B.1):
+    /// only 8-bit Huffman-coded DCT frames (baseline, extended sequential, progressive) decode.
+    pub fn unsupported(&self) -> Option<String> {
+        let (sof, precision) = self.frame?;
+        let process = match sof {
+            0xC0..=0xC2 if precision == 8 => return None,
+            0xC0..=0xC2 => return Some(format!("{precision}-bit samples")),
+            0xC3 => "lossless coding (SOF3)",
+            0xC5..=0xC7 => "hierarchical coding",
+            0xC9 | 0xCA => "arithmetic coding",
+            0xCB => "lossless arithmetic coding",
+            _ => "hierarchical arithmetic coding",
+        };
+        Some(format!("{process}, {precision}-bit samples"))
+    }
+}
+
+/// Walks the first JPEG image in `bytes` to its EOI marker. `bytes` must start with SOI
+/// (FF D8).
+pub fn walk(bytes: &[u8]) -> Result<Structure, Incomplete> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return Err(Incomplete::Corrupt("it does not start with a start-of-image marker"));
     }
     let mut pos = 2;
+    let mut frame = None;
     loop {
         // libjpeg skips stray bytes before a marker with a warning, and any marker may be
         // preceded by fill bytes (FF FF ...); both are read past here.
@@ -39,7 +68,7 @@ pub fn image_len(bytes: &[u8]) -> Result<usize, Incomplete> {
         };
         pos += 1;
         match marker {
-            0xD9 => return Ok(pos),
+            0xD9 => return Ok(Structure { len: pos, frame }),
             // Standalone markers without a length: TEM, restarts, a repeated SOI; FF 00 is a
             // stuffed byte in stray data, not a marker.
             0x00 | 0x01 | 0xD0..=0xD8 => {}
@@ -52,6 +81,10 @@ pub fn image_len(bytes: &[u8]) -> Result<usize, Incomplete> {
                 }
                 if pos + len > bytes.len() {
                     return Err(Incomplete::Truncated("it ends inside a segment"));
+                }
+                // SOF0-SOF15, less DHT (C4), JPG (C8) and DAC (CC); the first is the image's.
+                if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) && frame.is_none() {
+                    frame = bytes.get(pos + 2).map(|&precision| (marker, precision));
                 }
                 pos += len;
                 if marker == 0xDA {
@@ -86,6 +119,10 @@ fn scan_end(bytes: &[u8], mut pos: usize) -> Result<usize, Incomplete> {
 mod tests {
     use super::*;
 
+    fn walk_len(bytes: &[u8]) -> Result<usize, Incomplete> {
+        walk(bytes).map(|s| s.len)
+    }
+
     /// A minimal structure: SOI, a segment, SOS with entropy data, EOI.
     fn jpeg(scan: &[u8]) -> Vec<u8> {
         let mut j = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAB, 0xCD];
@@ -98,13 +135,13 @@ mod tests {
     #[test]
     fn ends_at_the_first_eoi_whatever_follows() {
         let j = jpeg(&[1, 2, 3]);
-        assert_eq!(image_len(&j), Ok(j.len()));
+        assert_eq!(walk_len(&j), Ok(j.len()));
         for tail in
             [&[0xFF, 0xDA][..], &[0xFF, 0xD9], &[0xFF, 0xD8, 0xFF, 0xDA, 0, 3, 1, 9], b"\0\0\0\x18ftypmp42", &[0xFF]]
         {
             let mut t = j.clone();
             t.extend_from_slice(tail);
-            assert_eq!(image_len(&t), Ok(j.len()), "tail {tail:?}");
+            assert_eq!(walk_len(&t), Ok(j.len()), "tail {tail:?}");
         }
     }
 
@@ -113,11 +150,11 @@ mod tests {
     #[test]
     fn entropy_data_is_followed_by_its_stuffing() {
         let j = jpeg(&[0xFF, 0x00, 0xFF, 0xD0, 7, 0xFF, 0xD7, 0xFF, 0xFF, 0x00]);
-        assert_eq!(image_len(&j), Ok(j.len()));
+        assert_eq!(walk_len(&j), Ok(j.len()));
         let mut dnl = jpeg(&[5]);
         dnl.truncate(dnl.len() - 2);
         dnl.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xDC, 0x00, 0x04, 0x01, 0x00, 0xFF, 0xD9]);
-        assert_eq!(image_len(&dnl), Ok(dnl.len()));
+        assert_eq!(walk_len(&dnl), Ok(dnl.len()));
     }
 
     /// An EXIF thumbnail is a whole JPEG inside APP1, EOI included: skipped by its length.
@@ -129,9 +166,9 @@ mod tests {
         j.extend_from_slice(&thumb);
         let main = jpeg(&[1, 2]);
         j.extend_from_slice(&main[2..]);
-        assert_eq!(image_len(&j), Ok(j.len()));
+        assert_eq!(walk_len(&j), Ok(j.len()));
         j.truncate(j.len() - 2);
-        assert!(matches!(image_len(&j), Err(Incomplete::Truncated(_))));
+        assert!(matches!(walk_len(&j), Err(Incomplete::Truncated(_))));
     }
 
     /// Several scans (a progressive JPEG) with tables between them.
@@ -140,16 +177,41 @@ mod tests {
         let mut j = jpeg(&[1, 0xFF, 0x00]);
         j.truncate(j.len() - 2);
         j.extend_from_slice(&[0xFF, 0xC4, 0x00, 0x03, 0xD9, 0xFF, 0xDA, 0x00, 0x03, 0xD9, 8, 0xFF, 0xD9]);
-        assert_eq!(image_len(&j), Ok(j.len()));
+        assert_eq!(walk_len(&j), Ok(j.len()));
     }
 
     #[test]
     fn truncated_and_corrupt_are_told_apart() {
         let j = jpeg(&[1, 2, 3, 4, 5, 6]);
         for cut in 2..j.len() - 1 {
-            assert!(matches!(image_len(&j[..cut]), Err(Incomplete::Truncated(_))), "cut at {cut}");
+            assert!(matches!(walk_len(&j[..cut]), Err(Incomplete::Truncated(_))), "cut at {cut}");
         }
-        assert!(matches!(image_len(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0, 0xFF, 0xD9]), Err(Incomplete::Corrupt(_))));
-        assert!(matches!(image_len(b"GIF89a"), Err(Incomplete::Corrupt(_))));
+        assert!(matches!(walk_len(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0, 0xFF, 0xD9]), Err(Incomplete::Corrupt(_))));
+        assert!(matches!(walk_len(b"GIF89a"), Err(Incomplete::Corrupt(_))));
+    }
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+
+    fn with_frame(sof: u8, precision: u8) -> Vec<u8> {
+        let mut j = vec![0xFF, 0xD8, 0xFF, sof, 0x00, 0x05, precision, 0x00, 0x08];
+        j.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x03, 0x01, 0x55, 0xFF, 0xD9]);
+        j
+    }
+
+    /// The first frame header decides; 8-bit Huffman DCT frames are supported, the rest named.
+    #[test]
+    fn frames_the_decoder_lacks_are_named() {
+        for sof in [0xC0, 0xC1, 0xC2] {
+            assert_eq!(walk(&with_frame(sof, 8)).unwrap().unsupported(), None);
+        }
+        let named = |sof, p| walk(&with_frame(sof, p)).unwrap().unsupported().unwrap();
+        assert_eq!(named(0xC1, 12), "12-bit samples");
+        assert!(named(0xC3, 8).starts_with("lossless coding"));
+        assert!(named(0xC9, 8).starts_with("arithmetic coding"));
+        assert!(named(0xC5, 8).starts_with("hierarchical"));
+        assert_eq!(walk(&with_frame(0xC4, 8)).unwrap().frame, None);
     }
 }
