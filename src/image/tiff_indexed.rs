@@ -296,5 +296,10 @@ pub fn describe(bytes: &[u8]) -> String {
         32773 => "PackBits".to_owned(),
         c => format!("compression {c}"),
     };
-    format!("{photometric} pixels of {bits:?}-bit {sample} samples, {compression}")
+    let depth = match bits.as_slice() {
+        [] => "1-bit".to_owned(),
+        [b, rest @ ..] if rest.iter().all(|r| r == b) => format!("{} x {b}-bit", bits.len()),
+        _ => format!("{bits:?}-bit"),
+    };
+    format!("{photometric} pixels of {depth} {sample} samples, {compression}")
 }
