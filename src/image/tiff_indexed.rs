@@ -56,6 +56,8 @@ impl<'a> IndexedTiff<'a> {
         let order = probe.byte_order();
         let ifd = probe.ifd_pointer().map(|p| p.0);
         let photometric = probe.get_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(tiff_error)?;
+        // Its directory is freed before the decoder that reads the pixels parses its own.
+        drop(probe);
         let patch = if photometric == PALETTE {
             let at = ifd
                 .and_then(|ifd| {
