@@ -277,7 +277,7 @@ pub fn describe(bytes: &[u8]) -> String {
         Some(4) => "transparency mask".to_owned(),
         Some(5) => "CMYK".to_owned(),
         Some(6) => "YCbCr".to_owned(),
-        Some(8 | 9 | 10) => "CIE L*a*b*".to_owned(),
+        Some(8..=10) => "CIE L*a*b*".to_owned(),
         Some(p) => format!("PhotometricInterpretation {p}"),
         None => "no PhotometricInterpretation".to_owned(),
     };
