@@ -53,6 +53,17 @@ pub enum Error {
     /// The bytes are not in an image format qscore decodes.
     #[error("not a supported image: the bytes are none of JPEG, PNG, WebP, GIF, BMP or TIFF")]
     UnsupportedFormat,
+    /// The bytes are in a format qscore reads, in a variant of it that it does not (a TIFF with
+    /// float samples, an arithmetic-coded JPEG): the format is named, never denied.
+    #[error(
+        "a {format} with {feature} is not supported; re-save it as an 8-bit PNG or JPEG (or a baseline TIFF) and send it again"
+    )]
+    UnsupportedVariant {
+        /// The format the bytes are in, as users know it (`TIFF`, `JPEG`).
+        format: &'static str,
+        /// What in it is not supported, as the decoder tells it.
+        feature: String,
+    },
     /// The bytes look like an image but cannot be decoded (truncated or corrupt).
     #[error("the image could not be decoded: {0}")]
     UndecodableImage(String),
@@ -199,7 +210,7 @@ impl Error {
             Self::UnexpectedField(_) => "unexpected_field",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::UnsupportedContentEncoding(_) => "unsupported_content_encoding",
-            Self::UnsupportedFormat => "unsupported_image_format",
+            Self::UnsupportedFormat | Self::UnsupportedVariant { .. } => "unsupported_image_format",
             Self::UndecodableImage(_) => "undecodable_image",
             Self::TooManyPixels { .. } => "too_many_pixels",
             Self::ImageTooLarge { .. } => "image_too_large",

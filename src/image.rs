@@ -18,6 +18,9 @@ use ndarray::{Array3, ArrayViewMut3};
 
 use crate::{error::Error, model::manifest::Preprocess};
 
+mod jpeg;
+mod tiff_indexed;
+
 /// Limits applied to every image before any of its pixels is decoded.
 ///
 /// Together they bound every buffer [`prepare`] allocates: the decoded image (pixels x bytes
@@ -123,29 +126,46 @@ pub fn inspect(bytes: &[u8], limits: &ImageLimits) -> Result<Header, Error> {
 }
 
 /// Opens a decoder on `bytes` and checks its header against `limits`.
-fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(impl ImageDecoder + 'a, Header), Error> {
+fn open<'a>(bytes: &'a [u8], limits: &ImageLimits) -> Result<(Box<dyn ImageDecoder + 'a>, Header), Error> {
     if bytes.is_empty() {
         return Err(Error::EmptyImage);
     }
     if bytes.len() > limits.max_bytes {
         return Err(Error::ImageTooLarge { size: bytes.len(), limit: limits.max_bytes });
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Internal(format!("reading from memory: {e}")))?;
-    let format = match reader.format() {
-        Some(f) if SUPPORTED.contains(&f) => f,
+    let format = match image::guess_format(bytes) {
+        Ok(f) if SUPPORTED.contains(&f) => f,
+        // The image crate sniffs classic TIFF only; its TIFF decoder reads BigTIFF too.
+        _ if bytes.starts_with(b"II+\0") || bytes.starts_with(b"MM\0+") => ImageFormat::Tiff,
         _ => return Err(Error::UnsupportedFormat),
     };
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(Error::UndecodableImage(
-            "the JPEG is truncated: no end-of-image marker after its last scan".into(),
-        ));
-    }
-    let mut header_limits = image::Limits::default();
-    header_limits.max_alloc = Some(MAX_METADATA_BYTES);
-    reader.limits(header_limits);
-    let decoder = reader.into_decoder().map_err(undecodable)?;
+    // A JPEG is read only up to the EOI that ends its image: what follows (a motion photo's
+    // video, an MPF second picture) is not the image, and an image without its EOI is not whole.
+    let bytes = match format {
+        ImageFormat::Jpeg => match jpeg::walk(bytes) {
+            Ok(jpeg) => match jpeg.unsupported() {
+                Some(feature) => return Err(Error::UnsupportedVariant { format: "JPEG", feature }),
+                None => &bytes[..jpeg.len],
+            },
+            Err(jpeg::Incomplete::Truncated(why)) => {
+                return Err(Error::UndecodableImage(format!("the JPEG is truncated: {why}")));
+            }
+            Err(jpeg::Incomplete::Corrupt(why)) => {
+                return Err(Error::UndecodableImage(format!("the JPEG is corrupt: {why}")));
+            }
+        },
+        _ => bytes,
+    };
+    let fail = |e| undecodable(e, format, bytes);
+    let decoder: Box<dyn ImageDecoder + 'a> = if format == ImageFormat::Tiff && tiff_indexed::needs_indexed(bytes) {
+        Box::new(tiff_indexed::IndexedTiff::new(bytes).map_err(fail)?)
+    } else {
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let mut header_limits = image::Limits::default();
+        header_limits.max_alloc = Some(MAX_METADATA_BYTES);
+        reader.limits(header_limits);
+        Box::new(reader.into_decoder().map_err(fail)?)
+    };
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > limits.max_pixels {
@@ -170,29 +190,45 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DynamicImage, Error>
     // beyond it for its own rows and palettes.
     let mut decode_limits = image::Limits::default();
     decode_limits.max_alloc = Some(header.decoded_bytes.saturating_add(MAX_METADATA_BYTES));
-    decoder.set_limits(decode_limits).map_err(undecodable)?;
+    let fail = |e| undecodable(e, header.format, bytes);
+    decoder.set_limits(decode_limits).map_err(fail)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(fail)?;
     image.apply_orientation(orientation);
     Ok(image)
 }
 
-/// Whether a JPEG's last scan is followed by an end-of-image marker.
-///
-/// The JPEG decoder fills a truncated scan with grey and reports success, which would score
-/// half a photograph as if it were whole. Entropy-coded data stuffs every 0xFF with 0x00, so an
-/// EOI (FF D9) after the last start-of-scan (FF DA) can only be the real end; an EXIF
-/// thumbnail's own EOI comes before the main image's scans and does not count.
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    last_sos.is_some_and(|sos| bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]))
-}
-
-fn undecodable(e: image::ImageError) -> Error {
+/// The decoder's error as the client's: a variant the decoder does not read names the format
+/// and the variant (for a TIFF, its tags), since the bytes are in a format qscore reads.
+fn undecodable(e: image::ImageError, format: ImageFormat, bytes: &[u8]) -> Error {
     match e {
-        image::ImageError::Unsupported(_) => Error::UnsupportedFormat,
+        image::ImageError::Unsupported(u) => {
+            let said = match u.kind() {
+                image::error::UnsupportedErrorKind::Color(c) => format!("colour type {c:?}"),
+                image::error::UnsupportedErrorKind::GenericFeature(f) => f,
+                _ => u.to_string(),
+            };
+            let feature = match format {
+                ImageFormat::Tiff => format!("{} ({said})", tiff_indexed::describe(bytes)),
+                _ => said,
+            };
+            Error::UnsupportedVariant { format: format_name(format), feature }
+        }
         image::ImageError::Limits(l) => Error::UndecodableImage(format!("decoder memory limit: {l}")),
         e => Error::UndecodableImage(e.to_string()),
+    }
+}
+
+/// A format's name as users know it.
+fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Jpeg => "JPEG",
+        ImageFormat::Png => "PNG",
+        ImageFormat::WebP => "WebP",
+        ImageFormat::Gif => "GIF",
+        ImageFormat::Bmp => "BMP",
+        ImageFormat::Tiff => "TIFF",
+        _ => "image",
     }
 }
 

@@ -33,7 +33,10 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UnresolvedImage(_)
         | Error::UnreadableFile(_)
         | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
-        Error::UnsupportedMediaType(_) | Error::UnsupportedContentEncoding(_) | Error::UnsupportedFormat => {
+        Error::UnsupportedMediaType(_)
+        | Error::UnsupportedContentEncoding(_)
+        | Error::UnsupportedFormat
+        | Error::UnsupportedVariant { .. } => {
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         }
         Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
