@@ -36,9 +36,7 @@ pub fn status(e: &Error) -> StatusCode {
         Error::UnsupportedMediaType(_)
         | Error::UnsupportedContentEncoding(_)
         | Error::UnsupportedFormat
-        | Error::UnsupportedVariant { .. } => {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        }
+        | Error::UnsupportedVariant { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::TooManyPixels { .. }
         | Error::ImageTooLarge { .. }
