@@ -328,6 +328,37 @@ fn stalled_uploads_hold_at_most_the_budget() {
     assert_unharmed(&s, base, 128 + 64, "stalled uploads");
 }
 
+/// A declared length is not a reservation: 16 connections that declare 32 MiB bodies against a
+/// 256 MiB budget (16 x 32 MiB is four times its held share) and send one byte each hold only
+/// what arrived, so an ordinary upload beside them is scored, not refused with 429. Before, the
+/// declared lengths were reserved up front and locked every other upload out until they timed
+/// out.
+#[test]
+fn declared_lengths_hold_nothing_until_the_bytes_arrive() {
+    let s = Server::start(&["--memory-budget-bytes", "268435456", "--request-timeout-ms", "6000"]);
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let stalled: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            let head =
+                "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 33554432\r\n\r\nx";
+            c.write_all(head.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = s.get("/metrics").text().unwrap();
+    let used: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("qscore_memory_budget_used_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("the budget gauge");
+    assert!(used <= 16.0 * 65536.0, "16 one-byte bodies hold {used} bytes of the budget");
+    let r = s.post_image("/v1/score", "rocket.jpg", read("photos/rocket.jpg"));
+    assert_eq!(r.status(), 200, "an upload beside the stalled ones: {}", r.text().unwrap());
+    drop(stalled);
+}
+
 /// Label Studio tasks are fetched a few at a time and their bytes held within the budget: 64
 /// tasks of 16 MiB images (1 GiB in all) never raise the peak past the held share.
 #[test]

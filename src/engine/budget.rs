@@ -63,22 +63,30 @@ impl Reservation {
 }
 
 /// A byte buffer filled from the network (a request body, a fetched image) whose capacity, not
-/// only its length, is held in the budget: a declared length is reserved and allocated once,
-/// before the first byte arrives; a buffer of unknown length grows by doubling, up to `limit`,
-/// each growth reserved before it happens.
+/// only its length, is held in the budget. It starts small and doubles as bytes arrive, each
+/// growth reserved before it happens, so what a client holds is at most twice what it has
+/// really sent (plus [`FIRST_CAPACITY`]): a declared length is only a ceiling, never reserved
+/// up front, or a client could declare 32 MiB, send one byte and hold the budget from others.
 #[derive(Debug)]
 pub struct HeldBuffer {
     buf: Vec<u8>,
     held: Reservation,
-    limit: usize,
+    ceiling: usize,
     budget: MemoryBudget,
 }
 
+/// The capacity a [`HeldBuffer`] starts with: most images fit, so most bodies never regrow.
+pub const FIRST_CAPACITY: usize = 64 * 1024;
+
 impl HeldBuffer {
-    /// An empty buffer with room for `declared` bytes (at most `limit`: check before).
+    /// An empty buffer for a body of `declared` bytes (0 when unknown), which the caller has
+    /// checked is at most `limit`; it never grows past the declared length when there is one,
+    /// nor past `limit`.
     pub fn new(budget: &MemoryBudget, declared: usize, limit: usize) -> Result<Self, Error> {
-        let held = budget.hold(declared as u64)?;
-        Ok(Self { buf: Vec::with_capacity(declared), held, limit, budget: budget.clone() })
+        let ceiling = if declared > 0 { declared.min(limit) } else { limit };
+        let first = ceiling.min(FIRST_CAPACITY);
+        let held = budget.hold(first as u64)?;
+        Ok(Self { buf: Vec::with_capacity(first), held, ceiling, budget: budget.clone() })
     }
 
     /// Bytes in the buffer.
@@ -96,7 +104,7 @@ impl HeldBuffer {
     pub fn extend(&mut self, chunk: &[u8]) -> Result<(), Error> {
         let needed = self.buf.len() + chunk.len();
         if needed > self.buf.capacity() {
-            let grown = needed.max(self.buf.capacity() * 2).min(self.limit).max(needed);
+            let grown = needed.max(self.buf.capacity() * 2).min(self.ceiling).max(needed);
             self.held.merge(self.budget.hold((grown - self.buf.capacity()) as u64)?);
             self.buf.reserve_exact(grown - self.buf.len());
         }
@@ -192,6 +200,38 @@ mod tests {
         // One byte still costs a whole KiB, so nothing is reserved for free.
         assert_eq!(b.hold(1).unwrap().bytes(), 1024);
         assert!(b.hold(5 << 20).is_err());
+    }
+
+    /// A declared length is a ceiling, not a reservation: one byte of a body declared at 32 MiB
+    /// holds the first 64 KiB only; the buffer doubles as bytes arrive, never past the declared
+    /// length, so what is held stays within twice what was received.
+    #[test]
+    fn held_buffer_reserves_what_arrives_not_what_is_declared() {
+        let b = MemoryBudget::new(256 << 20);
+        let mut buf = HeldBuffer::new(&b, 32 << 20, 32 << 20).unwrap();
+        buf.extend(&[7]).unwrap();
+        assert_eq!(b.used_bytes(), FIRST_CAPACITY as u64);
+        let chunk = vec![0_u8; 1 << 20];
+        for _ in 0..5 {
+            buf.extend(&chunk).unwrap();
+            assert!(
+                b.used_bytes() <= 2 * buf.len() as u64 + FIRST_CAPACITY as u64,
+                "{} for {}",
+                b.used_bytes(),
+                buf.len()
+            );
+        }
+        // Filled to exactly its declared length: no byte of capacity past it.
+        let mut exact = HeldBuffer::new(&b, 100_000, 1 << 20).unwrap();
+        for _ in 0..10 {
+            exact.extend(&[1; 10_000]).unwrap();
+        }
+        let before = b.used_bytes();
+        let (bytes, held) = exact.into_parts();
+        assert_eq!(bytes.len(), 100_000);
+        assert_eq!(held.bytes(), 100_000_u64.div_ceil(1024) * 1024);
+        drop(held);
+        assert!(b.used_bytes() < before);
     }
 
     #[tokio::test]
