@@ -21,37 +21,44 @@ type Answer = (u16, Option<String>, Vec<u8>);
 /// A loopback HTTP/1.1 stand-in that answers each GET with `answer(path_and_query, authorized)`
 /// and records every request as `(path_and_query, authorized)`; authorized means it carried
 /// `Authorization: Token ls-secret`, and any other Authorization header is recorded as such too.
-fn stand_in(answer: impl Fn(&str, bool) -> Answer + Send + 'static) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
+/// Each connection is answered on its own thread, so a slow answer holds only its own.
+fn stand_in(
+    answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let answer = Arc::new(answer);
     let log = Arc::clone(&seen);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            reader.read_line(&mut request_line).unwrap();
-            let (mut authorized, mut any_auth) = (false, false);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                    break;
+            let (log, answer) = (Arc::clone(&log), Arc::clone(&answer));
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let (mut authorized, mut any_auth) = (false, false);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let line = line.to_ascii_lowercase();
+                    authorized |= line.starts_with("authorization: token ls-secret");
+                    any_auth |= line.starts_with("authorization:");
                 }
-                let line = line.to_ascii_lowercase();
-                authorized |= line.starts_with("authorization: token ls-secret");
-                any_auth |= line.starts_with("authorization:");
-            }
-            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
-            log.lock().unwrap().push((path.clone(), any_auth));
-            let (status, location, body) = answer(&path, authorized);
-            let location = location.map(|l| format!("Location: {l}\r\n")).unwrap_or_default();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\n{location}Content-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .and_then(|()| stream.write_all(&body));
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push((path.clone(), any_auth));
+                let (status, location, body) = answer(&path, authorized);
+                let location = location.map(|l| format!("Location: {l}\r\n")).unwrap_or_default();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\n{location}Content-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .and_then(|()| stream.write_all(&body));
+            });
         }
     });
     (base, seen)
@@ -264,6 +271,33 @@ fn cloud_storage_uris_are_fetched_through_presign_without_the_token() {
     assert!(ls_seen.iter().any(|(p, auth)| *p == want && *auth), "{ls_seen:?}");
     assert!(ls_seen.iter().all(|(p, _)| p.contains("/presign/")), "only the presign endpoint: {ls_seen:?}");
     assert_eq!(ls_seen.iter().filter(|(p, _)| p.starts_with("/tasks/4/")).count(), 4, "1 + 3 redirects");
+}
+
+/// A presign redirect to an allowed storage host that then fails (nothing listens there): the
+/// task's error names the host and path, never the presigned URL's query (its signature).
+#[test]
+fn a_failed_storage_fetch_never_shows_the_presigned_query() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (ls, _) = stand_in(move |path, _| {
+        if path.contains("/presign/?fileuri=") {
+            let to =
+                format!("http://127.0.0.1:{closed}/obj.png?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SECRETSIG");
+            (302, Some(to), Vec::new())
+        } else {
+            (404, None, Vec::new())
+        }
+    });
+    let s = ls_server(&ls, &["--label-studio-storage-hosts", "127.0.0.1"]);
+    let results = predict(
+        &s,
+        &serde_json::json!({"tasks": [{"id": 1, "data": {"image": "s3://bucket/obj.png"}}],
+            "label_config": "<View><Image name=\"i\" value=\"$image\"/></View>"}),
+    );
+    assert_eq!(results[0]["error"]["code"], "fetch_failed", "{}", results[0]);
+    let message = results[0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("127.0.0.1:{closed}/obj.png")), "{message}");
+    assert!(!message.contains("SECRETSIG") && !message.contains("AKIAEXAMPLE"), "{message}");
+    assert!(!s.log().contains("SECRETSIG"), "{}", s.log());
 }
 
 /// The token goes only to Label Studio's media paths: the API, or a path that normalises to it,

@@ -234,7 +234,8 @@ impl LabelStudio {
                 req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
             }
             let shown = shown(&url);
-            let mut resp = req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {shown}: {e}")))?;
+            let mut resp =
+                req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {shown}: {}", plain(e))))?;
             let status = resp.status();
             if status.is_redirection() {
                 let location = resp
@@ -263,7 +264,7 @@ impl LabelStudio {
             }
             let mut buf = HeldBuffer::new(budget, declared as usize, self.max_bytes)?;
             while let Some(chunk) =
-                resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {shown}: {e}")))?
+                resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {shown}: {}", plain(e))))?
             {
                 if buf.len() + chunk.len() > self.max_bytes {
                     return Err(too_large());
@@ -303,6 +304,14 @@ fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
     url.to_string()
+}
+
+/// A reqwest error as it may appear in an answer: without the URL its `Display` would carry
+/// (query, signature and all), and saying so when it timed out.
+fn plain(e: reqwest::Error) -> String {
+    let timed_out = e.is_timeout();
+    let e = e.without_url();
+    if timed_out { format!("timed out (--label-studio-timeout-ms): {e}") } else { e.to_string() }
 }
 
 /// Decodes a `data:image/...;base64,...` reference into a held buffer, refusing it once its
