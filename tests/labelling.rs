@@ -300,6 +300,66 @@ fn a_failed_storage_fetch_never_shows_the_presigned_query() {
     assert!(!s.log().contains("SECRETSIG"), "{}", s.log());
 }
 
+/// Serves `/data/upload/7/slow-...` after `delay`, and the bag fixture at any other upload path.
+fn slow_host(delay: std::time::Duration) -> String {
+    let bag = fmnist_file("bag-t10k-00030.png").unwrap();
+    stand_in(move |path, _| {
+        if path.contains("slow") {
+            std::thread::sleep(delay);
+        }
+        (200, None, bag.clone())
+    })
+    .0
+}
+
+/// A slow image holds only its own fetch slot: three images slower than
+/// `--label-studio-timeout-ms` among 40 tasks are each their own `fetch_failed`, the other 37 are
+/// scored, well within the request's deadline. An image still on its way when the deadline comes
+/// fails its task, not the request.
+#[test]
+fn slow_images_fail_only_their_own_tasks() {
+    use std::time::{Duration, Instant};
+    let config = r#"<View><Image name="i" value="$image"/></View>"#;
+    let tasks = |n: usize, slow: &[usize]| -> Value {
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| {
+                let name = if slow.contains(&i) { "slow" } else { "ok" };
+                serde_json::json!({"id": i + 1, "data": {"image": format!("/data/upload/7/{name}-{i}.png")}})
+            })
+            .collect();
+        serde_json::json!({"tasks": tasks, "label_config": config})
+    };
+    let base = slow_host(Duration::from_secs(6));
+    // Ordered fetching stalled 8 at a time behind each slow head: 3 x 1.5 s, past the 4 s deadline.
+    let s = ls_server(&base, &["--label-studio-timeout-ms", "1500", "--request-timeout-ms", "4000"]);
+    let started = Instant::now();
+    let results = predict(&s, &tasks(40, &[0, 12, 24]));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(results.len(), 40);
+    for (i, r) in results.iter().enumerate() {
+        if [0, 12, 24].contains(&i) {
+            assert_eq!(r["error"]["code"], "fetch_failed", "{i}: {r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("timed out"), "{i}: {r}");
+        } else {
+            assert!(r["score"].as_f64().is_some(), "{i}: {r}");
+        }
+    }
+    // A per-image timeout longer than the request's: the image still on its way fails its task.
+    let s = ls_server(&base, &["--label-studio-timeout-ms", "60000", "--request-timeout-ms", "3000"]);
+    let started = Instant::now();
+    let results = predict(&s, &tasks(5, &[2]));
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    for (i, r) in results.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(r["error"]["code"], "fetch_failed", "{r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("deadline"), "{r}");
+        } else {
+            assert!(r["score"].as_f64().is_some(), "{i}: {r}");
+        }
+    }
+}
+
 /// The token goes only to Label Studio's media paths: the API, or a path that normalises to it,
 /// is refused per task without any request (no oracle on the API). `data:` URIs are decoded in
 /// place.
