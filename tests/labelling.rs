@@ -188,6 +188,18 @@ fn predict_reads_the_image_the_label_config_names() {
             "project": "8.1764230400"}),
     );
     assert!((score(&results[0]) - shirt).abs() < 1e-9, "riskiest of three: {results:?} vs {shirt}");
+    // A valueList item that is not a string fails its task, never silently dropped.
+    let results = predict(
+        &s,
+        &serde_json::json!({"tasks": [{"id": 10, "data": {"pages": ["/data/upload/7/bag-t10k-00030.png", 5], "front": "/data/upload/7/trouser-t10k-00002.png"}}],
+            "project": "8.1764230400"}),
+    );
+    assert_eq!(results[0]["error"]["code"], "unresolved_image", "{}", results[0]);
+    assert!(
+        results[0]["error"]["message"].as_str().unwrap().contains("item 1 (counting from 0) is a number"),
+        "{}",
+        results[0]
+    );
     // No config anywhere: `data.image` or the only field, and the error says so.
     let results = predict(
         &s,
@@ -249,7 +261,9 @@ fn cloud_storage_uris_are_fetched_through_presign_without_the_token() {
             {"id": 3, "data": {"image": "gs://bucket/bag-t10k-00030.png"}},
             {"id": 4, "data": {"image": "azure-blob://container/loop.png"}},
             {"id": 5, "data": {"image": "s3://bucket/api"}},
-            {"id": "not-a-number", "data": {"image": "s3://bucket/shirt-t10k-00026.png"}}],
+            {"id": "not-a-number", "data": {"image": "s3://bucket/shirt-t10k-00026.png"}},
+            {"id": 7, "data": {"image": "S3://bucket/shirt-t10k-00026.png"}},
+            {"id": 1_180_591_620_717_411_303_424.0_f64, "data": {"image": "s3://bucket/shirt-t10k-00026.png"}}],
             "label_config": "<View><Image name=\"i\" value=\"$image\"/></View>"}),
     );
     assert!(results[0]["score"].as_f64().is_some(), "via the storage host: {}", results[0]);
@@ -262,9 +276,12 @@ fn cloud_storage_uris_are_fetched_through_presign_without_the_token() {
     assert!(message(3).contains("redirects"), "{}", message(3));
     assert_eq!(code(4), "url_refused", "a redirect back to the API is refused: {}", results[4]);
     assert_eq!(code(5), "unresolved_image");
+    assert!(results[6]["score"].as_f64().is_some(), "the scheme in upper case: {}", results[6]);
+    assert_eq!(code(7), "unresolved_image", "an id past u64 (a float) names no task");
+    assert!(message(7).contains("whole number"), "{}", message(7));
     assert!(results.iter().all(|r| !r.to_string().contains("topsecret")));
     let storage_seen = storage_seen.lock().unwrap().clone();
-    assert_eq!(storage_seen.len(), 1, "{storage_seen:?}");
+    assert_eq!(storage_seen.len(), 2, "{storage_seen:?}");
     assert!(!storage_seen[0].1, "the token never goes to the storage host");
     let ls_seen = ls_seen.lock().unwrap().clone();
     let want = format!("/tasks/1/presign/?fileuri={}", b64.encode("s3://bucket/shirt-t10k-00026.png"));
