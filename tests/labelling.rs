@@ -21,37 +21,44 @@ type Answer = (u16, Option<String>, Vec<u8>);
 /// A loopback HTTP/1.1 stand-in that answers each GET with `answer(path_and_query, authorized)`
 /// and records every request as `(path_and_query, authorized)`; authorized means it carried
 /// `Authorization: Token ls-secret`, and any other Authorization header is recorded as such too.
-fn stand_in(answer: impl Fn(&str, bool) -> Answer + Send + 'static) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
+/// Each connection is answered on its own thread, so a slow answer holds only its own.
+fn stand_in(
+    answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let answer = Arc::new(answer);
     let log = Arc::clone(&seen);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            reader.read_line(&mut request_line).unwrap();
-            let (mut authorized, mut any_auth) = (false, false);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                    break;
+            let (log, answer) = (Arc::clone(&log), Arc::clone(&answer));
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let (mut authorized, mut any_auth) = (false, false);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let line = line.to_ascii_lowercase();
+                    authorized |= line.starts_with("authorization: token ls-secret");
+                    any_auth |= line.starts_with("authorization:");
                 }
-                let line = line.to_ascii_lowercase();
-                authorized |= line.starts_with("authorization: token ls-secret");
-                any_auth |= line.starts_with("authorization:");
-            }
-            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
-            log.lock().unwrap().push((path.clone(), any_auth));
-            let (status, location, body) = answer(&path, authorized);
-            let location = location.map(|l| format!("Location: {l}\r\n")).unwrap_or_default();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\n{location}Content-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .and_then(|()| stream.write_all(&body));
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push((path.clone(), any_auth));
+                let (status, location, body) = answer(&path, authorized);
+                let location = location.map(|l| format!("Location: {l}\r\n")).unwrap_or_default();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\n{location}Content-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .and_then(|()| stream.write_all(&body));
+            });
         }
     });
     (base, seen)
@@ -181,6 +188,18 @@ fn predict_reads_the_image_the_label_config_names() {
             "project": "8.1764230400"}),
     );
     assert!((score(&results[0]) - shirt).abs() < 1e-9, "riskiest of three: {results:?} vs {shirt}");
+    // A valueList item that is not a string fails its task, never silently dropped.
+    let results = predict(
+        &s,
+        &serde_json::json!({"tasks": [{"id": 10, "data": {"pages": ["/data/upload/7/bag-t10k-00030.png", 5], "front": "/data/upload/7/trouser-t10k-00002.png"}}],
+            "project": "8.1764230400"}),
+    );
+    assert_eq!(results[0]["error"]["code"], "unresolved_image", "{}", results[0]);
+    assert!(
+        results[0]["error"]["message"].as_str().unwrap().contains("item 1 (counting from 0) is a number"),
+        "{}",
+        results[0]
+    );
     // No config anywhere: `data.image` or the only field, and the error says so.
     let results = predict(
         &s,
@@ -242,7 +261,9 @@ fn cloud_storage_uris_are_fetched_through_presign_without_the_token() {
             {"id": 3, "data": {"image": "gs://bucket/bag-t10k-00030.png"}},
             {"id": 4, "data": {"image": "azure-blob://container/loop.png"}},
             {"id": 5, "data": {"image": "s3://bucket/api"}},
-            {"id": "not-a-number", "data": {"image": "s3://bucket/shirt-t10k-00026.png"}}],
+            {"id": "not-a-number", "data": {"image": "s3://bucket/shirt-t10k-00026.png"}},
+            {"id": 7, "data": {"image": "S3://bucket/shirt-t10k-00026.png"}},
+            {"id": 1_180_591_620_717_411_303_424.0_f64, "data": {"image": "s3://bucket/shirt-t10k-00026.png"}}],
             "label_config": "<View><Image name=\"i\" value=\"$image\"/></View>"}),
     );
     assert!(results[0]["score"].as_f64().is_some(), "via the storage host: {}", results[0]);
@@ -255,15 +276,105 @@ fn cloud_storage_uris_are_fetched_through_presign_without_the_token() {
     assert!(message(3).contains("redirects"), "{}", message(3));
     assert_eq!(code(4), "url_refused", "a redirect back to the API is refused: {}", results[4]);
     assert_eq!(code(5), "unresolved_image");
+    assert!(results[6]["score"].as_f64().is_some(), "the scheme in upper case: {}", results[6]);
+    assert_eq!(code(7), "unresolved_image", "an id past u64 (a float) names no task");
+    assert!(message(7).contains("whole number"), "{}", message(7));
     assert!(results.iter().all(|r| !r.to_string().contains("topsecret")));
     let storage_seen = storage_seen.lock().unwrap().clone();
-    assert_eq!(storage_seen.len(), 1, "{storage_seen:?}");
+    assert_eq!(storage_seen.len(), 2, "{storage_seen:?}");
     assert!(!storage_seen[0].1, "the token never goes to the storage host");
     let ls_seen = ls_seen.lock().unwrap().clone();
     let want = format!("/tasks/1/presign/?fileuri={}", b64.encode("s3://bucket/shirt-t10k-00026.png"));
     assert!(ls_seen.iter().any(|(p, auth)| *p == want && *auth), "{ls_seen:?}");
     assert!(ls_seen.iter().all(|(p, _)| p.contains("/presign/")), "only the presign endpoint: {ls_seen:?}");
     assert_eq!(ls_seen.iter().filter(|(p, _)| p.starts_with("/tasks/4/")).count(), 4, "1 + 3 redirects");
+}
+
+/// A presign redirect to an allowed storage host that then fails (nothing listens there): the
+/// task's error names the host and path, never the presigned URL's query (its signature).
+#[test]
+fn a_failed_storage_fetch_never_shows_the_presigned_query() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (ls, _) = stand_in(move |path, _| {
+        if path.contains("/presign/?fileuri=") {
+            let to =
+                format!("http://127.0.0.1:{closed}/obj.png?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SECRETSIG");
+            (302, Some(to), Vec::new())
+        } else {
+            (404, None, Vec::new())
+        }
+    });
+    let s = ls_server(&ls, &["--label-studio-storage-hosts", "127.0.0.1"]);
+    let results = predict(
+        &s,
+        &serde_json::json!({"tasks": [{"id": 1, "data": {"image": "s3://bucket/obj.png"}}],
+            "label_config": "<View><Image name=\"i\" value=\"$image\"/></View>"}),
+    );
+    assert_eq!(results[0]["error"]["code"], "fetch_failed", "{}", results[0]);
+    let message = results[0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("127.0.0.1:{closed}/obj.png")), "{message}");
+    assert!(!message.contains("SECRETSIG") && !message.contains("AKIAEXAMPLE"), "{message}");
+    assert!(!s.log().contains("SECRETSIG"), "{}", s.log());
+}
+
+/// Serves `/data/upload/7/slow-...` after `delay`, and the bag fixture at any other upload path.
+fn slow_host(delay: std::time::Duration) -> String {
+    let bag = fmnist_file("bag-t10k-00030.png").unwrap();
+    stand_in(move |path, _| {
+        if path.contains("slow") {
+            std::thread::sleep(delay);
+        }
+        (200, None, bag.clone())
+    })
+    .0
+}
+
+/// A slow image holds only its own fetch slot: three images slower than
+/// `--label-studio-timeout-ms` among 40 tasks are each their own `fetch_failed`, the other 37 are
+/// scored, well within the request's deadline. An image still on its way when the deadline comes
+/// fails its task, not the request.
+#[test]
+fn slow_images_fail_only_their_own_tasks() {
+    use std::time::{Duration, Instant};
+    let config = r#"<View><Image name="i" value="$image"/></View>"#;
+    let tasks = |n: usize, slow: &[usize]| -> Value {
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| {
+                let name = if slow.contains(&i) { "slow" } else { "ok" };
+                serde_json::json!({"id": i + 1, "data": {"image": format!("/data/upload/7/{name}-{i}.png")}})
+            })
+            .collect();
+        serde_json::json!({"tasks": tasks, "label_config": config})
+    };
+    let base = slow_host(Duration::from_secs(6));
+    // Ordered fetching stalled 8 at a time behind each slow head: 3 x 1.5 s, past the 4 s deadline.
+    let s = ls_server(&base, &["--label-studio-timeout-ms", "1500", "--request-timeout-ms", "4000"]);
+    let started = Instant::now();
+    let results = predict(&s, &tasks(40, &[0, 12, 24]));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(results.len(), 40);
+    for (i, r) in results.iter().enumerate() {
+        if [0, 12, 24].contains(&i) {
+            assert_eq!(r["error"]["code"], "fetch_failed", "{i}: {r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("timed out"), "{i}: {r}");
+        } else {
+            assert!(r["score"].as_f64().is_some(), "{i}: {r}");
+        }
+    }
+    // A per-image timeout longer than the request's: the image still on its way fails its task.
+    let s = ls_server(&base, &["--label-studio-timeout-ms", "60000", "--request-timeout-ms", "3000"]);
+    let started = Instant::now();
+    let results = predict(&s, &tasks(5, &[2]));
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    for (i, r) in results.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(r["error"]["code"], "fetch_failed", "{r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("deadline"), "{r}");
+        } else {
+            assert!(r["score"].as_f64().is_some(), "{i}: {r}");
+        }
+    }
 }
 
 /// The token goes only to Label Studio's media paths: the API, or a path that normalises to it,

@@ -167,8 +167,11 @@ impl<'de> Deserialize<'de> for TaskId {
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TaskId, E> {
                 Ok(TaskId(v.to_string()))
             }
+            /// A fraction, or an integer past `u64` (serde_json reads it as a float): kept as
+            /// written by `Debug` (`3.0`, `1.1805916207174113e21`), never as digits that would
+            /// name another task's presign path.
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<TaskId, E> {
-                Ok(TaskId(v.to_string()))
+                Ok(TaskId(format!("{v:?}")))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TaskId, E> {
                 if v.len() > bounded::MAX_ID_BYTES {
@@ -186,8 +189,9 @@ impl<'de> Deserialize<'de> for TaskId {
 pub enum Field {
     /// A string: an image reference, or text.
     One(String),
-    /// A list; its strings are kept, anything else in it skipped.
-    List(Vec<String>),
+    /// A list: each item a string, or what was found instead (`a number`, `null`, ...), so that
+    /// nothing in it is silently dropped.
+    List(Vec<Result<String, &'static str>>),
     /// Anything else, skipped unread.
     Other,
 }
@@ -238,7 +242,19 @@ impl TaskData {
                     ));
                 }
                 (ImageField::One(_), Some(Field::One(url))) => out.push(url.as_str()),
-                (ImageField::List(_), Some(Field::List(urls))) => out.extend(urls.iter().map(String::as_str)),
+                (ImageField::List(_), Some(Field::List(items))) => {
+                    for (pos, item) in items.iter().enumerate() {
+                        match item {
+                            Ok(url) => out.push(url.as_str()),
+                            Err(found) => {
+                                return unresolved(format!(
+                                    "task field `{key}` (valueList): item {pos} (counting from 0) is {found}, not a \
+                                     string (an image URL)"
+                                ));
+                            }
+                        }
+                    }
+                }
                 (ImageField::One(_), Some(_)) => {
                     return unresolved(format!("task field `{key}` is not a string (an image URL)"));
                 }
@@ -293,17 +309,57 @@ impl<'de> Deserialize<'de> for Field {
                 Ok(Field::Other)
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
-                let mut urls = Vec::new();
-                while let Some(item) = a.next_element::<Field>()? {
-                    if let Field::One(url) = item {
-                        urls.push(url);
-                    }
+                let mut items = Vec::new();
+                while let Some(ListItem(item)) = a.next_element()? {
+                    items.push(item);
                 }
-                Ok(Field::List(urls))
+                Ok(Field::List(items))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Field, A::Error> {
                 while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One item of a list field: a string, or what was found instead (skipped unread).
+struct ListItem(Result<String, &'static str>);
+
+impl<'de> Deserialize<'de> for ListItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ListItem;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ListItem, E> {
+                Ok(ListItem(Ok(v.to_owned())))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ListItem, E> {
+                Ok(ListItem(Err("a boolean")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<ListItem, E> {
+                Ok(ListItem(Err("a number")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<ListItem, E> {
+                Ok(ListItem(Err("a number")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ListItem, E> {
+                Ok(ListItem(Err("a number")))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ListItem, E> {
+                Ok(ListItem(Err("null")))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ListItem, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ListItem(Err("a list")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<ListItem, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(ListItem(Err("an object")))
             }
         }
         d.deserialize_any(V)
@@ -443,17 +499,40 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     }
     let version = model_version(&state)?;
     let model = state.engine.registry.get(None)?.clone();
-    // The fetches and the scoring share the request's deadline.
-    let deadline = std::time::Instant::now() + state.engine.request_timeout;
+    // The fetches and the scoring share the request's deadline; the fetches end a quarter of it
+    // early, so the images fetched by then are still scored.
+    let start = std::time::Instant::now();
+    let deadline = start + state.engine.request_timeout;
+    let fetch_deadline = start + state.engine.request_timeout * 3 / 4;
     let fetches: Vec<_> = jobs
         .iter()
-        .map(|(i, reference)| {
+        .enumerate()
+        .map(|(j, (i, reference))| {
             let (state, task, reference) = (&state, &req.tasks[*i], reference.clone());
-            async move { fetch_image(state, task, reference?).await }
+            async move {
+                let fetched = match reference {
+                    Ok(reference) => fetch_image(state, task, reference).await,
+                    Err(e) => Err(e),
+                };
+                (j, fetched)
+            }
         })
         .collect();
-    let fetching = futures_util::stream::iter(fetches).buffered(FETCH_CONCURRENCY).collect::<Vec<_>>();
-    let fetched = tokio::time::timeout_at(deadline.into(), fetching).await.map_err(|_| Error::Timeout)?;
+    // Unordered, so a slow image holds only its own slot; each answer goes back to its job.
+    let mut fetching = futures_util::stream::iter(fetches).buffer_unordered(FETCH_CONCURRENCY);
+    let mut slots: Vec<Option<Result<(Bytes, Reservation), Error>>> = (0..jobs.len()).map(|_| None).collect();
+    while let Ok(Some((j, fetched))) = tokio::time::timeout_at(fetch_deadline.into(), fetching.next()).await {
+        slots[j] = Some(fetched);
+    }
+    drop(fetching);
+    let fetched = slots.into_iter().map(|slot| {
+        slot.unwrap_or_else(|| {
+            Err(Error::FetchFailed(format!(
+                "not fetched within the request's deadline ({} ms of --request-timeout-ms go to fetching)",
+                (state.engine.request_timeout * 3 / 4).as_millis()
+            )))
+        })
+    });
     // The fetched bytes stay reserved until the answer is built.
     let mut _held = Reservation::default();
     let inputs = jobs
@@ -548,7 +627,7 @@ mod tests {
     #[test]
     fn several_images_lists_and_missing_fields() {
         let req = parse(
-            r#"{"tasks": [{"id": 1, "data": {"front": "/data/upload/1/f.png", "pages": ["/data/upload/1/p1.png", 7, "/data/upload/1/p2.png"], "n": {"deep": [1]}}},
+            r#"{"tasks": [{"id": 1, "data": {"front": "/data/upload/1/f.png", "pages": ["/data/upload/1/p1.png", "/data/upload/1/p2.png"], "n": {"deep": [1]}}},
                           {"id": 2, "data": {"pages": []}}],
                 "project": {"id": 3, "label_config": "<View><Image name=\"a\" value=\"$front\"/><Image name=\"b\" valueList=\"$pages\"/></View>"}}"#,
         );
@@ -563,6 +642,32 @@ mod tests {
         assert!(e.to_string().contains("no `front` field") && e.code() == "unresolved_image", "{e}");
         let text_only = image_fields(r#"<View><Text name="t" value="$text"/></View>"#).unwrap();
         assert!(req.tasks[0].data.images(Some(&text_only)).unwrap_err().to_string().contains("no <Image"));
+        // Nothing in a list is silently dropped: an item that is not a string fails the task.
+        let lists = parse(
+            r#"{"tasks": [{"id": 1, "data": {"front": "f", "pages": ["/a.png", 5]}},
+                          {"id": 2, "data": {"front": "f", "pages": ["/a.png", null]}},
+                          {"id": 3, "data": {"front": "f", "pages": ["/a.png", {"url": "/b.png"}]}},
+                          {"id": 4, "data": {"front": "f", "pages": [["/a.png"]]}},
+                          {"id": 5, "data": {"front": "f", "pages": [true]}}]}"#,
+        );
+        for (task, want) in lists.tasks.iter().zip([
+            "item 1 (counting from 0) is a number",
+            "item 1 (counting from 0) is null",
+            "item 1 (counting from 0) is an object",
+            "item 0 (counting from 0) is a list",
+            "item 0 (counting from 0) is a boolean",
+        ]) {
+            let e = task.data.images(Some(&fields)).unwrap_err();
+            assert!(e.code() == "unresolved_image" && e.to_string().contains(want), "{want}: {e}");
+            assert!(e.to_string().contains("`pages`"), "{e}");
+        }
+        // Task ids: a float, or an integer past u64, never reads as another task's number.
+        let ids = parse(
+            r#"{"tasks": [{"id": 1180591620717411303424, "data": {}}, {"id": 3.0, "data": {}},
+                                      {"id": -4, "data": {}}, {"id": 18446744073709551615, "data": {}}]}"#,
+        );
+        let ids: Vec<&str> = ids.tasks.iter().map(|t| t.id.0.as_str()).collect();
+        assert_eq!(ids, ["1.1805916207174113e21", "3.0", "-4", "18446744073709551615"]);
         let wrong = [ImageField::One("pages".into())];
         assert!(req.tasks[0].data.images(Some(&wrong)).unwrap_err().to_string().contains("not a string"));
     }

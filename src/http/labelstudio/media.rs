@@ -32,7 +32,8 @@ use crate::{
 /// The paths, below the Label Studio base URL, that the token is sent to: uploads, local files,
 /// the storage proxy, and the cloud storage resolvers.
 pub const MEDIA_PATHS: &str = "/data/upload/..., /data/local-files/?d=..., /storage-data/uploaded/?filepath=..., \
-                               /tasks/{id}/presign/?fileuri=... (or /resolve/, or /projects/{id}/...)";
+                               /tasks/{id}/presign/?fileuri=..., /tasks/{id}/resolve/?fileuri=..., \
+                               /projects/{id}/presign/?fileuri=..., /projects/{id}/resolve/?fileuri=...";
 /// Redirects followed from Label Studio towards a storage host.
 pub const MAX_REDIRECTS: usize = 3;
 /// Label Studio's cloud storage schemes (its `url_scheme`s: S3, GCS, Azure Blob).
@@ -136,8 +137,11 @@ impl LabelStudio {
 
     /// The URL to fetch for task `task`'s image reference, or why it is refused.
     pub fn resolve(&self, reference: &str, task: &str) -> Result<reqwest::Url, Error> {
-        if CLOUD_SCHEMES.iter().any(|s| reference.starts_with(s)) {
-            return self.presign_url(reference, task);
+        // URL schemes are case-insensitive: `S3://` is `s3://`.
+        if let Some(scheme) =
+            CLOUD_SCHEMES.iter().find(|s| reference.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))
+        {
+            return self.presign_url(&format!("{scheme}{}", &reference[scheme.len()..]), task);
         }
         // Behind a path prefix (`--label-studio-url http://host/label-studio`), Label Studio writes
         // upload paths with the prefix (`/label-studio/data/upload/...`) or, in older tasks,
@@ -170,10 +174,13 @@ impl LabelStudio {
 
     /// Label Studio's resolver for a cloud storage URI, as its SDK builds it.
     fn presign_url(&self, uri: &str, task: &str) -> Result<reqwest::Url, Error> {
-        if task.is_empty() || !task.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only, and within u64: a float or an integer past u64 (read as a float) keeps
+        // its `.` or exponent in the id, so it never becomes another task's number.
+        if !task.bytes().all(|b| b.is_ascii_digit()) || task.parse::<u64>().is_err() {
             return Err(Error::UnresolvedImage(format!(
-                "task `{task}`: a cloud storage URI is resolved through Label Studio's /tasks/{{id}}/presign/, \
-                 which needs the task's numeric id"
+                "task id `{task}` is not a whole number from 0 to {}: a cloud storage URI is resolved through \
+                 Label Studio's /tasks/{{id}}/presign/, which needs the task's own numeric id",
+                u64::MAX
             )));
         }
         let fileuri = base64::engine::general_purpose::URL_SAFE.encode(uri);
@@ -234,7 +241,8 @@ impl LabelStudio {
                 req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
             }
             let shown = shown(&url);
-            let mut resp = req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {shown}: {e}")))?;
+            let mut resp =
+                req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {shown}: {}", plain(e))))?;
             let status = resp.status();
             if status.is_redirection() {
                 let location = resp
@@ -263,7 +271,7 @@ impl LabelStudio {
             }
             let mut buf = HeldBuffer::new(budget, declared as usize, self.max_bytes)?;
             while let Some(chunk) =
-                resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {shown}: {e}")))?
+                resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {shown}: {}", plain(e))))?
             {
                 if buf.len() + chunk.len() > self.max_bytes {
                     return Err(too_large());
@@ -303,6 +311,14 @@ fn shown(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
     url.to_string()
+}
+
+/// A reqwest error as it may appear in an answer: without the URL its `Display` would carry
+/// (query, signature and all), and saying so when it timed out.
+fn plain(e: reqwest::Error) -> String {
+    let timed_out = e.is_timeout();
+    let e = e.without_url();
+    if timed_out { format!("timed out (--label-studio-timeout-ms): {e}") } else { e.to_string() }
 }
 
 /// Decodes a `data:image/...;base64,...` reference into a held buffer, refusing it once its
@@ -423,6 +439,18 @@ mod tests {
             assert!(matches!(sub.resolve(r, "1"), Err(Error::UrlRefused(_))), "{r}");
         }
         assert!(matches!(ls.resolve("s3://b/k", "t-1"), Err(Error::UnresolvedImage(_))));
+        // Schemes in any case; the URI goes to Label Studio with its scheme in lower case.
+        for (upper, lower) in
+            [("S3://bucket/k", "s3://bucket/k"), ("GS://b/k", "gs://b/k"), ("Azure-Blob://c/k", "azure-blob://c/k")]
+        {
+            assert_eq!(ls.resolve(upper, "42").unwrap(), ls.resolve(lower, "42").unwrap(), "{upper}");
+        }
+        // Task ids that are not Label Studio's numbers (as TaskId keeps floats and ids past u64).
+        for id in ["", "-4", "3.0", "1.1805916207174113e21", "18446744073709551616", "1e3"] {
+            let e = ls.resolve("s3://b/k", id).unwrap_err();
+            assert!(matches!(e, Error::UnresolvedImage(_)) && e.to_string().contains("whole number"), "{id}: {e}");
+        }
+        assert!(ls.resolve("s3://b/k", "18446744073709551615").is_ok());
     }
 
     #[test]
