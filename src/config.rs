@@ -152,6 +152,12 @@ pub struct ServeArgs {
     /// backlog [default: the open-file limit minus 64, at most 4096].
     #[arg(long, env = "QSCORE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most connections open at once from one client address; past it a new connection from
+    /// that address is answered 503 and closed, so one client cannot hold every slot. Behind a
+    /// proxy all clients share its address: raise this to --max-connections there [default: a
+    /// quarter of --max-connections].
+    #[arg(long, env = "QSCORE_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
     /// Deadline of a request in milliseconds: past it the answer is 503 and its queued work is
     /// dropped. Also bounds how long a client may take to send its body.
     #[arg(long, env = "QSCORE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]

@@ -81,10 +81,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let stopping = Arc::new(tokio::sync::Notify::new());
     let notify = Arc::clone(&stopping);
+    let max_connections = connection_cap(args.max_connections);
     let connection_limits = ConnectionLimits {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         send_timeout: Duration::from_millis(args.send_timeout_ms),
-        max_connections: connection_cap(args.max_connections),
+        max_connections,
+        max_connections_per_client: args.max_connections_per_client.unwrap_or(max_connections / 4).max(1),
     };
     let server = connections::serve(listener, app, connection_limits, async move {
         shutdown_signal().await;

@@ -359,6 +359,45 @@ fn declared_lengths_hold_nothing_until_the_bytes_arrive() {
     drop(stalled);
 }
 
+/// One client address cannot hold every connection slot: with 8 per client, a ninth connection
+/// from 127.0.0.1 is answered 503 `too_many_connections` at once (before, connections kept busy
+/// with a request every few seconds held all 4096 slots and even the health probe waited in the
+/// backlog), while a client from another address (127.0.0.2) is served; closing one frees a slot.
+#[test]
+fn one_client_cannot_hold_every_connection() {
+    let s = Server::start(&["--max-connections", "64", "--max-connections-per-client", "8"]);
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    let mut held: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0_u8; 512];
+            let n = c.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            c
+        })
+        .collect();
+    let mut ninth = TcpStream::connect(&addr).unwrap();
+    ninth.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = String::new();
+    ninth.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "too_many_connections");
+
+    let other = reqwest::blocking::Client::builder()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert_eq!(other.get(format!("{}/health/live", s.url)).send().unwrap().status(), 200);
+
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let again = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    assert_eq!(again.get(format!("{}/health/live", s.url)).send().unwrap().status(), 200);
+}
+
 /// Label Studio tasks are fetched a few at a time and their bytes held within the budget: 64
 /// tasks of 16 MiB images (1 GiB in all) never raise the peak past the held share.
 #[test]
@@ -384,8 +423,17 @@ fn label_studio_fetches_share_the_budget() {
 /// arrives gets its 408 like every other route.
 #[test]
 fn connections_time_out_and_are_capped() {
-    let s =
-        Server::start(&["--header-read-timeout-ms", "1500", "--max-connections", "32", "--request-timeout-ms", "3000"]);
+    // One client address opens them all: its own cap is lifted to the total to test the total.
+    let s = Server::start(&[
+        "--header-read-timeout-ms",
+        "1500",
+        "--max-connections",
+        "32",
+        "--max-connections-per-client",
+        "32",
+        "--request-timeout-ms",
+        "3000",
+    ]);
     let addr = s.url.trim_start_matches("http://").to_owned();
 
     let mut trickle = TcpStream::connect(&addr).unwrap();

@@ -13,13 +13,23 @@
 //!   long, so unread answers never pile up in memory or hold a connection slot;
 //! - a cap on open connections: past it the accept loop waits and new clients queue in the
 //!   kernel's backlog, instead of the process running out of descriptors;
+//! - a cap per client address, below the total: one client that opens connections and keeps
+//!   them busy (a keep-alive request every few seconds never trips the idle timeout) would
+//!   otherwise hold every slot and leave even the health probe in the backlog. Past it, the
+//!   client's new connection gets a 503 JSON answer and is closed;
 //! - the open-file limit raised to its hard maximum at start-up, so the cap can be generous.
 //!
 //! Request bodies have their own deadline and size limit (`upload::read_limited`) on every
 //! route. HTTP/2 is not served: none of the clients qscore speaks to need it, and its streams
 //! would each need the same limits again.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::Router;
 use hyper_util::{
@@ -27,7 +37,7 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::Semaphore};
 
 /// How connections are limited.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +49,54 @@ pub struct ConnectionLimits {
     pub send_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Most connections open at once from one client address.
+    pub max_connections_per_client: usize,
+}
+
+/// Open connections per client address; an entry leaves when its last connection closes.
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One client's claim on a connection; released on drop.
+struct ClientSlot {
+    clients: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn claim(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<ClientSlot> {
+        let mut open = self.0.lock().expect("per-client lock");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { clients: Arc::clone(self), ip })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.0.lock().expect("per-client lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The body of the answer to a connection past its client's cap, written before anything is
+/// read.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":{"code":"too_many_connections","message":"this client address has too many open connections; reuse or close some (--max-connections-per-client)"}}"#;
+
+fn too_many_connections() -> String {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n\
+         retry-after: 1\r\ncontent-length: {}\r\n\r\n{TOO_MANY_CONNECTIONS}",
+        TOO_MANY_CONNECTIONS.len()
+    )
 }
 
 /// Descriptors kept free of client connections, for model files, the metrics scrape's own
@@ -76,15 +134,16 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let clients = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("the connection semaphore is never closed"),
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning, keep serving.
                     tracing::warn!("accepting a connection failed: {e}");
@@ -94,6 +153,18 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
             },
             () = &mut shutdown => break,
         };
+        let Some(client) = clients.claim(peer.ip(), limits.max_connections_per_client) else {
+            drop(slot);
+            // Written without reading the request, in its own task, bounded by the send
+            // timeout, so a refused client cannot slow the accept loop.
+            let send_timeout = limits.send_timeout;
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(send_timeout, stream.write_all(too_many_connections().as_bytes())).await;
+                let _ = tokio::time::timeout(send_timeout, stream.shutdown()).await;
+            });
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
         stream.set_write_timeout(Some(limits.send_timeout));
@@ -101,7 +172,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
         let connection = http.serve_connection(io, TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client);
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {e}");
             }
