@@ -74,6 +74,7 @@ impl AppState {
         handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
         kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata, kserve::model_ready, kserve::infer,
+        kserve::version_metadata, kserve::version_ready, kserve::version_infer,
         labelstudio::health, labelstudio::setup, labelstudio::predict,
     ),
     tags(
@@ -129,6 +130,9 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/v2/models/{name}/infer", post(kserve::infer))
+        .route("/v2/models/{name}/versions/{version}", get(kserve::version_metadata))
+        .route("/v2/models/{name}/versions/{version}/ready", get(kserve::version_ready))
+        .route("/v2/models/{name}/versions/{version}/infer", post(kserve::version_infer))
         .route("/setup", post(labelstudio::setup))
         .route("/predict", post(labelstudio::predict))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
@@ -152,6 +156,7 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .layer(middleware::from_fn(content_encoding))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(kserve::protocol_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
