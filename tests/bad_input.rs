@@ -72,7 +72,10 @@ fn malformed_requests_are_refused() {
         404,
         "unknown_model",
     );
-    assert_error(s.get("/v2/nothing"), 404, "not_found");
+    // Under /v2 the answer is the KServe protocol's `{"error": "message"}`.
+    let r = s.get("/v2/nothing");
+    assert_eq!(r.status(), 404);
+    assert!(r.json::<serde_json::Value>().unwrap()["error"].as_str().unwrap().contains("no such route"));
     assert_error(s.get("/v1/score"), 405, "method_not_allowed");
     s.assert_ready();
 }

@@ -130,3 +130,46 @@ fn unknown_codings_and_corrupt_streams_are_json_errors() {
     assert_error(post(&s, "/v1/score", "image/png", "deflate", png), 400, "bad_request");
     s.assert_ready();
 }
+
+/// Several `Content-Encoding` lines are one list (RFC 9110 §5.3): two `gzip` lines are the
+/// stacked `gzip, gzip` (a 415, as the one-line form), `identity` and `gzip` are gzip, and a
+/// coding qscore does not decode on any line is a 415 naming the whole list.
+#[test]
+fn several_content_encoding_lines_are_one_list() {
+    let s = Server::start(&[]);
+    let png = read("fmnist/bag/t10k-00030.png");
+    let score = format!("/v1/score?model={MODEL}");
+    let send = |lines: &[&str], body: Vec<u8>| {
+        let mut r = s.client().post(format!("{}{score}", s.url)).header("content-type", "image/png");
+        for line in lines {
+            r = r.header("content-encoding", *line);
+        }
+        r.body(body).send().unwrap()
+    };
+    let q = s.post_raw(&score, "image/png", png.clone()).json::<Value>().unwrap()["q_score"].as_f64();
+    for (lines, body) in [
+        (&["identity", "gzip"][..], gzip(&png)),
+        (&["gzip", "identity"][..], gzip(&png)),
+        (&["x-gzip", ""][..], gzip(&png)),
+        (&["identity", "identity"][..], png.clone()),
+        (&["deflate", "Identity"][..], deflate(&png)),
+    ] {
+        let r = send(lines, body);
+        assert_eq!(r.status(), 200, "{lines:?}");
+        assert_eq!(r.json::<Value>().unwrap()["q_score"].as_f64(), q, "{lines:?}");
+    }
+    for (lines, body, shown) in [
+        (&["gzip", "gzip"][..], gzip(&gzip(&png)), "gzip, gzip"),
+        (&["gzip", "br"][..], gzip(&png), "gzip, br"),
+        (&["br", "gzip"][..], gzip(&png), "br, gzip"),
+        (&["gzip", "deflate"][..], deflate(&gzip(&png)), "gzip, deflate"),
+        (&["gzip, identity", "deflate"][..], deflate(&gzip(&png)), "gzip, identity, deflate"),
+    ] {
+        let r = send(lines, body);
+        assert_eq!(r.headers().get("accept-encoding").unwrap(), "gzip, deflate, identity");
+        let e = assert_error(r, 415, "unsupported_content_encoding");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{shown}`")), "{lines:?}: {message}");
+    }
+    s.assert_ready();
+}

@@ -160,3 +160,80 @@ fn every_tensor_form_tritonclient_sends_is_read() {
         }
     }
 }
+
+/// Found by a hostile client: `GET /v2/models/{name}` lists a version, but the protocol's
+/// versioned routes were 404, so tritonclient with `model_version=` could not infer. They answer
+/// as the unversioned ones; an unknown version is a 404 in the protocol's shape.
+#[test]
+fn versioned_routes_answer_as_the_unversioned_ones() {
+    let s = Server::start(&[]);
+    let model = "fmnist-simclr";
+    let meta: Value = s.get(&format!("/v2/models/{model}")).json().unwrap();
+    let version = meta["versions"][0].as_str().unwrap().to_owned();
+    let files: Vec<_> =
+        ["bag/t10k-00030.png", "shirt/t10k-00026.png"].iter().map(|f| fixture(&format!("fmnist/{f}"))).collect();
+    let plain = tritonclient(&s, model, &files);
+    let pinned = tritonclient_with(&s, model, &files, &[("QSCORE_MODEL_VERSION", &version)]);
+    assert_eq!(pinned["outputs"], plain["outputs"]);
+    assert_eq!(pinned["metadata"], plain["metadata"]);
+    assert_eq!(pinned["model_ready"], true);
+
+    let versioned: Value = s.get(&format!("/v2/models/{model}/versions/{version}")).json().unwrap();
+    assert_eq!(versioned, meta);
+    let ready = s.get(&format!("/v2/models/{model}/versions/{version}/ready"));
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<Value>().unwrap()["ready"], true);
+    let png = base64_of(&read("fmnist/bag/t10k-00030.png"));
+    let body = format!(r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["{png}"]}}]}}"#);
+    let infer = |path: String| {
+        s.client()
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .unwrap()
+    };
+    let a: Value = infer(format!("/v2/models/{model}/infer")).json().unwrap();
+    let b: Value = infer(format!("/v2/models/{model}/versions/{version}/infer")).json().unwrap();
+    assert_eq!(a, b);
+    for r in [
+        s.get(&format!("/v2/models/{model}/versions/9.9.9")),
+        s.get(&format!("/v2/models/{model}/versions/9.9.9/ready")),
+        infer(format!("/v2/models/{model}/versions/9.9.9/infer")),
+        infer(format!("/v2/models/nope/versions/{version}/infer")),
+    ] {
+        assert_eq!(r.status(), 404);
+        let e: Value = r.json().unwrap();
+        assert!(e["error"].as_str().unwrap().contains("unknown model"), "{e}");
+    }
+}
+
+/// Every error answered under `/v2` is the protocol's `{"error": "message"}`: the API key's 401
+/// (with its WWW-Authenticate), a route that does not exist, a method a route does not take.
+#[test]
+fn every_v2_error_has_the_protocol_shape() {
+    let dir = std::env::temp_dir().join(format!("qscore-v2-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "key-one\n").unwrap();
+    let s = Server::start(&["--api-keys-file", keys.to_str().unwrap()]);
+    let shape = |r: reqwest::blocking::Response, status: u16| {
+        assert_eq!(r.status(), status);
+        let headers = r.headers().clone();
+        let e: Value = r.json().unwrap();
+        assert!(e["error"].is_string(), "{status}: {e}");
+        headers
+    };
+    let h = shape(s.get("/v2/models/fmnist-simclr"), 401);
+    assert_eq!(h.get("www-authenticate").unwrap(), "Bearer");
+    shape(s.client().post(format!("{}/v2/models/fmnist-simclr/versions/1/infer", s.url)).send().unwrap(), 401);
+    let key = |path: &str| s.client().get(format!("{}{path}", s.url)).bearer_auth("key-one").send().unwrap();
+    shape(key("/v2/nowhere"), 404);
+    shape(key("/v2/models/fmnist-simclr/versions"), 404);
+    shape(key("/v2/models/fmnist-simclr/infer"), 405);
+    shape(key("/v2/models/nope"), 404);
+    // /v1 keeps its own shape.
+    let e: Value = key("/v1/nowhere").json().unwrap();
+    assert_eq!(e["error"]["code"], "not_found");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,6 +8,8 @@ QSCORE_TENSOR_SHAPE picks the numpy array's shape as users build it: `flat` (N,)
 flattened in row-major order, as tritonclient serialises them) instead of the binary-data
 extension. QSCORE_COMPRESSION=gzip|deflate has tritonclient compress the infer request's body
 (`request_compression_algorithm`), as Triton's users turn on for large batches.
+QSCORE_MODEL_VERSION has every model call (metadata, readiness, infer) name that version, as
+KServe clients that pin a version do (`/v2/models/{name}/versions/{version}/...`).
 """
 import base64
 import os
@@ -19,8 +21,9 @@ import tritonclient.http as http
 
 url, model, files = sys.argv[1], sys.argv[2], sys.argv[3:]
 compression = os.environ.get("QSCORE_COMPRESSION")
+version = os.environ.get("QSCORE_MODEL_VERSION", "")
 client = http.InferenceServerClient(url=url)
-meta = client.get_model_metadata(model)
+meta = client.get_model_metadata(model, model_version=version)
 wanted = [o["name"] for o in meta["outputs"]]
 
 binary = os.environ.get("QSCORE_BINARY_DATA", "1") == "1"
@@ -31,13 +34,13 @@ shape = os.environ.get("QSCORE_TENSOR_SHAPE", "flat")
 images = {"flat": images, "column": images.reshape(-1, 1), "row": images.reshape(1, -1)}[shape]
 tensor = http.InferInput("image", list(images.shape), "BYTES")
 tensor.set_data_from_numpy(images, binary_data=binary)
-result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted],
+result = client.infer(model, [tensor], model_version=version, outputs=[http.InferRequestedOutput(n, binary_data=False) for n in wanted],
                       request_compression_algorithm=compression)
 
 print(json.dumps({
     "live": client.is_server_live(),
     "ready": client.is_server_ready(),
-    "model_ready": client.is_model_ready(model),
+    "model_ready": client.is_model_ready(model, model_version=version),
     "server": client.get_server_metadata(),
     "metadata": meta,
     "outputs": {n: result.as_numpy(n).tolist() for n in wanted},

@@ -222,3 +222,50 @@ fn cli_score_prints_the_same_json_as_the_server() {
         assert_eq!(lines[i]["discriminative_features"], server["discriminative_features"]);
     }
 }
+
+/// Found by a hostile client: JSON batch `data` was read only as unwrapped, padded, standard
+/// base64. MIME-wrapped (the `base64` CLI, Python's encodebytes, Java's MIME encoder), a data
+/// URI (a browser's FileReader), unpadded and URL-safe base64 all answer the plain form's score.
+#[test]
+fn every_base64_form_scores_the_same() {
+    use base64::Engine;
+    let s = Server::start(&[]);
+    let png = read("fmnist/bag/t10k-00030.png");
+    let plain = base64::engine::general_purpose::STANDARD.encode(&png);
+    let url = base64::engine::general_purpose::URL_SAFE.encode(&png);
+    let wrapped: String =
+        plain.as_bytes().chunks(76).map(|c| format!("{}\n", std::str::from_utf8(c).unwrap())).collect();
+    let forms = [
+        ("plain", plain.clone()),
+        ("mime", wrapped.clone()),
+        ("mime crlf", wrapped.replace('\n', "\r\n")),
+        ("data uri", format!("data:image/png;base64,{plain}")),
+        ("no padding", plain.trim_end_matches('=').to_owned()),
+        ("url-safe", url.clone()),
+        ("url-safe no padding", url.trim_end_matches('=').to_owned()),
+    ];
+    let images: Vec<Value> = forms.iter().map(|(id, data)| serde_json::json!({"id": id, "data": data})).collect();
+    let r: Value = s
+        .client()
+        .post(format!("{}/v1/score/batch?model=fmnist-simclr", s.url))
+        .json(&serde_json::json!({ "images": images }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let results = r["results"].as_array().unwrap();
+    assert_eq!(results.len(), forms.len());
+    let q = results[0]["q_score"].as_f64().expect("the plain form scores");
+    for x in results {
+        assert_eq!(x["q_score"].as_f64(), Some(q), "{x}");
+    }
+    // KServe's JSON BYTES elements read the same forms.
+    let data: Vec<&str> = forms.iter().map(|(_, d)| d.as_str()).collect();
+    let body =
+        serde_json::json!({"inputs": [{"name": "image", "shape": [data.len()], "datatype": "BYTES", "data": data}]});
+    let r: Value =
+        s.client().post(format!("{}/v2/models/fmnist-simclr/infer", s.url)).json(&body).send().unwrap().json().unwrap();
+    for x in r["outputs"][0]["data"].as_array().unwrap() {
+        assert!((x.as_f64().unwrap() - q).abs() < 1e-5, "{r}");
+    }
+}

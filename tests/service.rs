@@ -190,3 +190,51 @@ fn schemathesis_finds_no_server_error_and_no_schema_break() {
     assert!(report.contains("passed") && !report.contains("failed"), "{report}");
     s.assert_ready();
 }
+
+/// Found by a hostile client: a request followed by shutdown(SHUT_WR) (`nc -N`, socat, some
+/// proxies) was often answered with nothing. It is answered every time, and a client that
+/// half-closes and then never reads is still dropped after `--send-timeout-ms`.
+#[test]
+fn half_closed_clients_are_answered() {
+    use std::{
+        io::{Read, Write},
+        net::{Shutdown, TcpStream},
+        time::{Duration, Instant},
+    };
+    let s = Server::start(&["--send-timeout-ms", "1000", "--max-connections", "4"]);
+    let addr = s.url.trim_start_matches("http://").to_owned();
+    for i in 0..50 {
+        let (path, version) = [("/health/live", "1.0"), ("/openapi.json", "1.1"), ("/v1/models", "1.0")][i % 3];
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let close = if version == "1.1" { "Connection: close\r\n" } else { "" };
+        c.write_all(format!("GET {path} HTTP/{version}\r\nHost: x\r\n{close}\r\n").as_bytes()).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with(&format!("HTTP/{version} 200")),
+            "try {i}, {path}: {} bytes: {text:.80}",
+            answer.len()
+        );
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str::<Value>(body).unwrap_or_else(|e| panic!("try {i}, {path}: {e}"));
+    }
+    // Every slot held by a client that half-closes after a pipeline of requests and never reads
+    // its answers: each is dropped once a write stalls for the send timeout.
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let silent: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            let _ = c.write_all(request.as_bytes());
+            let _ = c.shutdown(Shutdown::Write);
+            c
+        })
+        .collect();
+    let t = Instant::now();
+    s.assert_ready();
+    assert!(t.elapsed() < Duration::from_secs(8), "the probe waited {:?} behind half-closed readers", t.elapsed());
+    drop(silent);
+}

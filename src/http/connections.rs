@@ -11,6 +11,8 @@
 //! - a send timeout: a client that stops reading its answers (a small receive window, a
 //!   pipeline of requests it never reads) is dropped once a write makes no progress for that
 //!   long, so unread answers never pile up in memory or hold a connection slot;
+//! - half-close allowed: a client that shuts its sending side down after a complete request
+//!   (`nc -N`, socat, some proxies) is still answered, within the same send timeout;
 //! - a cap on open connections: past it the accept loop waits and new clients queue in the
 //!   kernel's backlog, instead of the process running out of descriptors;
 //! - a cap per client address, below the total: one client that opens connections and keeps
@@ -131,7 +133,9 @@ pub fn connection_cap(requested: Option<usize>) -> usize {
 /// that wait with the shutdown grace).
 pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    // Half-close: a client that sends its request and then shuts its side down (`nc -N`, socat,
+    // some proxies) still gets its answer; the send timeout bounds one that then never reads.
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true).half_close(true);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let clients = Arc::new(PerClient::default());

@@ -16,7 +16,6 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -309,6 +308,105 @@ pub async fn infer(
     }))
 }
 
+/// The model `name` if `version` is the one it serves; an unknown version is a 404 naming the
+/// version there is.
+fn check_version(state: &AppState, name: &str, version: &str) -> Result<(), Error> {
+    let m = state.engine.registry.get(Some(name))?;
+    if m.manifest.version == version {
+        return Ok(());
+    }
+    // A version longer than any real one is cut: error messages never grow with the request.
+    let shown: String = version.chars().take(64).collect();
+    Err(Error::UnknownModel {
+        name: format!("{}` version `{shown}", m.name()),
+        loaded: format!("{} at version {}", m.name(), m.manifest.version),
+    })
+}
+
+/// Model metadata of one version (the one `versions` lists).
+#[utoipa::path(
+    get, path = "/v2/models/{name}/versions/{version}", tag = "kserve-v2",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version, as `versions` lists it")),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = V2Error))
+)]
+pub async fn version_metadata(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ModelMetadata>, V2Failure> {
+    check_version(&state, &name, &version)?;
+    model_metadata(State(state), Path(name)).await
+}
+
+/// Readiness of one model version.
+#[utoipa::path(
+    get, path = "/v2/models/{name}/versions/{version}/ready", tag = "kserve-v2",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version, as `versions` lists it")),
+    responses((status = 200, body = Readiness), (status = 404, body = V2Error))
+)]
+pub async fn version_ready(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Readiness>, V2Failure> {
+    check_version(&state, &name, &version)?;
+    model_ready(State(state), Path(name)).await
+}
+
+/// Score with one model version: as `/v2/models/{name}/infer`.
+#[utoipa::path(
+    post, path = "/v2/models/{name}/versions/{version}/infer", tag = "kserve-v2",
+    params(("name" = String, Path, description = "Model name"), ("version" = String, Path, description = "Model version, as `versions` lists it")),
+    request_body(content = InferRequest, description = "JSON, or with the binary-data extension (Inference-Header-Content-Length)"),
+    responses(
+        (status = 200, body = InferResponse),
+        (status = 400, description = "Malformed request or an image that could not be scored", body = V2Error),
+        (status = 404, body = V2Error), (status = 413, body = V2Error), (status = 429, body = V2Error),
+    )
+)]
+pub async fn version_infer(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<InferResponse>, V2Failure> {
+    check_version(&state, &name, &version)?;
+    infer(State(state), Path(name), headers, body).await
+}
+
+/// Rewrites the JSON errors answered under `/v2` by the layers and fallbacks shared with `/v1`
+/// (401 API key, 404 no route, 405, extractor rejections) into the protocol's
+/// `{"error": "message"}`, keeping their status and headers.
+pub(crate) async fn protocol_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use http_body_util::BodyExt;
+    let path = req.uri().path();
+    let v2 = path == "/v2" || path.starts_with("/v2/");
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !v2 || !is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error bodies are a sentence long; a longer one is not ours and is answered as a 500.
+    let bytes = match http_body_util::Limited::new(body, 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return V2Failure(Error::Internal("an error answer could not be read".into())).into_response(),
+    };
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_owned));
+    let body = match message {
+        Some(error) => Bytes::from(serde_json::to_vec(&V2Error { error }).unwrap_or_default()),
+        None => bytes,
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 /// The outputs to answer, checked against what the model can give.
 fn wanted_outputs(request: &InferRequest, model: &Model) -> Result<Vec<&'static str>, Error> {
     let calibrated = model.calibration.is_some();
@@ -390,8 +488,7 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(s)
+                super::upload::decode_base64(s)
                     .map(Bytes::from)
                     .map_err(|e| Error::BadRequest(format!("image {i}: not valid base64: {e}")))
             })

@@ -74,6 +74,7 @@ impl AppState {
         handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
         kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata, kserve::model_ready, kserve::infer,
+        kserve::version_metadata, kserve::version_ready, kserve::version_infer,
         labelstudio::health, labelstudio::setup, labelstudio::predict,
     ),
     tags(
@@ -129,6 +130,9 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/v2/models/{name}", get(kserve::model_metadata))
         .route("/v2/models/{name}/ready", get(kserve::model_ready))
         .route("/v2/models/{name}/infer", post(kserve::infer))
+        .route("/v2/models/{name}/versions/{version}", get(kserve::version_metadata))
+        .route("/v2/models/{name}/versions/{version}/ready", get(kserve::version_ready))
+        .route("/v2/models/{name}/versions/{version}/infer", post(kserve::version_infer))
         .route("/setup", post(labelstudio::setup))
         .route("/predict", post(labelstudio::predict))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
@@ -152,6 +156,7 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .layer(middleware::from_fn(content_encoding))
         .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn(kserve::protocol_errors))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
@@ -217,26 +222,21 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// in `Accept-Encoding`, the accepted ones), and spells the accepted ones the way the
 /// decompression layer behind it matches them: content codings are case-insensitive (RFC 9110
 /// §8.4.1), `x-gzip` is gzip (§8.4.1.3), and `identity` is no coding at all.
+///
+/// Every `Content-Encoding` line is read: several lines are one comma-separated list (RFC 9110
+/// §5.3), so `gzip` and `gzip` on two lines are the stacked `gzip, gzip`. Once `identity` and
+/// empty members are dropped, at most one coding may remain, gzip or deflate; the layer behind
+/// is then left exactly one header line naming it.
 async fn content_encoding(mut req: Request, next: Next) -> Response {
     use axum::http::{HeaderValue, header::CONTENT_ENCODING};
-    let Some(value) = req.headers().get(CONTENT_ENCODING) else {
-        return next.run(req).await;
-    };
-    let coding = String::from_utf8_lossy(value.as_bytes()).trim().to_ascii_lowercase();
-    match coding.as_str() {
-        "" | "identity" => {
+    match encoding_of(req.headers().get_all(CONTENT_ENCODING).iter().map(HeaderValue::as_bytes)) {
+        Ok(None) => {
             req.headers_mut().remove(CONTENT_ENCODING);
         }
-        "gzip" | "x-gzip" => {
-            req.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        Ok(Some(coding)) => {
+            req.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(coding));
         }
-        "deflate" => {
-            req.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("deflate"));
-        }
-        _ => {
-            // A name longer than any coding is cut: error messages never grow with the request.
-            let shown: String = coding.chars().take(64).collect();
-            let error = Error::UnsupportedContentEncoding(shown);
+        Err(error) => {
             return if req.uri().path().starts_with("/v2/") {
                 axum::response::IntoResponse::into_response(kserve::V2Failure::from(error))
             } else {
@@ -245,6 +245,45 @@ async fn content_encoding(mut req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// The one coding the `Content-Encoding` lines name (`None` for none or only `identity`), or
+/// the 415 naming the whole list when it stacks codings or names one qscore does not decode.
+fn encoding_of<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<Option<&'static str>, Error> {
+    let mut listed: Vec<String> = Vec::new();
+    let mut codings: Vec<Option<&'static str>> = Vec::new();
+    for line in lines {
+        for member in String::from_utf8_lossy(line).split(',') {
+            let member = member.trim().to_ascii_lowercase();
+            if member.is_empty() {
+                continue;
+            }
+            let coding = match member.as_str() {
+                "identity" => {
+                    listed.push(member);
+                    continue;
+                }
+                "gzip" | "x-gzip" => Some("gzip"),
+                "deflate" => Some("deflate"),
+                _ => None,
+            };
+            codings.push(coding);
+            listed.push(member);
+            // Enough to name the fault; a request cannot make the work or the message grow.
+            if listed.len() > 16 {
+                break;
+            }
+        }
+    }
+    match codings.as_slice() {
+        [] => Ok(None),
+        [Some(coding)] => Ok(Some(coding)),
+        _ => {
+            // A name longer than any coding is cut: error messages never grow with the request.
+            let shown: String = listed.join(", ").chars().take(64).collect();
+            Err(Error::UnsupportedContentEncoding(shown))
+        }
+    }
 }
 
 /// Turns the plain-text rejections of axum's extractors (a path segment that is not UTF-8, a

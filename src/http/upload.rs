@@ -253,9 +253,72 @@ fn json_item(i: usize, raw: &str) -> Input {
     {
         return Input { id: position(), bytes: Err(e) };
     }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(item.data.as_bytes())
+    let bytes = decode_base64(&item.data)
         .map(Bytes::from)
         .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}")));
     Input { id: item.id.unwrap_or_else(position), bytes }
+}
+
+/// Base64 in every form clients send: standard or URL-safe alphabet, padded or not, wrapped
+/// (MIME's 76 columns, the `base64` CLI) or not, and optionally as a `data:<type>;base64,` URI
+/// (a browser's FileReader). The decoded bytes are at most three quarters of the text, so the
+/// body limit bounds them as before.
+pub(crate) fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    use base64::{
+        alphabet,
+        engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    };
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, CONFIG);
+    const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, CONFIG);
+    let mut text = text.trim_ascii();
+    if text.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")) {
+        let Some((meta, data)) = text[5..].split_once(',') else {
+            return Err("a data URI has no `,` before its data".into());
+        };
+        if !meta.trim_ascii_end().to_ascii_lowercase().ends_with(";base64") {
+            return Err("a data URI must be base64 (`data:<type>;base64,...`)".into());
+        }
+        text = data;
+    }
+    let text: std::borrow::Cow<'_, [u8]> = if text.bytes().any(|b| b.is_ascii_whitespace()) {
+        text.bytes().filter(|b| !b.is_ascii_whitespace()).collect::<Vec<u8>>().into()
+    } else {
+        text.as_bytes().into()
+    };
+    STANDARD.decode(&text).or_else(|e| URL_SAFE.decode(&text).map_err(|_| e)).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod base64_tests {
+    use base64::Engine as _;
+
+    use super::decode_base64;
+
+    #[test]
+    fn every_base64_form_decodes_the_same() {
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let plain = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        let wrapped: String =
+            plain.as_bytes().chunks(76).map(|c| format!("{}\n", std::str::from_utf8(c).unwrap())).collect();
+        let url = base64::engine::general_purpose::URL_SAFE.encode(&bytes);
+        assert!(url.contains(['-', '_']));
+        for form in [
+            plain.clone(),
+            wrapped.clone(),
+            wrapped.replace('\n', "\r\n"),
+            format!("data:image/png;base64,{plain}"),
+            format!("DATA:application/octet-stream;BASE64,{wrapped}"),
+            plain.trim_end_matches('=').to_owned(),
+            url.clone(),
+            url.trim_end_matches('=').to_owned(),
+            format!("  {plain}\t"),
+        ] {
+            assert_eq!(decode_base64(&form).as_deref(), Ok(&bytes[..]), "{form:.40}");
+        }
+        for bad in ["data:image/png,abcd", "data:image/png;base64", "a+b-", "!!!!", "abcde"] {
+            assert!(decode_base64(bad).is_err(), "{bad}");
+        }
+    }
 }
