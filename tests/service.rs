@@ -201,7 +201,9 @@ fn half_closed_clients_are_answered() {
         net::{Shutdown, TcpStream},
         time::{Duration, Instant},
     };
-    let s = Server::start(&["--send-timeout-ms", "1000", "--max-connections", "4"]);
+    // One client address fills every slot: its own cap is the total.
+    let s =
+        Server::start(&["--send-timeout-ms", "1000", "--max-connections", "4", "--max-connections-per-client", "4"]);
     let addr = s.url.trim_start_matches("http://").to_owned();
     for i in 0..50 {
         let (path, version) = [("/health/live", "1.0"), ("/openapi.json", "1.1"), ("/v1/models", "1.0")][i % 3];

@@ -176,7 +176,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
         let connection = http.serve_connection(io, TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _slots = (slot, client);
+            // The client's claim goes before the slot, so the connection the slot lets in next
+            // never finds this one still counted against its address.
+            let _slots = (client, slot);
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {e}");
             }
