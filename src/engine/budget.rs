@@ -65,8 +65,9 @@ impl Reservation {
 /// A byte buffer filled from the network (a request body, a fetched image) whose capacity, not
 /// only its length, is held in the budget. It starts small and doubles as bytes arrive, each
 /// growth reserved before it happens, so what a client holds is at most twice what it has
-/// really sent (plus [`FIRST_CAPACITY`]): a declared length is only a ceiling, never reserved
-/// up front, or a client could declare 32 MiB, send one byte and hold the budget from others.
+/// really sent (plus [`FIRST_CAPACITY`]), and each growth also holds the old capacity while it
+/// is copied: a declared length is only a ceiling, never reserved up front, or a client could
+/// declare 32 MiB, send one byte and hold the budget from others.
 #[derive(Debug)]
 pub struct HeldBuffer {
     buf: Vec<u8>,
@@ -106,7 +107,12 @@ impl HeldBuffer {
         if needed > self.buf.capacity() {
             let grown = needed.max(self.buf.capacity() * 2).min(self.ceiling).max(needed);
             self.held.merge(self.budget.hold((grown - self.buf.capacity()) as u64)?);
+            // Growing copies into a new allocation while the old one still exists: the old
+            // capacity is held a second time until the copy is done, so several bodies growing
+            // at once never pass the share (a test saw 1.5x the share without this).
+            let copying = self.budget.hold(self.buf.capacity() as u64)?;
             self.buf.reserve_exact(grown - self.buf.len());
+            drop(copying);
         }
         self.buf.extend_from_slice(chunk);
         Ok(())
