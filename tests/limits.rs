@@ -512,7 +512,17 @@ fn every_answer_is_counted() {
 /// memory nor hold the connection slots the health probe needs.
 #[test]
 fn unread_answers_are_bounded_and_dropped() {
-    let s = Server::start(&["--send-timeout-ms", "1000", "--max-connections", "8", "--header-read-timeout-ms", "3000"]);
+    // One client address opens them all: its own cap is lifted to the total to test the total.
+    let s = Server::start(&[
+        "--send-timeout-ms",
+        "1000",
+        "--max-connections",
+        "8",
+        "--max-connections-per-client",
+        "8",
+        "--header-read-timeout-ms",
+        "3000",
+    ]);
     let base = baseline(&s);
     let name = "n".repeat(8 << 20);
     let body = format!("--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\nx\r\n--b--\r\n");
