@@ -69,9 +69,8 @@ fn benches(c: &mut Criterion) {
     let mut encoder = Encoder::load(
         scorer.registry.environment().expect("an ONNX Runtime registry"),
         &root().join("models/mobilenet_v2-imagenet/model.onnx"),
-        "pixel_values",
-        "embedding",
-        1280,
+        ("pixel_values", "embedding", 1280),
+        None,
         SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All },
     )
     .unwrap();

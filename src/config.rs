@@ -253,6 +253,12 @@ pub struct CalibrateArgs {
     /// Labelled images in ImageFolder layout (DIR/<class>/<image>), split into fit and held-out.
     #[arg(long, required_unless_present = "fit", conflicts_with_all = ["fit", "holdout"])]
     pub data: Option<PathBuf>,
+    /// Your classifier's answers on every labelled image, so the flag predicts its mistakes
+    /// instead of qscore's probe's: a CSV with a header and the columns `path` (`<class>/<file>`
+    /// under the dataset root), `predicted` (a class folder name) and optionally `confidence`
+    /// (its probability for that prediction, in [0, 1]).
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
     /// Labelled images to fit on (instead of --data); needs --holdout.
     #[arg(long, requires = "holdout")]
     pub fit: Option<PathBuf>,

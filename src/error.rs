@@ -155,6 +155,18 @@ pub enum Error {
         /// The model asked for.
         model: String,
     },
+    /// The model's flag is calibrated on the client's own classifier confidence, and the image
+    /// came without it.
+    #[error(
+        "model `{model}` flags images by your classifier's confidence (calibrated with `--predictions` and a `confidence` column), so each image needs `confidence`, a number in [0, 1]: a `confidence` form field, a `confidence` query parameter with a raw body, `confidence` in a JSON batch item, or a KServe `confidence` input"
+    )]
+    MissingConfidence {
+        /// The model asked for.
+        model: String,
+    },
+    /// A `confidence` sent with an image that is not a probability.
+    #[error("`confidence` must be a number in [0, 1] (your classifier's probability for its prediction); got {0}")]
+    InvalidConfidence(String),
     /// `/v1/*` needs an API key and the request had none or a wrong one.
     #[error("{0}")]
     Unauthorized(String),
@@ -222,6 +234,8 @@ impl Error {
             Self::TooManyImages { .. } => "too_many_images",
             Self::UnknownModel { .. } => "unknown_model",
             Self::NotCalibrated { .. } => "not_calibrated",
+            Self::MissingConfidence { .. } => "missing_confidence",
+            Self::InvalidConfidence(_) => "invalid_confidence",
             Self::Unauthorized(_) => "unauthorized",
             Self::BodyTimeout => "body_timeout",
             Self::NotFound => "not_found",

@@ -193,9 +193,9 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     for chunk in files.chunks(256) {
         let inputs = chunk
             .iter()
-            .map(|f| Input {
-                id: f.display().to_string(),
-                bytes: std::fs::read(f).map(Bytes::from).map_err(|e| Error::UnreadableFile(e.to_string())),
+            .map(|f| {
+                let bytes = std::fs::read(f).map(Bytes::from).map_err(|e| Error::UnreadableFile(e.to_string()));
+                Input::new(f.display().to_string(), bytes)
             })
             .collect();
         for (file, out) in chunk.iter().zip(engine.score(&model, inputs, EmbeddingMode::Omit).await?) {

@@ -23,7 +23,8 @@ use ndarray::{Array2, ArrayView4, Axis};
 use qscore::{
     drift::DriftSettings,
     engine::{
-        BatchSettings, Capacity, Engine, FlaggedObserver, ImageScore, Model, Registry, batch::Embedder, batch::Worker,
+        BatchSettings, Capacity, Engine, FlaggedObserver, ImageScore, Model, Registry, batch::Embedder, batch::Encoded,
+        batch::Worker,
     },
     http::{AppState, RequestLimits, labelstudio::LabelStudio, router},
     image::ImageLimits,
@@ -38,7 +39,7 @@ use tower::ServiceExt;
 struct FakeEncoder;
 
 impl Embedder for FakeEncoder {
-    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>> {
+    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded> {
         let mut out = Array2::zeros((batch.dim().0, 8));
         for (image, mut row) in batch.axis_iter(Axis(0)).zip(out.axis_iter_mut(Axis(0))) {
             if image.mean().unwrap_or(0.0) > 0.0 {
@@ -47,7 +48,7 @@ impl Embedder for FakeEncoder {
                 row[7] = 1.0;
             }
         }
-        Ok(out)
+        Ok(Encoded { embeddings: out, logits: None })
     }
 }
 

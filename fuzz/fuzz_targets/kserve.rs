@@ -1,4 +1,4 @@
-//! `qscore::http::kserve::parse`: the KServe v2 / Open Inference Protocol request, in its JSON
+//! `qscore::http::kserve::{Parsed, parse}`: the KServe v2 / Open Inference Protocol request, in its JSON
 //! form (base64 strings, nested lists flattened) and its binary-data form
 //! (`Inference-Header-Content-Length`, then u32-LE length-prefixed BYTES elements).
 //!
@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use qscore::http::kserve::parse;
+use qscore::http::kserve::{Parsed, parse};
 
 const HEADER: &str = "inference-header-content-length";
 
@@ -42,8 +42,12 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let body = Bytes::copy_from_slice(body);
-    let Ok((request, images)) = parse(&headers, &body, max_images) else { return };
-    assert_eq!(request.inputs.len(), 1);
+    let Ok(Parsed { request, images, confidence }) = parse(&headers, &body, max_images) else { return };
+    assert!((1..=2).contains(&request.inputs.len()));
+    if let Some(c) = &confidence {
+        assert_eq!(c.len(), images.len(), "one confidence per image");
+        assert!(c.iter().all(|v| (0.0..=1.0).contains(v)), "{c:?}");
+    }
     assert!((1..=max_images).contains(&images.len()), "{} images, max_images {max_images}", images.len());
     let total: usize = images.iter().map(Bytes::len).sum();
     assert!(total <= body.len(), "{total} image bytes from a body of {}", body.len());

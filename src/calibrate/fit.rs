@@ -10,7 +10,7 @@ use super::dataset::Part;
 use crate::{
     model::calibration::{
         Calibration, Compression, DataFingerprint, Distribution, EstimatorMetrics, Evaluation, FORMAT_VERSION,
-        FlagMetrics, Histogram, Ranking, Reference, SweepRow, ThresholdRule,
+        FlagMetrics, Histogram, Ranking, Reference, SweepRow, Target, ThresholdRule,
     },
     qscore::{self, Discriminative, Score},
     risk::RiskSource,
@@ -30,6 +30,11 @@ pub struct Embedded<'a> {
     pub parts: &'a [Part],
     /// Class names.
     pub classes: &'a [String],
+    /// The user's classifier's class per row; when given, "misclassified" means it differs
+    /// from the label.
+    pub predicted: Option<&'a [usize]>,
+    /// The user's classifier's confidence per row.
+    pub confidence: Option<&'a [f32]>,
 }
 
 /// What calibration may choose and how.
@@ -119,7 +124,8 @@ pub fn calibrate(
                 for (slot, r) in risk.iter_mut().zip(&measured.risks) {
                     *slot = f64::from(*r);
                 }
-                Ok(Measured { wrong: measured.prediction.class != data.labels[i], score, risk })
+                let predicted = data.predicted.map_or(measured.prediction.class, |p| p[i]);
+                Ok(Measured { wrong: predicted != data.labels[i], score, risk })
             })
             .collect()
     };
@@ -252,6 +258,7 @@ pub fn calibrate(
         reference,
         evaluation,
         data: fingerprint,
+        target: Target::Probe,
     })
 }
 
@@ -468,7 +475,7 @@ mod tests {
             seed: 0,
             sweep: vec![(1.5, (0.0, 100.0))],
         };
-        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes };
+        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes, predicted: None, confidence: None };
         let fp = DataFingerprint {
             sources: vec![],
             classes: classes.clone(),
@@ -497,7 +504,7 @@ mod tests {
             .iter()
             .filter(|&&i| {
                 let s = qscore::score(h.row(i), cal.epsilon, &mask).unwrap();
-                cal.assess(h.row(i), &s).likely_misclassified
+                cal.assess(h.row(i), &s, None).unwrap().likely_misclassified
             })
             .count();
         assert!((flagged as f64 / 60.0 - e.flag.operating.flagged_rate).abs() < 1e-9);

@@ -10,6 +10,7 @@
 
 pub mod dataset;
 pub mod fit;
+pub mod predictions;
 pub mod report;
 
 use std::{io::IsTerminal, path::Path};
@@ -26,7 +27,7 @@ use crate::{
     config::{CalibrateArgs, EvaluateArgs, ReportFormat},
     engine::{Capacity, EmbeddingMode, Engine, Input, Model, Selection},
     model::{
-        calibration::{Calibration, DataFingerprint},
+        calibration::{Calibration, DataFingerprint, Target},
         manifest::Manifest,
     },
     risk::probe::ProbeSettings,
@@ -53,13 +54,56 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let model = engine.registry.get(Some(&name))?.clone();
     let defaults = model.manifest.qscore;
 
-    let (h, kept, mut skipped) = embed(&engine, &model, &dataset).await?;
+    let head = model.manifest.classifier.clone();
+    let user = match (&args.predictions, &head) {
+        (Some(_), Some(spec)) => bail!(
+            "model {name} has its own classifier head (`{}` in model.toml), and its mistakes are the ones calibration \
+             predicts; drop --predictions, or remove [classifier] from model.toml to calibrate for another classifier",
+            spec.output
+        ),
+        (Some(file), None) => Some(predictions::read(file, &dataset)?),
+        (None, Some(spec)) => {
+            if let Some(c) = spec.classes.iter().find(|c| !dataset.classes.contains(c)) {
+                bail!(
+                    "model.toml's classifier.classes has `{c}`, which is no class folder of the data ({}); \
+                     the head's classes must be the folders' names",
+                    dataset.classes.join(", ")
+                );
+            }
+            None
+        }
+        (None, None) => None,
+    };
+
+    let Embeddings { h, kept, mut skipped, head_predictions } = embed(&engine, &model, &dataset).await?;
     skipped.extend(dataset.ignored.iter().map(|p| format!("{}: not an image file by its extension", p.display())));
     for s in &skipped {
         tracing::warn!("left out: {s}");
     }
     let labels: Vec<usize> = kept.iter().map(|&i| dataset.images[i].class).collect();
     let parts: Vec<Part> = kept.iter().map(|&i| dataset.images[i].part).collect();
+    let (predicted, confidence, target) = match (&user, &head) {
+        (Some(u), _) => (
+            Some(kept.iter().map(|&i| u.predicted[i]).collect::<Vec<_>>()),
+            u.confidence.as_ref().map(|c| kept.iter().map(|&i| c[i]).collect::<Vec<_>>()),
+            Target::Predictions {
+                file: args.predictions.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                sha256: u.sha256.clone(),
+                with_confidence: u.confidence.is_some(),
+            },
+        ),
+        (None, Some(spec)) => {
+            let (classes, confidences): (Vec<usize>, Vec<f32>) = head_predictions
+                .iter()
+                .map(|(class, p)| {
+                    let c = dataset.classes.iter().position(|d| d == class).expect("head classes are folders");
+                    (c, *p)
+                })
+                .unzip();
+            (Some(classes), Some(confidences), Target::ModelHead { output: spec.output.clone() })
+        }
+        (None, None) => (None, None, Target::Probe),
+    };
 
     let (epsilon, percentiles) =
         (args.epsilon.unwrap_or(defaults.epsilon), args.percentiles.unwrap_or(defaults.percentiles));
@@ -87,11 +131,20 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let classes = dataset.classes.clone();
     let model_name = name.clone();
     tracing::info!(images = labels.len(), "fitting D, the probe and the estimators");
-    let calibration = tokio::task::spawn_blocking(move || {
-        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes };
+    tracing::info!(%target, "misclassified means the mistakes of {target}");
+    let mut calibration = tokio::task::spawn_blocking(move || {
+        let data = Embedded {
+            h: h.view(),
+            labels: &labels,
+            parts: &parts,
+            classes: &classes,
+            predicted: predicted.as_deref(),
+            confidence: confidence.as_deref(),
+        };
         fit::calibrate(&data, &settings, &model_name, fingerprint)
     })
     .await??;
+    calibration.target = target;
 
     let out = args.out.clone().unwrap_or_else(|| args.engine.models_dir.join(&name).join("calibration.json"));
     write_atomically(&out, &serde_json::to_string_pretty(&calibration)?)?;
@@ -111,13 +164,18 @@ fn sweep_grid(args: &CalibrateArgs, epsilon: f32, band: (f64, f64)) -> Vec<(f32,
     eps.iter().flat_map(|&e| bands.iter().map(move |&b| (e, b))).collect()
 }
 
-/// Embeds every image through the server's pipeline. Returns the representations of the
-/// images that scored, their indices in `dataset.images`, and one line per image that did not.
-async fn embed(
-    engine: &Engine,
-    model: &std::sync::Arc<Model>,
-    dataset: &Dataset,
-) -> anyhow::Result<(Array2<f32>, Vec<usize>, Vec<String>)> {
+/// What embedding a dataset gives: the representations of the images that scored, their
+/// indices in `dataset.images`, one line per image that did not, and, for a model with a
+/// classifier head, the head's class name and probability per kept image.
+struct Embeddings {
+    h: Array2<f32>,
+    kept: Vec<usize>,
+    skipped: Vec<String>,
+    head_predictions: Vec<(String, f32)>,
+}
+
+/// Embeds every image through the server's pipeline.
+async fn embed(engine: &Engine, model: &std::sync::Arc<Model>, dataset: &Dataset) -> anyhow::Result<Embeddings> {
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(dataset.images.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
@@ -128,7 +186,8 @@ async fn embed(
     };
     bar.set_message(format!("embedding with {}", model.name()));
     let dim = model.manifest.output.dim;
-    let (mut rows, mut kept, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let has_head = model.manifest.classifier.is_some();
+    let (mut rows, mut kept, mut skipped, mut head_predictions) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..dataset.images.len()).collect();
     for chunk in indices.chunks(CHUNK) {
         let inputs = chunk
@@ -138,25 +197,31 @@ async fn embed(
                 let bytes = std::fs::read(path)
                     .map(Bytes::from)
                     .map_err(|e| crate::error::Error::UnreadableFile(e.to_string()));
-                Input { id: i.to_string(), bytes }
+                Input::new(i.to_string(), bytes)
             })
             .collect();
         let answers = engine.score(model, inputs, EmbeddingMode::Full).await?;
         for (&i, out) in chunk.iter().zip(answers) {
-            match out.answer.map(|a| a.embedding) {
-                Ok(Some(h)) if h.len() == dim => {
-                    rows.extend(h);
-                    kept.push(i);
-                }
-                Ok(_) => skipped.push(format!("{}: no embedding came back", dataset.images[i].path.display())),
-                Err(e) => skipped.push(format!("{}: {e}", dataset.images[i].path.display())),
+            let path = dataset.images[i].path.display();
+            match out.answer {
+                Ok(a) => match (a.embedding, a.predicted_class, a.class_probability) {
+                    (Some(h), class, p) if h.len() == dim && (!has_head || class.is_some()) => {
+                        rows.extend(h);
+                        kept.push(i);
+                        if let (true, Some(class), Some(p)) = (has_head, class, p) {
+                            head_predictions.push((class, p));
+                        }
+                    }
+                    _ => skipped.push(format!("{path}: no embedding came back")),
+                },
+                Err(e) => skipped.push(format!("{path}: {e}")),
             }
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     let h = Array2::from_shape_vec((kept.len(), dim), rows)?;
-    Ok((h, kept, skipped))
+    Ok(Embeddings { h, kept, skipped, head_predictions })
 }
 
 /// Writes `text` next to `path` and renames it into place, so a reader never sees half a file.

@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use super::Model;
 use crate::{
+    error::Error,
     qscore::{ActiveFeature, Score, Stats},
-    risk::RiskSource,
+    risk::{RiskSource, probe::Prediction},
 };
 
 /// Whether answers carry the representation.
@@ -34,13 +35,16 @@ pub struct ImageScore {
     pub calibrated: bool,
     /// p_misclassified >= the calibrated threshold; null when uncalibrated.
     pub likely_misclassified: Option<bool>,
-    /// Calibrated probability that a linear probe misclassifies the image; null when uncalibrated.
+    /// Calibrated probability that the classifier the model was calibrated for (see
+    /// `calibration.target` in `GET /v1/models/{name}`) misclassifies the image; null when
+    /// uncalibrated.
     pub p_misclassified: Option<f32>,
     /// The estimator behind the flag; null when uncalibrated.
     pub risk_source: Option<RiskSource>,
-    /// The calibration probe's class for the image; null when uncalibrated.
+    /// The class of the model's own classifier head when it has one, else the calibration
+    /// probe's; null when the model has neither.
     pub predicted_class: Option<String>,
-    /// The probe's softmax probability of that class; null when uncalibrated.
+    /// The softmax probability of that class; null when there is no class.
     pub class_probability: Option<f32>,
     /// Features in L ∩ D, strongest first.
     pub discriminative_features: Vec<ActiveFeature>,
@@ -99,16 +103,40 @@ pub(crate) fn millis(d: std::time::Duration) -> f64 {
     d.as_micros() as f64 / 1e3
 }
 
-/// Builds one answer from a representation and its score.
+/// Builds one answer from a representation, its score and, for a model with a classifier head,
+/// the head's logits. `confidence` is the client's classifier confidence, read only when the
+/// model's flag was calibrated on it and the model has no head of its own.
+///
+/// The class answered is the head's when there is one (it is the user's classifier), else the
+/// calibration probe's. Fails with [`Error::MissingConfidence`] when the flag needs a
+/// confidence that neither the head nor the client gave.
 pub(crate) fn answer(
     model: &Model,
     s: Score,
     h: ArrayView1<f32>,
+    logits: Option<&[f32]>,
+    confidence: Option<f32>,
     timings: Timings,
     embedding: EmbeddingMode,
-) -> ImageScore {
+) -> Result<ImageScore, Error> {
     let calibration = model.calibration.as_ref();
-    let assessed = calibration.map(|c| c.assess(h, &s));
+    let head = model.manifest.classifier.as_ref().zip(logits).map(|(spec, logits)| {
+        let logits: Vec<f64> = logits.iter().map(|&l| f64::from(l)).collect();
+        (spec, Prediction::from_logits(&logits))
+    });
+    let user_confidence = match &head {
+        Some((_, p)) => Some(p.confidence()),
+        None => confidence,
+    };
+    let assessed = calibration
+        .map(|c| c.assess(h, &s, user_confidence))
+        .transpose()
+        .map_err(|_| Error::MissingConfidence { model: model.name().to_owned() })?;
+    let (predicted_class, class_probability) = match (&head, calibration.zip(assessed.as_ref())) {
+        (Some((spec, p)), _) => (Some(spec.classes[p.class].clone()), Some(p.confidence())),
+        (None, Some((c, a))) => (Some(c.probe.classes[a.prediction.class].clone()), Some(a.prediction.confidence())),
+        (None, None) => (None, None),
+    };
     let (embedding, embedding_features) = match (embedding, calibration) {
         (EmbeddingMode::Omit, _) => (None, None),
         (EmbeddingMode::Discriminative, Some(c)) => {
@@ -117,19 +145,19 @@ pub(crate) fn answer(
         }
         (EmbeddingMode::Full | EmbeddingMode::Discriminative, _) => (Some(h.to_vec()), None),
     };
-    ImageScore {
+    Ok(ImageScore {
         model: model.name().to_owned(),
         q_score: s.q_score,
         calibrated: calibration.is_some(),
         likely_misclassified: assessed.as_ref().map(|a| a.likely_misclassified),
         p_misclassified: assessed.as_ref().map(|a| a.p_misclassified),
         risk_source: calibration.map(|c| c.risk_source),
-        predicted_class: calibration.zip(assessed.as_ref()).map(|(c, a)| c.probe.classes[a.prediction.class].clone()),
-        class_probability: assessed.as_ref().map(|a| a.prediction.confidence()),
+        predicted_class,
+        class_probability,
         stats: s.stats,
         discriminative_features: s.features,
         timings_ms: timings,
         embedding,
         embedding_features,
-    }
+    })
 }

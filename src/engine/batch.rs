@@ -22,9 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ndarray::{Array2, Array3, Array4, ArrayView4, Axis};
+use ndarray::{Array3, Array4, ArrayView4, Axis};
 use tokio::sync::oneshot;
 
+pub use crate::model::encoder::Encoded;
 use crate::{
     error::Error,
     metrics::{Metrics, Rejection},
@@ -34,12 +35,13 @@ use crate::{
 /// out. ONNX Runtime's [`crate::model::encoder::Encoder`] is the real one; tests drive the
 /// whole pipeline with a fake.
 pub trait Embedder: Send + 'static {
-    /// Runs a batch of shape (N, C, H, W); answers shape (N, d).
-    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>>;
+    /// Runs a batch of shape (N, C, H, W); answers the representations (N, d) and, for a model
+    /// with a classifier head, its logits (N, classes).
+    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded>;
 }
 
 impl Embedder for crate::model::encoder::Encoder {
-    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>> {
+    fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded> {
         crate::model::encoder::Encoder::embed(self, batch)
     }
 }
@@ -58,6 +60,8 @@ pub struct BatchSettings {
 pub struct Inferred {
     /// The representation h.
     pub embedding: Vec<f32>,
+    /// The classifier head's logits, when the model has a head.
+    pub logits: Option<Vec<f32>>,
     /// Wall time of the ONNX Runtime run it was part of.
     pub inference: Duration,
     /// Time from being queued to its run starting.
@@ -225,18 +229,19 @@ fn run(
             slot.assign(&e.input);
         }
         let start = Instant::now();
-        let result: Result<Array2<f32>, String> = encoder.embed(input.view()).map_err(|e| format!("{e:#}"));
+        let result: Result<Encoded, String> = encoder.embed(input.view()).map_err(|e| format!("{e:#}"));
         let duration = start.elapsed();
         inference.observe(duration.as_secs_f64());
         batch_size.observe(live.len() as f64);
         let n = live.len();
         match result {
-            Ok(embeddings) => {
-                for (e, row) in live.into_iter().zip(embeddings.axis_iter(Axis(0))) {
+            Ok(Encoded { embeddings, logits }) => {
+                for (i, (e, row)) in live.into_iter().zip(embeddings.axis_iter(Axis(0))).enumerate() {
                     let wait = start.saturating_duration_since(e.queued);
                     queue_wait.observe(wait.as_secs_f64());
                     let _ = e.reply.send(Ok(Inferred {
                         embedding: row.to_vec(),
+                        logits: logits.as_ref().map(|l| l.row(i).to_vec()),
                         inference: duration,
                         queue_wait: wait,
                         batch_size: n,

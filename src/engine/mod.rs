@@ -109,6 +109,16 @@ pub struct Input {
     pub id: String,
     /// The encoded image.
     pub bytes: Result<Bytes, Error>,
+    /// The client's classifier's probability for its own prediction on this image, in [0, 1]
+    /// (checked at the edge). Read only by a model whose flag was calibrated on it.
+    pub confidence: Option<f32>,
+}
+
+impl Input {
+    /// An image without a client confidence.
+    pub fn new(id: impl Into<String>, bytes: Result<Bytes, Error>) -> Self {
+        Self { id: id.into(), bytes, confidence: None }
+    }
 }
 
 /// One answer, in the order of the inputs.
@@ -221,10 +231,10 @@ impl Engine {
         })?;
         let (ids, work): (Vec<String>, Vec<_>) = inputs
             .into_iter()
-            .map(|Input { id, bytes }| {
+            .map(|Input { id, bytes, confidence }| {
                 let work = async move {
                     match bytes {
-                        Ok(bytes) => self.score_one(model, bytes, deadline, mode).await,
+                        Ok(bytes) => self.score_one(model, bytes, confidence, deadline, mode).await,
                         Err(e) => Err(e),
                     }
                 };
@@ -288,6 +298,7 @@ impl Engine {
         &self,
         model: &Arc<Model>,
         bytes: Bytes,
+        confidence: Option<f32>,
         deadline: Instant,
         mode: EmbeddingMode,
     ) -> Result<ImageScore, Error> {
@@ -306,7 +317,7 @@ impl Engine {
             batch_size: out.batch_size,
             total: 0.0,
         };
-        Ok(answer(model, score, h, timings, mode))
+        answer(model, score, h, out.logits.as_deref(), confidence, timings, mode)
     }
 
     /// Decodes and preprocesses one image within a decode slot and its share of the memory

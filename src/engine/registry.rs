@@ -201,13 +201,14 @@ fn load_model(
     }
     let dim = manifest.output.dim;
     let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
+    let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
     let mut encoder =
-        Encoder::load(env, &dir.join("model.onnx"), &manifest.input.name, &manifest.output.name, dim, opts)?;
+        Encoder::load(env, &dir.join("model.onnx"), (&manifest.input.name, &manifest.output.name, dim), head, opts)?;
 
     let pre = manifest.preprocess();
     let warmup = Array4::<f32>::zeros((1, pre.channels(), pre.height as usize, pre.width as usize));
     let out = encoder.embed(warmup.view()).with_context(|| format!("{}: warm-up run failed", dir.display()))?;
-    if out.iter().any(|v| !v.is_finite()) {
+    if out.embeddings.iter().chain(out.logits.iter().flatten()).any(|v| !v.is_finite()) {
         bail!("{}: the warm-up run produced non-finite values", dir.display());
     }
 

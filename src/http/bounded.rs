@@ -87,19 +87,29 @@ pub fn optional_list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -
 pub struct Leaves {
     /// The string leaves, in order.
     pub strings: Vec<String>,
-    /// Leaves that were not strings (numbers, booleans, null): counted, never kept, so the
-    /// caller can say which datatype was expected after checking the tensor's declared one.
+    /// The number leaves, in order.
+    pub numbers: Vec<f64>,
+    /// Leaves that were neither (booleans, null): counted, never kept, so the caller can say
+    /// which datatype was expected after checking the tensor's declared one.
     pub others: usize,
 }
 
+/// One leaf as it is kept.
+enum Leaf {
+    String(String),
+    Number(f64),
+    Other,
+}
+
 impl Leaves {
-    fn push(&mut self, leaf: Option<String>) -> Result<(), String> {
-        if self.strings.len() + self.others == MAX_LIST {
+    fn push(&mut self, leaf: Leaf) -> Result<(), String> {
+        if self.strings.len() + self.numbers.len() + self.others == MAX_LIST {
             return Err(format!("a list has more than {MAX_LIST} items; split the request"));
         }
         match leaf {
-            Some(s) => self.strings.push(s),
-            None => self.others += 1,
+            Leaf::String(s) => self.strings.push(s),
+            Leaf::Number(v) => self.numbers.push(v),
+            Leaf::Other => self.others += 1,
         }
         Ok(())
     }
@@ -120,22 +130,22 @@ pub fn tensor_leaves<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Leaves>, 
             write!(f, "values, or lists of values, at most {MAX_LIST} in all")
         }
         fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
-            self.0.push(Some(s.to_owned())).map_err(E::custom)
+            self.0.push(Leaf::String(s.to_owned())).map_err(E::custom)
         }
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-            self.0.push(None).map_err(E::custom)
+            self.0.push(Leaf::Other).map_err(E::custom)
         }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-            self.0.push(None).map_err(E::custom)
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+            self.0.push(Leaf::Number(v as f64)).map_err(E::custom)
         }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-            self.0.push(None).map_err(E::custom)
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+            self.0.push(Leaf::Number(v as f64)).map_err(E::custom)
         }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-            self.0.push(None).map_err(E::custom)
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+            self.0.push(Leaf::Number(v)).map_err(E::custom)
         }
         fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-            self.0.push(None).map_err(E::custom)
+            self.0.push(Leaf::Other).map_err(E::custom)
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             while seq.next_element_seed(Flat(&mut *self.0))?.is_some() {}
@@ -188,10 +198,9 @@ mod tests {
         assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
         let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
-        assert_eq!(
-            serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x"]]}"#).unwrap().data.unwrap().others,
-            1
-        );
+        let mixed = serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x", 0.25], true, null]}"#).unwrap();
+        let mixed = mixed.data.unwrap();
+        assert_eq!((mixed.strings, mixed.numbers, mixed.others), (vec!["x".to_string()], vec![1.0, 0.25], 2));
         assert!(serde_json::from_str::<Lists>(r#"{"items": [], "data": null}"#).unwrap().data.is_none());
     }
 }

@@ -32,7 +32,9 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UrlRefused(_)
         | Error::UnresolvedImage(_)
         | Error::UnreadableFile(_)
-        | Error::NotCalibrated { .. } => StatusCode::BAD_REQUEST,
+        | Error::NotCalibrated { .. }
+        | Error::MissingConfidence { .. }
+        | Error::InvalidConfidence(_) => StatusCode::BAD_REQUEST,
         Error::UnsupportedMediaType(_)
         | Error::UnsupportedContentEncoding(_)
         | Error::UnsupportedFormat

@@ -11,7 +11,7 @@ use axum::{
 use super::{
     AppState,
     error::ErrorBody,
-    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery},
+    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery},
     upload::{JsonBatch, Uploads},
 };
 use crate::{
@@ -27,6 +27,9 @@ pub struct ImageUpload {
     /// The image file: JPEG, PNG, WebP, GIF (first frame), BMP or TIFF.
     #[schema(value_type = String, format = Binary)]
     image: Vec<u8>,
+    /// Your classifier's probability for its prediction, in [0, 1]; needed only by a model
+    /// whose `calibration.needs_confidence` is true.
+    confidence: Option<f32>,
 }
 
 /// Many images as multipart form data: repeat the `image` part; file names are echoed as ids.
@@ -36,6 +39,9 @@ pub struct BatchUpload {
     /// The image files.
     #[schema(value_type = Vec<String>, format = Binary)]
     image: Vec<Vec<u8>>,
+    /// Your classifier's confidence per image, the i-th for the i-th `image` part: none, or
+    /// exactly one per image.
+    confidence: Option<Vec<f32>>,
 }
 
 /// Scores the uploads with the model asked for; an upload that could not be read (bad base64)
@@ -53,11 +59,12 @@ async fn score_uploads(
     state.engine.score(model, uploads, mode).await
 }
 
-/// Scores exactly one uploaded image.
+/// Scores exactly one uploaded image; `confidence` is the `?confidence=` of a raw upload.
 async fn single(
     state: &AppState,
     model: Option<&str>,
-    Uploads { items: uploads, held: _held }: Uploads,
+    confidence: Option<&str>,
+    Uploads { items: mut uploads, held: _held }: Uploads,
     embedding: EmbeddingMode,
 ) -> Result<Json<ImageScore>, Error> {
     if uploads.len() != 1 {
@@ -65,6 +72,14 @@ async fn single(
             "this endpoint takes one image and got {}; use POST /v1/score/batch for several",
             uploads.len()
         )));
+    }
+    if let Some(text) = confidence {
+        if uploads[0].confidence.is_some() {
+            return Err(Error::BadRequest(
+                "`confidence` came both as a query parameter and as a form field; send it once".into(),
+            ));
+        }
+        uploads[0].confidence = Some(super::upload::parse_confidence(text)?);
     }
     match score_uploads(state, model, uploads, embedding).await?.pop() {
         Some(Output { answer, .. }) => answer.map(Json),
@@ -74,7 +89,7 @@ async fn single(
 
 /// Score one image.
 #[utoipa::path(
-    post, path = "/v1/score", tag = "scoring", params(ModelQuery),
+    post, path = "/v1/score", tag = "scoring", params(ScoreQuery),
     request_body(description = "One image: multipart field `image`, or the raw bytes with an image/* content type.",
         content((ImageUpload = "multipart/form-data"), ("image/*"))),
     responses(
@@ -90,10 +105,10 @@ async fn single(
 )]
 pub async fn score(
     State(state): State<AppState>,
-    Query(q): Query<ModelQuery>,
+    Query(q): Query<ScoreQuery>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
-    single(&state, q.model.as_deref(), uploads, EmbeddingMode::Omit).await
+    single(&state, q.model.as_deref(), q.confidence.as_deref(), uploads, EmbeddingMode::Omit).await
 }
 
 /// Embed one image: its representation h with its Q-Score; with `compressed=true`, only the
@@ -115,7 +130,7 @@ pub async fn embed(
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
     let embedding = if q.compressed { EmbeddingMode::Discriminative } else { EmbeddingMode::Full };
-    single(&state, q.model.as_deref(), uploads, embedding).await
+    single(&state, q.model.as_deref(), q.confidence.as_deref(), uploads, embedding).await
 }
 
 /// Score many images; each answers on its own.

@@ -94,13 +94,14 @@ pub struct Readiness {
 /// One input tensor of an inference request.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct InferInput {
-    /// Must be `image`.
+    /// `image` (BYTES, the encoded images), or `confidence` (FP32 or FP64: your classifier's
+    /// probability for its prediction per image, for a model whose flag was calibrated on it).
     pub name: String,
     /// The tensor's shape; its element count (the product of the dimensions, 1 for `[]`) is the
     /// number of images: `[N]`, `[N, 1]`, `[1, N]` and any other shape with N elements.
     #[serde(deserialize_with = "bounded::list")]
     pub shape: Vec<i64>,
-    /// Must be `BYTES`.
+    /// `BYTES` for `image`; `FP32` or `FP64` for `confidence`.
     pub datatype: String,
     /// Base64 strings, one per image, unless sent as binary data; nested lists are read in
     /// row-major order.
@@ -134,7 +135,7 @@ pub struct InferRequest {
     /// Echoed back.
     #[serde(default)]
     pub id: Option<String>,
-    /// Exactly one: `image`.
+    /// `image`, and optionally `confidence`.
     #[serde(deserialize_with = "bounded::list")]
     pub inputs: Vec<InferInput>,
     /// Outputs wanted, each at most once; default: the Q-Score, and the flag for a calibrated
@@ -221,7 +222,12 @@ pub async fn model_metadata(
         name: m.name().to_owned(),
         versions: vec![m.manifest.version.clone()],
         platform: "onnxruntime_onnx".into(),
-        inputs: vec![t("image", "BYTES", vec![-1])],
+        inputs: if m.calibration.as_ref().is_some_and(|c| c.needs_user_confidence()) && m.manifest.classifier.is_none()
+        {
+            vec![t("image", "BYTES", vec![-1]), t("confidence", "FP32", vec![-1])]
+        } else {
+            vec![t("image", "BYTES", vec![-1])]
+        },
         outputs,
     }))
 }
@@ -258,7 +264,7 @@ pub async fn infer(
     let model = state.engine.registry.get(Some(&name))?.clone();
     let budget = &state.engine.budget;
     let body = super::upload::read_limited(body, &state.limits, budget).await?;
-    let (request, images) = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
+    let Parsed { request, images, confidence } = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
     let wanted = wanted_outputs(&request, &model)?;
     let embedding = if wanted.contains(&"embedding") { EmbeddingMode::Full } else { EmbeddingMode::Omit };
     let n = images.len();
@@ -268,8 +274,13 @@ pub async fn infer(
     let _answer = budget.hold((n * per_image * 24 + 4096) as u64)?;
     // Items are named for the flagged webhook: the request id (when given) and the index.
     let prefix = request.id.as_deref().map(|id| format!("{id}/")).unwrap_or_default();
-    let inputs =
-        images.into_iter().enumerate().map(|(i, b)| Input { id: format!("{prefix}{i}"), bytes: Ok(b) }).collect();
+    let confidence = confidence.map_or_else(|| vec![None; n], |c| c.into_iter().map(Some).collect());
+    let inputs = images
+        .into_iter()
+        .zip(confidence)
+        .enumerate()
+        .map(|(i, (b, confidence))| Input { id: format!("{prefix}{i}"), bytes: Ok(b), confidence })
+        .collect();
     let scored = state.engine.score(&model, inputs, embedding).await?;
     let mut answers = Vec::with_capacity(n);
     for (i, out) in scored.into_iter().enumerate() {
@@ -426,9 +437,23 @@ fn wanted_outputs(request: &InferRequest, model: &Model) -> Result<Vec<&'static 
     Ok(wanted)
 }
 
-/// The request header and the images of its `image` tensor, from a body in the JSON or the
-/// binary-data form (with its `Inference-Header-Content-Length` header); at most `max_images`.
-pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(InferRequest, Vec<Bytes>), Error> {
+/// What an inference request carries: its header, the images of its `image` tensor and, when
+/// sent, the client's classifier confidence per image (a `confidence` FP32 or FP64 tensor of
+/// the same element count).
+#[derive(Debug)]
+pub struct Parsed {
+    /// The JSON header.
+    pub request: InferRequest,
+    /// The encoded images, in row-major order.
+    pub images: Vec<Bytes>,
+    /// One confidence per image, each checked to be in [0, 1]; None when not sent.
+    pub confidence: Option<Vec<f32>>,
+}
+
+/// The request header, the images of its `image` tensor and its optional `confidence` tensor,
+/// from a body in the JSON or the binary-data form (with its `Inference-Header-Content-Length`
+/// header); at most `max_images`. Binary tensors follow the header in the order of `inputs`.
+pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<Parsed, Error> {
     let header_len = headers
         .get("inference-header-content-length")
         .map(|v| v.to_str().ok().and_then(|s| s.parse::<usize>().ok()))
@@ -453,15 +478,52 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
             )));
         }
     }
-    let [input] = request.inputs.as_slice() else {
-        return Err(Error::BadRequest(format!("expected one input tensor, `image`; got {}", request.inputs.len())));
+    let expected = "one `image` tensor (BYTES) and optionally one `confidence` tensor (FP32 or FP64)";
+    if request.inputs.is_empty() || request.inputs.len() > 2 {
+        return Err(Error::BadRequest(format!("expected {expected}; got {} inputs", request.inputs.len())));
+    }
+    // Binary tensors are laid end to end after the header, in the order of `inputs`.
+    let mut binary_at = json_len;
+    let mut binary = |input: &InferInput| -> Result<Option<Bytes>, Error> {
+        let Some(size) = input.parameters.as_ref().and_then(|p| p.binary_data_size) else { return Ok(None) };
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|size| binary_at.checked_add(size))
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| {
+                Error::BadRequest(format!("`{}`'s binary_data_size runs past the end of the body", input.name))
+            })?;
+        let slice = body.slice(binary_at..end);
+        binary_at = end;
+        Ok(Some(slice))
     };
-    if input.name != "image" || input.datatype != "BYTES" {
+    let (mut images, mut confidence) = (None, None);
+    for input in &request.inputs {
+        match (input.name.as_str(), input.datatype.as_str()) {
+            ("image", "BYTES") if images.is_none() => images = Some(image_tensor(input, binary(input)?, max_images)?),
+            ("confidence", "FP32" | "FP64") if confidence.is_none() => {
+                confidence = Some(confidence_tensor(input, binary(input)?, max_images)?);
+            }
+            (name, datatype) => {
+                return Err(Error::BadRequest(format!("expected {expected}; got `{name}` {datatype}")));
+            }
+        }
+    }
+    let images = images.ok_or_else(|| Error::BadRequest(format!("expected {expected}; `image` is missing")))?;
+    if let Some(c) = &confidence
+        && c.len() != images.len()
+    {
         return Err(Error::BadRequest(format!(
-            "the input must be `image` of datatype BYTES (encoded images); got `{}` {}",
-            input.name, input.datatype
+            "`confidence` has {} elements for {} images; send one per image",
+            c.len(),
+            images.len()
         )));
     }
+    Ok(Parsed { request, images, confidence })
+}
+
+/// The images of the `image` tensor, from its binary data or its base64 strings.
+fn image_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) -> Result<Vec<Bytes>, Error> {
     let n = element_count(&input.shape, max_images)?;
     if n > max_images {
         return Err(Error::TooManyImages { limit: max_images });
@@ -469,18 +531,9 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
     if n == 0 {
         return Err(Error::MissingImage);
     }
-    let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
-    let images = match (binary_size, &input.data) {
-        (Some(size), _) => {
-            let start = json_len;
-            let end = usize::try_from(size)
-                .ok()
-                .and_then(|size| start.checked_add(size))
-                .filter(|&e| e <= body.len())
-                .ok_or_else(|| Error::BadRequest("binary_data_size runs past the end of the body".into()))?;
-            split_bytes(&body.slice(start..end), n)?
-        }
-        (None, Some(leaves)) if leaves.others > 0 => {
+    let images = match (binary, &input.data) {
+        (Some(raw), _) => split_bytes(&raw, n)?,
+        (None, Some(leaves)) if leaves.others > 0 || !leaves.numbers.is_empty() => {
             return Err(Error::BadRequest("`image` data must be base64 strings, one per image".into()));
         }
         (None, Some(leaves)) => leaves
@@ -502,7 +555,48 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<(In
             images.len()
         )));
     }
-    Ok((request, images))
+    Ok(images)
+}
+
+/// The client's confidences: numbers in [0, 1], as JSON numbers or little-endian binary floats
+/// of the tensor's datatype.
+fn confidence_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) -> Result<Vec<f32>, Error> {
+    let n = element_count(&input.shape, max_images)?;
+    let values: Vec<f64> = match (binary, &input.data) {
+        (Some(raw), _) => {
+            let width = if input.datatype == "FP64" { 8 } else { 4 };
+            if raw.len() != n * width {
+                return Err(Error::BadRequest(format!(
+                    "`confidence` has shape {:?} ({n} elements) but {} bytes of {}",
+                    input.shape,
+                    raw.len(),
+                    input.datatype
+                )));
+            }
+            raw.chunks_exact(width)
+                .map(|b| match b.try_into() {
+                    Ok(b8) => f64::from_le_bytes(b8),
+                    Err(_) => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                })
+                .collect()
+        }
+        (None, Some(leaves)) if leaves.others > 0 || !leaves.strings.is_empty() => {
+            return Err(Error::BadRequest("`confidence` data must be numbers, one per image".into()));
+        }
+        (None, Some(leaves)) => leaves.numbers.clone(),
+        _ => return Err(Error::BadRequest("`confidence` carries no data".into())),
+    };
+    if values.len() != n {
+        return Err(Error::BadRequest(format!(
+            "`confidence` has shape {:?} ({n} elements) but carries {} elements",
+            input.shape,
+            values.len()
+        )));
+    }
+    values
+        .iter()
+        .map(|&v| super::upload::checked_confidence(v).ok_or_else(|| Error::InvalidConfidence(v.to_string())))
+        .collect()
 }
 
 /// Elements a shape declares: the product of its dimensions (1 for a scalar's `[]`), as the
@@ -571,8 +665,9 @@ mod tests {
                 r#"{{"inputs":[{{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}}],"outputs":{outputs}}}"#
             )
         };
-        let (req, _) = parse(&HeaderMap::new(), &Bytes::from(body(r#"[{"name":"embedding"}]"#)), 8).unwrap();
-        assert_eq!(req.outputs.unwrap().len(), 1);
+        let Parsed { request, .. } =
+            parse(&HeaderMap::new(), &Bytes::from(body(r#"[{"name":"embedding"}]"#)), 8).unwrap();
+        assert_eq!(request.outputs.unwrap().len(), 1);
         for repeats in [2, 4000, 5000] {
             let repeated = vec![r#"{"name":"embedding"}"#; repeats].join(",");
             let err = parse(&HeaderMap::new(), &Bytes::from(body(&format!("[{repeated}]"))), 8).unwrap_err();
@@ -594,12 +689,11 @@ mod tests {
             ("[1,2,1]", r#"[[["eA=="],["eQ=="]]]"#),
         ] {
             let body = format!(r#"{{"inputs":[{{"name":"image","shape":{shape},"datatype":"BYTES","data":{data}}}]}}"#);
-            let (_, images) =
-                parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_or_else(|e| panic!("{shape}: {e}"));
-            assert_eq!(images, two, "{shape} {data}");
+            let parsed = parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_or_else(|e| panic!("{shape}: {e}"));
+            assert_eq!(parsed.images, two, "{shape} {data}");
         }
         let scalar = r#"{"inputs":[{"name":"image","shape":[],"datatype":"BYTES","data":["eA=="]}]}"#;
-        assert_eq!(parse(&HeaderMap::new(), &Bytes::from(scalar), 8).unwrap().1, vec![Bytes::from_static(b"x")]);
+        assert_eq!(parse(&HeaderMap::new(), &Bytes::from(scalar), 8).unwrap().images, vec![Bytes::from_static(b"x")]);
 
         assert_eq!(element_count(&[3, 1], 8).unwrap(), 3);
         assert_eq!(element_count(&[], 8).unwrap(), 1);
@@ -621,13 +715,61 @@ mod tests {
         body.extend_from_slice(&[1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
         let mut headers = HeaderMap::new();
         headers.insert("inference-header-content-length", header.len().into());
-        let (req, images) = parse(&headers, &Bytes::from(body), 8).unwrap();
-        assert_eq!(req.inputs.len(), 1);
+        let Parsed { request, images, confidence } = parse(&headers, &Bytes::from(body), 8).unwrap();
+        assert_eq!((request.inputs.len(), confidence), (1, None));
         assert_eq!(images, vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")]);
         let json = br#"{"inputs":[{"name":"image","shape":[1],"datatype":"BYTES","data":["eA=="]}]}"#;
-        let (_, images) = parse(&HeaderMap::new(), &Bytes::from_static(json), 8).unwrap();
-        assert_eq!(images, vec![Bytes::from_static(b"x")]);
+        assert_eq!(
+            parse(&HeaderMap::new(), &Bytes::from_static(json), 8).unwrap().images,
+            vec![Bytes::from_static(b"x")]
+        );
         let wrong = br#"{"inputs":[{"name":"image","shape":[3],"datatype":"BYTES","data":["eA=="]}]}"#;
         assert!(parse(&HeaderMap::new(), &Bytes::from_static(wrong), 8).is_err());
+    }
+
+    /// The client's classifier confidence as a second tensor: JSON numbers (any nesting), or
+    /// binary FP32 / FP64 laid after the images in the order of `inputs`; refused when its
+    /// count differs from the images', when a value is not a probability, or when it is text.
+    #[test]
+    fn confidence_tensor_in_every_form() {
+        let image = r#"{"name":"image","shape":[2],"datatype":"BYTES","data":["eA==","eQ=="]}"#;
+        for conf in [
+            r#"{"name":"confidence","shape":[2],"datatype":"FP32","data":[0.25,1]}"#,
+            r#"{"name":"confidence","shape":[2,1],"datatype":"FP64","data":[[0.25],[1.0]]}"#,
+        ] {
+            for inputs in [format!("[{image},{conf}]"), format!("[{conf},{image}]")] {
+                let body = format!(r#"{{"inputs":{inputs}}}"#);
+                let parsed = parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap();
+                assert_eq!(parsed.confidence, Some(vec![0.25, 1.0]), "{inputs}");
+            }
+        }
+        for (datatype, values) in [
+            ("FP32", [0.25_f32.to_le_bytes().to_vec(), 1f32.to_le_bytes().to_vec()]),
+            ("FP64", [0.25_f64.to_le_bytes().to_vec(), 1f64.to_le_bytes().to_vec()]),
+        ] {
+            let width = values[0].len() * 2;
+            let header = format!(
+                r#"{{"inputs":[{{"name":"image","shape":[2],"datatype":"BYTES","parameters":{{"binary_data_size":10}}}},{{"name":"confidence","shape":[2],"datatype":"{datatype}","parameters":{{"binary_data_size":{width}}}}}]}}"#
+            );
+            let mut body = header.as_bytes().to_vec();
+            body.extend_from_slice(&[1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
+            body.extend(values.concat());
+            let mut headers = HeaderMap::new();
+            headers.insert("inference-header-content-length", header.len().into());
+            let parsed = parse(&headers, &Bytes::from(body), 8).unwrap();
+            assert_eq!(parsed.images, vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")]);
+            assert_eq!(parsed.confidence, Some(vec![0.25, 1.0]), "{datatype}");
+        }
+        for (conf, why) in [
+            (r#"{"name":"confidence","shape":[1],"datatype":"FP32","data":[0.5]}"#, "1 elements for 2 images"),
+            (r#"{"name":"confidence","shape":[2],"datatype":"FP32","data":[0.5,1.5]}"#, "[0, 1]"),
+            (r#"{"name":"confidence","shape":[2],"datatype":"FP32","data":["0.5","1"]}"#, "numbers"),
+            (r#"{"name":"confidence","shape":[2],"datatype":"BYTES","data":[0.5,1]}"#, "optionally one `confidence`"),
+            (r#"{"name":"image","shape":[2],"datatype":"BYTES","data":["eA==","eQ=="]}"#, "got `image`"),
+        ] {
+            let body = format!(r#"{{"inputs":[{image},{conf}]}}"#);
+            let err = parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_err().to_string();
+            assert!(err.contains(why), "{conf}: {err}");
+        }
     }
 }

@@ -538,12 +538,12 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     let inputs = jobs
         .iter()
         .zip(fetched)
-        .map(|((i, _), fetched)| Input {
-            id: req.tasks[*i].id.to_string(),
-            bytes: fetched.map(|(bytes, held)| {
+        .map(|((i, _), fetched)| {
+            let bytes = fetched.map(|(bytes, held)| {
                 _held.merge(held);
                 bytes
-            }),
+            });
+            Input::new(req.tasks[*i].id.to_string(), bytes)
         })
         .collect();
     let outputs = state.engine.score_until(&model, inputs, EmbeddingMode::Omit, deadline).await?;

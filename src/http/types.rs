@@ -8,8 +8,8 @@ use crate::{
     engine::ImageScore,
     engine::Model,
     model::{
-        calibration::{Evaluation, ThresholdRule},
-        manifest::{Color, Provenance, QScoreParams},
+        calibration::{Evaluation, Target, ThresholdRule},
+        manifest::{ClassifierSpec, Color, Provenance, QScoreParams},
     },
     risk::RiskSource,
 };
@@ -22,7 +22,20 @@ pub struct ModelQuery {
     pub model: Option<String>,
 }
 
-/// `?model=NAME&compressed=BOOL` of `/v1/embed`.
+/// `?model=NAME&confidence=P` of `/v1/score`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ScoreQuery {
+    /// Model to use; the server's default when absent.
+    pub model: Option<String>,
+    /// Your classifier's probability for its prediction on the image, in [0, 1], for a raw
+    /// body (a multipart upload may send it as a `confidence` field instead). Needed only by
+    /// a model whose `calibration.needs_confidence` is true.
+    #[param(value_type = Option<f32>)]
+    pub confidence: Option<String>,
+}
+
+/// `?model=NAME&compressed=BOOL&confidence=P` of `/v1/embed`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EmbedQuery {
@@ -31,6 +44,9 @@ pub struct EmbedQuery {
     /// Answer only the features of the calibrated discriminative set D (and which they are).
     #[serde(default)]
     pub compressed: bool,
+    /// As in `/v1/score`.
+    #[param(value_type = Option<f32>)]
+    pub confidence: Option<String>,
 }
 
 /// One item of a batch answer: the image's answer with its id, or its own error.
@@ -108,6 +124,9 @@ pub struct ModelInfo {
     pub calibrated: bool,
     /// The calibration in use; null when uncalibrated.
     pub calibration: Option<CalibrationInfo>,
+    /// The model's own classifier head, when its ONNX file outputs one: it answers
+    /// `predicted_class`.
+    pub classifier: Option<ClassifierSpec>,
     /// Where the weights come from.
     pub provenance: Provenance,
 }
@@ -132,6 +151,12 @@ pub struct InputInfo {
 /// A loaded calibration: what drives the flag and what it is worth on held-out data.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CalibrationInfo {
+    /// Whose mistakes the flag and `p_misclassified` predict: qscore's probe, the classifier
+    /// of a predictions file, or the model's own head.
+    pub target: Target,
+    /// Whether each image needs the client's `confidence` (the flag reads the user's
+    /// classifier confidence, and the model has no head to give it).
+    pub needs_confidence: bool,
     /// Estimator behind the flag.
     pub risk_source: RiskSource,
     /// tau on p_misclassified.
@@ -173,6 +198,8 @@ impl From<&Model> for ModelInfo {
             qscore: m.qscore,
             calibrated: m.calibration.is_some(),
             calibration: m.calibration.as_ref().map(|c| CalibrationInfo {
+                target: c.target.clone(),
+                needs_confidence: c.needs_user_confidence() && man.classifier.is_none(),
                 risk_source: c.risk_source,
                 threshold: c.threshold,
                 threshold_rule: c.threshold_rule,
@@ -180,6 +207,7 @@ impl From<&Model> for ModelInfo {
                 classes: c.probe.classes.clone(),
                 evaluation: c.evaluation.clone(),
             }),
+            classifier: man.classifier.clone(),
             provenance: man.provenance.clone(),
         }
     }

@@ -51,6 +51,9 @@ pub struct JsonImage {
     pub id: Option<String>,
     /// The encoded image (JPEG, PNG, WebP, GIF, BMP or TIFF), standard base64.
     pub data: String,
+    /// Your classifier's probability for its prediction on this image, in [0, 1]; needed only
+    /// by a model whose flag was calibrated on it (`needs_confidence` in `GET /v1/models`).
+    pub confidence: Option<f64>,
 }
 
 impl FromRequest<AppState> for Uploads {
@@ -89,7 +92,7 @@ pub async fn parse_uploads(content_type: &str, body: Bytes, max_images: usize) -
     match essence(content_type).as_str() {
         "multipart/form-data" => parse_multipart(content_type, body, max_images).await,
         "application/json" => parse_json(&body, max_images),
-        _ if is_raw_image(content_type) => Ok(vec![Input { id: "0".into(), bytes: Ok(body) }]),
+        _ if is_raw_image(content_type) => Ok(vec![Input::new("0", Ok(body))]),
         "" => Err(Error::UnsupportedMediaType("(none)".into())),
         e => Err(Error::UnsupportedMediaType(e.to_owned())),
     }
@@ -178,6 +181,7 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
     let mut multipart = multer::Multipart::new(stream, boundary);
     let malformed = |e: multer::Error| Error::BadRequest(format!("malformed multipart body: {e}"));
     let mut uploads = Vec::new();
+    let mut confidences: Vec<Result<f32, Error>> = Vec::new();
     while let Some(field) = multipart.next_field().await.map_err(malformed)? {
         // The part's names are read from its header here, not with multer's `name()` and
         // `file_name()`, which match `name=` case-sensitively and skip `filename*`.
@@ -186,11 +190,20 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
         if !disposition.form_data {
             return Err(Error::BadRequest(format!(
                 "multipart part {} has no `Content-Disposition: form-data; name=\"image\"` header",
-                uploads.len()
+                uploads.len() + confidences.len()
             )));
         }
-        if disposition.name.as_deref() != Some("image") {
-            return Err(Error::UnexpectedField(disposition.name.unwrap_or_default()));
+        match disposition.name.as_deref() {
+            Some("image") => {}
+            Some("confidence") => {
+                if confidences.len() == max_images {
+                    return Err(Error::TooManyImages { limit: max_images });
+                }
+                let text = field.bytes().await.map_err(malformed)?;
+                confidences.push(parse_confidence(&String::from_utf8_lossy(&text)));
+                continue;
+            }
+            _ => return Err(Error::UnexpectedField(disposition.name.unwrap_or_default())),
         }
         if uploads.len() == max_images {
             return Err(Error::TooManyImages { limit: max_images });
@@ -200,16 +213,57 @@ async fn parse_multipart(content_type: &str, body: Bytes, max_images: usize) -> 
         if let Err(e) = bounded::check_id(|| format!("the file name of part {position}"), &id) {
             // The part keeps its slot, under its position: its name is too long to echo.
             let _ = field.bytes().await.map_err(malformed)?;
-            uploads.push(Input { id: position, bytes: Err(e) });
+            uploads.push(Input::new(position, Err(e)));
             continue;
         }
         let data = field.bytes().await.map_err(malformed)?;
-        uploads.push(Input { id, bytes: Ok(data) });
+        uploads.push(Input::new(id, Ok(data)));
     }
     if uploads.is_empty() {
         return Err(Error::MissingImage);
     }
+    attach_confidences(&mut uploads, confidences)?;
     Ok(uploads)
+}
+
+/// Gives the i-th `confidence` field to the i-th image. None at all is fine (the model may not
+/// need them); a count that differs from the images' would pair them by guesswork, so it is
+/// refused. A confidence that is not a probability fails its own image only.
+fn attach_confidences(uploads: &mut [Input], confidences: Vec<Result<f32, Error>>) -> Result<(), Error> {
+    if confidences.is_empty() {
+        return Ok(());
+    }
+    if confidences.len() != uploads.len() {
+        return Err(Error::BadRequest(format!(
+            "{} `confidence` fields for {} images; send one per image, in the order of the `image` parts",
+            confidences.len(),
+            uploads.len()
+        )));
+    }
+    for (input, c) in uploads.iter_mut().zip(confidences) {
+        match c {
+            Ok(c) => input.confidence = Some(c),
+            Err(e) if input.bytes.is_ok() => input.bytes = Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads a client's classifier confidence: a number in [0, 1], as text (a form field or a
+/// query parameter).
+pub(crate) fn parse_confidence(text: &str) -> Result<f32, Error> {
+    let shown = || {
+        let t: String = text.chars().take(32).collect();
+        format!("{t:?}")
+    };
+    let v: f64 = text.trim().parse().map_err(|_| Error::InvalidConfidence(shown()))?;
+    checked_confidence(v).ok_or_else(|| Error::InvalidConfidence(shown()))
+}
+
+/// `v` as a confidence when it is a probability (finite, in [0, 1]).
+pub(crate) fn checked_confidence(v: f64) -> Option<f32> {
+    (v.is_finite() && (0.0..=1.0).contains(&v)).then_some(v as f32)
 }
 
 /// The batch as it is read: each image kept as its raw JSON text (borrowed from the body, so
@@ -238,25 +292,32 @@ fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Input>, Error> {
 }
 
 /// One item of a JSON batch: its id (its position when it has none, or none that can be
-/// echoed) and its decoded bytes, or why it has none.
+/// echoed), its decoded bytes or why it has none, and its `confidence`.
 fn json_item(i: usize, raw: &str) -> Input {
     let position = || i.to_string();
     let item: JsonImage = match serde_json::from_str(raw) {
         Ok(item) => item,
         Err(e) => {
-            let e = Error::BadRequest(format!("image {i} is not {{\"id\": \"...\", \"data\": \"<base64>\"}}: {e}"));
-            return Input { id: position(), bytes: Err(e) };
+            let e = Error::BadRequest(format!(
+                "image {i} is not {{\"id\": \"...\", \"data\": \"<base64>\", \"confidence\": <optional number>}}: {e}"
+            ));
+            return Input::new(position(), Err(e));
         }
     };
     if let Some(id) = &item.id
         && let Err(e) = bounded::check_id(|| format!("the `id` of image {i}"), id)
     {
-        return Input { id: position(), bytes: Err(e) };
+        return Input::new(position(), Err(e));
     }
+    let id = item.id.unwrap_or_else(position);
+    let confidence = match item.confidence.map(|c| checked_confidence(c).ok_or(c)).transpose() {
+        Ok(c) => c,
+        Err(c) => return Input::new(id, Err(Error::InvalidConfidence(c.to_string()))),
+    };
     let bytes = decode_base64(&item.data)
         .map(Bytes::from)
         .map_err(|e| Error::BadRequest(format!("`data` is not valid base64: {e}")));
-    Input { id: item.id.unwrap_or_else(position), bytes }
+    Input { id, bytes, confidence }
 }
 
 /// Base64 in every form clients send: standard or URL-safe alphabet, padded or not, wrapped

@@ -59,6 +59,44 @@ pub struct Calibration {
     pub evaluation: Evaluation,
     /// What data it was fitted on.
     pub data: DataFingerprint,
+    /// Whose mistakes "misclassified" means, in every figure and in the flag.
+    #[serde(default)]
+    pub target: Target,
+}
+
+/// Whose mistakes the flag predicts: what "misclassified" meant when it was calibrated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "classifier")]
+pub enum Target {
+    /// qscore's own linear probe on the representation, trained on the fit part: a stand-in
+    /// for a classifier the user did not name.
+    #[default]
+    Probe,
+    /// The user's classifier, by its answers in `qscore calibrate --predictions FILE`.
+    Predictions {
+        /// The file as given.
+        file: String,
+        /// SHA-256 of its bytes.
+        sha256: String,
+        /// Whether it had a `confidence` column (a candidate estimator, `user_confidence`).
+        with_confidence: bool,
+    },
+    /// The model's own classifier head (`[classifier]` in model.toml), whose logits the ONNX
+    /// file outputs beside the representation.
+    ModelHead {
+        /// The logits tensor's name.
+        output: String,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Probe => f.write_str("qscore's linear probe"),
+            Self::Predictions { file, sha256, .. } => write!(f, "the classifier of {file} (sha256 {:.12})", sha256),
+            Self::ModelHead { output } => write!(f, "the model's own head `{output}`"),
+        }
+    }
 }
 
 /// How tau was chosen, on the select part.
@@ -294,12 +332,23 @@ impl Calibration {
             .map_err(|j| format!("discriminative_features holds index {j}, past the model's {dim} features"))
     }
 
-    /// The probe's prediction and the calibrated risk of one representation and its score.
-    pub fn assess(&self, h: ArrayView1<f32>, score: &Score) -> Assessment {
+    /// Whether serving needs the user's classifier confidence per image.
+    pub fn needs_user_confidence(&self) -> bool {
+        false
+    }
+
+    /// The probe's prediction and the calibrated risk of one representation and its score;
+    /// `user_confidence` is the user's classifier's probability for its prediction.
+    pub fn assess(
+        &self,
+        h: ArrayView1<f32>,
+        score: &Score,
+        _user_confidence: Option<f32>,
+    ) -> Result<Assessment, crate::risk::MissingConfidence> {
         let crate::risk::Measurement { prediction, risks } =
             crate::risk::measure(h, score, &self.probe, &self.neighbours, &[self.risk_source]);
         let p = self.isotonic.apply(risks[0]);
-        Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold }
+        Ok(Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold })
     }
 }
 
@@ -350,12 +399,12 @@ mod tests {
         let h = ndarray::array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
         let s = crate::qscore::score(h.view(), cal.epsilon, &cal.discriminative_set(8).unwrap()).unwrap();
         assert!((s.q_score - 2.75).abs() < 1e-6);
-        let a = cal.assess(h.view(), &s);
+        let a = cal.assess(h.view(), &s, None).unwrap();
         assert!((a.p_misclassified - 0.35).abs() < 1e-6, "{a:?}");
         assert!(!a.likely_misclassified);
         assert_eq!(a.prediction.class, 1);
         let none = crate::qscore::score(h.view(), cal.epsilon, &Discriminative::Mask(vec![false; 8])).unwrap();
-        let a = cal.assess(h.view(), &none);
+        let a = cal.assess(h.view(), &none, None).unwrap();
         assert!((a.p_misclassified - 0.9).abs() < 1e-6 && a.likely_misclassified);
     }
 

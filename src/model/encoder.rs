@@ -85,23 +85,34 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// An encoder session with the names of its input and output.
+/// An encoder session with the names of its input and outputs.
 pub struct Encoder {
     session: Session,
     input: String,
     output: String,
     dim: usize,
+    /// The classifier head's logits tensor and its class count, when the graph has one.
+    head: Option<(String, usize)>,
+}
+
+/// What one run answers for a batch of N images.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The representations, shape (N, d).
+    pub embeddings: Array2<f32>,
+    /// The classifier head's logits, shape (N, classes), when the model has a head.
+    pub logits: Option<Array2<f32>>,
 }
 
 impl Encoder {
-    /// Builds a session for `model_path` on the requested device. A CUDA request whose
+    /// Builds a session for `model_path` on the requested device; `head` names the logits
+    /// output and its class count when the graph also holds a classifier. A CUDA request whose
     /// provider cannot register is an error carrying ONNX Runtime's reason.
     pub fn load(
         env: &Environment,
         model_path: &Path,
-        input: &str,
-        output: &str,
-        dim: usize,
+        (input, output, dim): (&str, &str, usize),
+        head: Option<(&str, usize)>,
         opts: SessionOptions,
     ) -> anyhow::Result<Self> {
         let fail = |what: &str, e: String| anyhow::anyhow!("{}: {what}: {e}", model_path.display());
@@ -133,7 +144,11 @@ impl Encoder {
         }
         let session =
             builder.commit_from_file(model_path).map_err(|e| fail("cannot load the ONNX model", e.to_string()))?;
-        for (what, name, outlets) in [("input", input, session.inputs()), ("output", output, session.outputs())] {
+        let mut named = vec![("input", input, session.inputs()), ("output", output, session.outputs())];
+        if let Some((logits, _)) = head {
+            named.push(("classifier.output", logits, session.outputs()));
+        }
+        for (what, name, outlets) in named {
             if !outlets.iter().any(|o| o.name() == name) {
                 let names: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
                 anyhow::bail!(
@@ -142,24 +157,38 @@ impl Encoder {
                 );
             }
         }
-        Ok(Self { session, input: input.to_owned(), output: output.to_owned(), dim })
+        Ok(Self {
+            session,
+            input: input.to_owned(),
+            output: output.to_owned(),
+            dim,
+            head: head.map(|(name, classes)| (name.to_owned(), classes)),
+        })
     }
 
     /// Runs a batch (N, C, H, W) and returns the representations (N, d), whatever trailing
-    /// singleton axes the graph leaves (N, d, 1, 1 is common for pooled CNNs).
-    pub fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Array2<f32>> {
+    /// singleton axes the graph leaves (N, d, 1, 1 is common for pooled CNNs), and the head's
+    /// logits (N, classes) when there is a head.
+    pub fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded> {
         let n = batch.dim().0;
         let input = TensorRef::from_array_view(batch).context("building the input tensor")?;
         let outputs = self.session.run(ort::inputs![self.input.as_str() => input]).context("ONNX Runtime run")?;
-        let view = outputs[self.output.as_str()].try_extract_array::<f32>().context("reading the output tensor")?;
-        let len = view.len();
-        if len != n * self.dim {
-            anyhow::bail!(
-                "the model answered {:?} for {n} images; model.toml says {} features each",
-                view.shape(),
-                self.dim
-            );
-        }
-        Ok(Array2::from_shape_vec((n, self.dim), view.iter().copied().collect())?)
+        let rows = |name: &str, width: usize, what: &str| -> anyhow::Result<Array2<f32>> {
+            let view =
+                outputs[name].try_extract_array::<f32>().with_context(|| format!("reading the {what} tensor"))?;
+            if view.len() != n * width {
+                anyhow::bail!(
+                    "the model answered {what} {:?} for {n} images; model.toml says {width} each",
+                    view.shape()
+                );
+            }
+            Ok(Array2::from_shape_vec((n, width), view.iter().copied().collect())?)
+        };
+        let embeddings = rows(&self.output, self.dim, "features")?;
+        let logits = match &self.head {
+            Some((name, classes)) => Some(rows(name, *classes, "classifier logits")?),
+            None => None,
+        };
+        Ok(Encoded { embeddings, logits })
     }
 }

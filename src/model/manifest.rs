@@ -30,6 +30,20 @@ pub struct Manifest {
     /// Q-Score parameters.
     #[serde(default)]
     pub qscore: QScoreParams,
+    /// The user's own classifier head, when the ONNX file also outputs its logits.
+    pub classifier: Option<ClassifierSpec>,
+}
+
+/// A classifier head in the same ONNX graph: its logits answer `predicted_class` and, for
+/// calibration, say whose mistakes the flag predicts (the model's own, without a predictions
+/// file).
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierSpec {
+    /// Tensor name of the logits in the ONNX graph, shape (N, classes) before softmax.
+    pub output: String,
+    /// Class names in the order of the logits; calibration matches them to the class folders.
+    pub classes: Vec<String>,
 }
 
 /// Provenance of a model build.
@@ -176,6 +190,19 @@ impl Manifest {
         }
         if !(self.qscore.epsilon.is_finite()) {
             return Err("qscore.epsilon must be finite".into());
+        }
+        if let Some(head) = &self.classifier {
+            if head.classes.len() < 2 {
+                return Err("classifier.classes needs at least two class names".into());
+            }
+            let mut sorted: Vec<&String> = head.classes.iter().collect();
+            sorted.sort();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(format!("classifier.classes names `{}` twice", w[0]));
+            }
+            if head.output == self.output.name {
+                return Err("classifier.output must be another tensor than output.name".into());
+            }
         }
         Ok(())
     }

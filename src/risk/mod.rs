@@ -52,3 +52,15 @@ pub fn measure(
         .collect();
     Measurement { prediction, risks }
 }
+
+/// The chosen estimator reads the client's classifier confidence, and the image came without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingConfidence;
+
+impl std::fmt::Display for MissingConfidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this model's flag uses the client's classifier confidence; send `confidence` in [0, 1] per image")
+    }
+}
+
+impl std::error::Error for MissingConfidence {}

@@ -47,6 +47,17 @@ impl Prediction {
         self.probabilities[self.class]
     }
 
+    /// The softmax of `logits` (one per class, at least one) and its top class, the first on
+    /// ties. Computed in f64 after subtracting the largest logit, so no logit overflows.
+    pub fn from_logits(logits: &[f64]) -> Self {
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exp: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();
+        let total: f64 = exp.iter().sum();
+        let probabilities: Vec<f32> = exp.iter().map(|&e| (e / total) as f32).collect();
+        let class = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+        Self { class, probabilities }
+    }
+
     /// Top-1 minus top-2 probability.
     pub fn margin(&self) -> f32 {
         let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -179,12 +190,7 @@ impl Probe {
             .zip(&self.bias)
             .map(|(w, &b)| f64::from(b) + w.iter().zip(z).map(|(&w, &z)| f64::from(w) * f64::from(z)).sum::<f64>())
             .collect();
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let exp: Vec<f64> = logits.iter().map(|&l| (l - max).exp()).collect();
-        let total: f64 = exp.iter().sum();
-        let probabilities: Vec<f32> = exp.iter().map(|&e| (e / total) as f32).collect();
-        let class = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
-        Prediction { class, probabilities }
+        Prediction::from_logits(&logits)
     }
 
     /// Checks a probe read from a file against the model's d.
