@@ -475,7 +475,14 @@ mod tests {
             seed: 0,
             sweep: vec![(1.5, (0.0, 100.0))],
         };
-        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes, predicted: None, confidence: None };
+        let data = Embedded {
+            h: h.view(),
+            labels: &labels,
+            parts: &parts,
+            classes: &classes,
+            predicted: None,
+            confidence: None,
+        };
         let fp = DataFingerprint {
             sources: vec![],
             classes: classes.clone(),

@@ -256,7 +256,7 @@ pub fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|c| {
                     serde_json::json!({
-                        "model": c.model, "epsilon": c.epsilon, "percentiles": c.percentiles,
+                        "model": c.model, "target": c.target, "epsilon": c.epsilon, "percentiles": c.percentiles,
                         "risk_source": c.risk_source, "threshold": c.threshold, "threshold_rule": c.threshold_rule,
                         "discriminative_features": c.discriminative_features, "evaluation": c.evaluation, "data": c.data,
                     })

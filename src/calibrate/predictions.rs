@@ -85,7 +85,11 @@ fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<
         };
         match rows.entry(path) {
             Entry::Occupied(first) => {
-                bail!("line {line}: `path` {:?} is also on line {}; give each image one row", first.key(), first.get().line)
+                bail!(
+                    "line {line}: `path` {:?} is also on line {}; give each image one row",
+                    first.key(),
+                    first.get().line
+                )
             }
             Entry::Vacant(slot) => {
                 slot.insert(Row { line, class, confidence });
@@ -194,12 +198,7 @@ mod tests {
     #[test]
     fn two_roots_need_the_root_only_when_they_collide() {
         let mut ds = dataset();
-        ds.images.push(LabelledImage {
-            path: PathBuf::from("/x/held/a/1.png"),
-            class: 0,
-            part: Part::Test,
-            size: 1,
-        });
+        ds.images.push(LabelledImage { path: PathBuf::from("/x/held/a/1.png"), class: 0, part: Part::Test, size: 1 });
         let short = "path,predicted\na/1.png,a\na/2.png,a\nb/1.png,b\nheld/a/1.png,b\n";
         assert!(parse(short.as_bytes(), &ds).unwrap_err().to_string().contains("name the root"));
         let long = "path,predicted\ndata/a/1.png,a\na/2.png,a\nb/1.png,b\nheld/a/1.png,b\n";

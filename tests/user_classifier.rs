@@ -1,0 +1,192 @@
+//! The flag for the user's own classifier: `qscore calibrate --predictions FILE`, a model whose
+//! ONNX file carries its own classifier head, and the client's confidence per image. Each test
+//! runs the real binary on the committed Fashion-MNIST subset (20 t10k images per class) and
+//! the real server on a real port.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use common::{Server, assert_error, fixture, root};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const MODEL: &str = "fmnist-simclr";
+
+/// A fresh models folder under the temp dir.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qscore-user-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The bundled SimCLR encoder, uncalibrated, as `name` under `dir`.
+fn add_encoder(dir: &Path, name: &str) {
+    let model = dir.join(name);
+    std::fs::create_dir_all(&model).unwrap();
+    let src = root().join("models").join(MODEL);
+    std::os::unix::fs::symlink(src.join("model.onnx"), model.join("model.onnx")).unwrap();
+    let toml = std::fs::read_to_string(src.join("model.toml")).unwrap();
+    std::fs::write(
+        model.join("model.toml"),
+        toml.replacen(&format!("name = \"{MODEL}\""), &format!("name = \"{name}\""), 1),
+    )
+    .unwrap();
+}
+
+fn qscore(args: &[&str]) -> Output {
+    common::qscore_bin().env_remove("QSCORE_MODEL").args(args).output().unwrap()
+}
+
+fn calibrate(models: &Path, model: &str, extra: &[&str]) -> Output {
+    let data = fixture("fmnist");
+    let mut args = vec!["calibrate", "--models-dir", models.to_str().unwrap(), "--model", model];
+    args.extend_from_slice(&["--data", data.to_str().unwrap(), "--neighbours", "5", "--random-subsets", "2"]);
+    args.extend_from_slice(extra);
+    qscore(&args)
+}
+
+fn succeeded(out: &Output) {
+    assert!(out.status.success(), "calibrate failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn failed_saying(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(what), "expected a failure saying {what:?}:\n{stderr}");
+}
+
+/// Every fixture image as (`<class>/<file>`, class).
+fn fixture_images() -> Vec<(String, String)> {
+    let mut images = Vec::new();
+    for class in std::fs::read_dir(fixture("fmnist")).unwrap() {
+        let class = class.unwrap().file_name().into_string().unwrap();
+        for file in std::fs::read_dir(fixture("fmnist").join(&class)).unwrap() {
+            images.push((format!("{class}/{}", file.unwrap().file_name().into_string().unwrap()), class.clone()));
+        }
+    }
+    images.sort();
+    images
+}
+
+fn calibration(models: &Path, model: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(models.join(model).join("calibration.json")).unwrap()).unwrap()
+}
+
+/// A user's classifier that is right except on shirts, which it calls T-shirts: its error rate
+/// on every stratified part is exactly the shirts' share, 10%, whatever qscore's probe does. A
+/// calibration that still measured the probe's mistakes would report the probe's rate instead.
+#[test]
+fn a_predictions_file_defines_what_misclassified_means() {
+    let dir = scratch("predictions");
+    add_encoder(&dir, MODEL);
+    let mut csv = String::from("path,label,predicted\n");
+    for (path, class) in fixture_images() {
+        let predicted = if class == "shirt" { "tshirt_top" } else { class.as_str() };
+        csv.push_str(&format!("{path},{class},{predicted}\n"));
+    }
+    let file = dir.join("predictions.csv");
+    std::fs::write(&file, &csv).unwrap();
+
+    let out = calibrate(&dir, MODEL, &["--predictions", file.to_str().unwrap()]);
+    succeeded(&out);
+    let cal = calibration(&dir, MODEL);
+    let sha: String = Sha256::digest(csv.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        cal["target"],
+        json!({"classifier": "predictions", "file": file.to_str().unwrap(), "sha256": sha, "with_confidence": false})
+    );
+    assert_eq!(cal["evaluation"]["error_rate"], 0.1, "the user's classifier is wrong on the 5 test shirts of 50");
+    let base = cal["evaluation"]["p_misclassified"]["base_rate"].as_f64().unwrap();
+    assert_eq!(base, 0.1);
+
+    // Served: GET /v1/models says whose mistakes the flag predicts.
+    let server = Server::start_with_models(&dir, &["--model", MODEL]);
+    let info: Value = server.get(&format!("/v1/models/{MODEL}")).json().unwrap();
+    assert_eq!(info["calibration"]["target"]["classifier"], "predictions");
+    assert_eq!(info["calibration"]["target"]["sha256"], sha.as_str());
+    assert_eq!(info["calibration"]["needs_confidence"], false);
+    drop(server);
+
+    // Every mismatch between the file and the images is an error naming the line.
+    let rows: Vec<&str> = csv.lines().collect();
+    for (broken, says) in [
+        (rows[..rows.len() - 1].join("\n"), "has no row"),
+        (format!("{csv}extra/none.png,shirt,shirt\n"), &format!("line {}: no image", rows.len() + 1) as &str),
+        (csv.replacen(",tshirt_top\n", ",t-shirt\n", 1), "is not a class folder"),
+        (format!("{csv}{}\n", rows[1]), "also on line 2"),
+        ("file,class\n".to_string(), "must name the columns `path` and `predicted`"),
+    ] {
+        let bad = dir.join("bad.csv");
+        std::fs::write(&bad, broken).unwrap();
+        failed_saying(&calibrate(&dir, MODEL, &["--predictions", bad.to_str().unwrap()]), says);
+    }
+}
+
+/// A model whose ONNX file also outputs classifier logits (made by
+/// `models/recipes/add_classifier_head.py` from the bundled calibration's probe, so the head's
+/// classes must be the probe's): it answers `predicted_class` from its head, and calibration
+/// takes that head as the classifier without a predictions file.
+#[test]
+fn a_model_head_answers_the_class_and_is_what_calibration_predicts() {
+    let dir = scratch("head");
+    let head = dir.join("fmnist-simclr-head");
+    let made = std::process::Command::new(root().join(".venv-test/bin/python"))
+        .arg(root().join("models/recipes/add_classifier_head.py"))
+        .args(["--model", root().join("models").join(MODEL).to_str().unwrap(), "--out", head.to_str().unwrap()])
+        .output()
+        .expect("run `make tools` for .venv-test");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // The bundled, calibrated encoder beside it: its probe answers the class the head must.
+    let bundled = dir.join(MODEL);
+    std::fs::create_dir_all(&bundled).unwrap();
+    for f in ["model.onnx", "model.toml", "calibration.json"] {
+        std::os::unix::fs::symlink(root().join("models").join(MODEL).join(f), bundled.join(f)).unwrap();
+    }
+
+    let server = Server::start_with_models(&dir, &["--model", MODEL]);
+    let images = fixture_images();
+    let mut agree = 0;
+    for (path, _) in &images {
+        let bytes = std::fs::read(fixture("fmnist").join(path)).unwrap();
+        let by_head: Value =
+            server.post_raw("/v1/score?model=fmnist-simclr-head", "image/png", bytes.clone()).json().unwrap();
+        let by_probe: Value = server.post_raw(&format!("/v1/score?model={MODEL}"), "image/png", bytes).json().unwrap();
+        assert_eq!(by_head["calibrated"], false);
+        assert!(by_head["class_probability"].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)), "{by_head}");
+        agree += usize::from(by_head["predicted_class"] == by_probe["predicted_class"]);
+    }
+    // The head computes in f32 inside ONNX Runtime, the probe in f64: only a near-tie may differ.
+    assert!(
+        agree + 2 >= images.len(),
+        "the head agrees with the probe it was made from on {agree} of {}",
+        images.len()
+    );
+    let info: Value = server.get("/v1/models/fmnist-simclr-head").json().unwrap();
+    assert_eq!(info["classifier"]["output"], "logits");
+    drop(server);
+
+    let out = calibrate(&dir, "fmnist-simclr-head", &[]);
+    succeeded(&out);
+    let cal = calibration(&dir, "fmnist-simclr-head");
+    assert_eq!(cal["target"], json!({"classifier": "model_head", "output": "logits"}));
+    let csv = dir.join("p.csv");
+    std::fs::write(&csv, "path,predicted\n").unwrap();
+    failed_saying(
+        &calibrate(&dir, "fmnist-simclr-head", &["--predictions", csv.to_str().unwrap()]),
+        "has its own classifier head",
+    );
+
+    let server = Server::start_with_models(&dir, &["--model", MODEL]);
+    let bytes = std::fs::read(fixture("fmnist").join(&images[0].0)).unwrap();
+    let answer: Value = server.post_raw("/v1/score?model=fmnist-simclr-head", "image/png", bytes).json().unwrap();
+    assert_eq!(answer["calibrated"], true);
+    assert!(answer["p_misclassified"].as_f64().is_some(), "{answer}");
+    let info: Value = server.get("/v1/models/fmnist-simclr-head").json().unwrap();
+    assert_eq!(info["calibration"]["target"]["classifier"], "model_head");
+    assert_eq!(info["calibration"]["needs_confidence"], false, "the head gives its own confidence");
+    let _ = assert_error;
+}
