@@ -670,6 +670,11 @@ mod tests {
             .count();
         assert!((flagged as f64 / 60.0 - e.flag.operating.flagged_rate).abs() < 1e-9);
         assert_eq!(cal.probe.predict(h.row(0)).class, 0);
+        // The report prints every new figure.
+        let md = super::super::report::markdown(&[&cal]);
+        for table in ["only the features with A_j > 0", "Compression curve", "| select AUPRC |", "Reliability of"] {
+            assert!(md.contains(table), "{table} missing from\n{md}");
+        }
         // Same inputs, same file.
         let again = calibrate(&data, &settings, "toy", cal.data.clone()).unwrap();
         assert_eq!(serde_json::to_string(&again).unwrap(), serde_json::to_string(&cal).unwrap());
