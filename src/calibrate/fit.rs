@@ -9,8 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use super::dataset::Part;
 use crate::{
     model::calibration::{
-        Calibration, Compression, DataFingerprint, Distribution, EstimatorMetrics, Evaluation, FORMAT_VERSION,
-        FlagMetrics, Histogram, Ranking, Reference, SweepRow, Target, ThresholdRule,
+        Calibration, Compression, CurvePoint, DataFingerprint, Distribution, EstimatorMetrics, Evaluation,
+        FORMAT_VERSION, FlagMetrics, Histogram, Ranking, Reference, ReliabilityBin, SubsetAccuracy, SweepRow,
+        Target, ThresholdRule,
     },
     qscore::{self, Discriminative, Score},
     risk::RiskSource,
@@ -55,8 +56,15 @@ pub struct Settings {
     pub max_neighbours: usize,
     /// Probe training.
     pub probe: ProbeSettings,
-    /// Random subsets in the compression comparison.
+    /// Random subsets in the compression comparison (for D, for A_j > 0 and at each point of
+    /// the curve).
     pub random_subsets: usize,
+    /// Shares of the d features kept on the compression curve, each in (0, 1] (e.g. 0.4, 0.5,
+    /// ..., 1.0); empty for no curve. Each point below 1 costs 1 + `random_subsets` probe fits.
+    pub curve_fractions: Vec<f64>,
+    /// Prior strength a (images) of the isotonic map's shrinkage toward the select error rate;
+    /// 0 for scikit-learn's plain map.
+    pub isotonic_prior: f64,
     /// Seed of the random subsets.
     pub seed: u64,
     /// (eps, band) pairs to sweep the Q-Score over.
@@ -157,9 +165,10 @@ pub fn calibrate(
         }
     };
     let c = RiskSource::ALL.iter().position(|&s| s == chosen).expect("every source is in ALL");
-    let isotonic = IsotonicMap::fit(
+    let isotonic = IsotonicMap::fit_shrunk(
         &risk_of(&select, c),
         &select_wrong.iter().map(|&w| f64::from(u8::from(w))).collect::<Vec<_>>(),
+        settings.isotonic_prior,
     )
     .context("no finite risk value on the select part")?;
     let p = |m: &[Measured]| m.iter().map(|x| f64::from(isotonic.apply(x.risk[c] as f32))).collect::<Vec<f64>>();
@@ -180,7 +189,7 @@ pub fn calibrate(
             ),
         },
     };
-    let threshold = threshold as f32;
+    let threshold = between_plateaus(&select_p, threshold);
 
     let test_p = p(&test);
     let estimators = RiskSource::ALL
@@ -203,12 +212,15 @@ pub fn calibrate(
     let test_h = data.h.select(Axis(0), &parts.test);
     let test_y: Vec<usize> = parts.test.iter().map(|&i| data.labels[i]).collect();
     let accuracy_all = 1.0 - error_rate;
-    let compression = compression(&fit_h, &fit_y, &test_h, &test_y, &d_set, accuracy_all, data.classes, settings)?;
+    let fitted = Fitted { fit: &fit_h, fit_y: &fit_y, test: &test_h, test_y: &test_y, classes: data.classes };
+    let compression = compression(&fitted, &probe, &frequency, &d_set, settings)?;
+    let select_h = data.h.select(Axis(0), &parts.select);
     let sweep = settings
         .sweep
         .iter()
-        .map(|&(eps, band)| sweep_row(&fit_h, &test_h, &test_wrong, eps, band))
+        .map(|&(eps, band)| sweep_row(&fit_h, (&select_h, &select_wrong), (&test_h, &test_wrong), eps, band))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let sweep_chosen = best_select_row(&sweep);
 
     let reference_q: Vec<f32> = select.iter().chain(&test).map(|m| m.score.q_score).collect();
     let reference_p: Vec<f32> = select_p.iter().chain(&test_p).map(|&v| v as f32).collect();
@@ -240,6 +252,9 @@ pub fn calibrate(
         flag: flag_metrics(&test_p, &test_wrong, threshold),
         compression,
         sweep,
+        sweep_chosen,
+        reliability: reliability(&test_p, &test_wrong, RELIABILITY_BINS),
+        isotonic_prior: settings.isotonic_prior,
     };
 
     Ok(Calibration {
@@ -289,100 +304,234 @@ fn discriminative(fit: ArrayView2<f32>, epsilon: f32, (lo, hi): (f64, f64)) -> a
 }
 
 /// `f` over `items` on every core, answers in input order. Each probe fit is single-threaded
-/// and independent of the others, so this is where calibration's time goes down.
+/// and independent of the others, so this is where calibration's time goes down. Threads take
+/// the next item as they finish one: probe fits on 40% and on 90% of the features differ in
+/// cost, and fixed chunks would leave a core idle.
 fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from).min(items.len().max(1));
-    let per = items.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            items.chunks(per).map(|chunk| scope.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>())).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break mine };
+                        mine.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
         handles.into_iter().flat_map(|h| h.join().expect("a calibration thread panicked")).collect()
-    })
+    });
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The labelled fit and test representations the compression probes train and test on.
+struct Fitted<'a> {
+    fit: &'a Array2<f32>,
+    fit_y: &'a [usize],
+    test: &'a Array2<f32>,
+    test_y: &'a [usize],
+    classes: &'a [String],
 }
 
 /// The probe's test accuracy when it sees only `features`.
-fn accuracy_on(
-    fit: &Array2<f32>,
-    fit_y: &[usize],
-    test: &Array2<f32>,
-    test_y: &[usize],
-    features: &[usize],
-    classes: &[String],
-    settings: ProbeSettings,
-) -> anyhow::Result<f64> {
-    let probe = Probe::train(fit.select(Axis(1), features).view(), fit_y, classes, settings)?;
-    let test = test.select(Axis(1), features);
-    let right = test.axis_iter(Axis(0)).zip(test_y).filter(|(h, y)| probe.predict(*h).class == **y).count();
-    Ok(right as f64 / test_y.len() as f64)
+fn accuracy_on(data: &Fitted, features: &[usize], settings: ProbeSettings) -> anyhow::Result<f64> {
+    let probe = Probe::train(data.fit.select(Axis(1), features).view(), data.fit_y, data.classes, settings)?;
+    Ok(probe_accuracy(&probe, &data.test.select(Axis(1), features), data.test_y))
 }
 
-#[allow(clippy::too_many_arguments)]
+fn probe_accuracy(probe: &Probe, test: &Array2<f32>, test_y: &[usize]) -> f64 {
+    let right = test.axis_iter(Axis(0)).zip(test_y).filter(|(h, y)| probe.predict(*h).class == **y).count();
+    right as f64 / test_y.len().max(1) as f64
+}
+
+/// Feature indices by descending A_j, ties by ascending index: the paper's "discriminative"
+/// ranking (how often a feature is highly activating), which the compression curve keeps a
+/// prefix of.
+fn ranked_by_frequency(frequency: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..frequency.len()).collect();
+    order.sort_by(|&a, &b| frequency[b].total_cmp(&frequency[a]).then(a.cmp(&b)));
+    order
+}
+
+/// Mean and sample standard deviation (0 with fewer than two values).
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n.max(1.0);
+    let sd = if n > 1.0 { (values.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (mean, sd)
+}
+
+/// Probe accuracy on chosen feature subsets against random subsets of the same sizes: D, the
+/// features with A_j > 0, and the top-A_j curve. Every probe fit of all three goes through one
+/// [`parallel_map`]. A subset of all d features is not refitted: its accuracy is the shipped
+/// probe's, and random subsets of d are the same features.
 fn compression(
-    fit: &Array2<f32>,
-    fit_y: &[usize],
-    test: &Array2<f32>,
-    test_y: &[usize],
+    data: &Fitted,
+    probe: &Probe,
+    frequency: &[f32],
     d_set: &[usize],
-    accuracy_all: f64,
-    classes: &[String],
     settings: &Settings,
 ) -> anyhow::Result<Compression> {
-    let dim = fit.ncols();
-    let accuracy_discriminative = accuracy_on(fit, fit_y, test, test_y, d_set, classes, settings.probe)?;
-    let seeds: Vec<u64> = (0..settings.random_subsets as u64).collect();
-    let accuracy_random = parallel_map(&seeds, |&s| {
-        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed.wrapping_add(s));
-        let mut subset = rand::seq::index::sample(&mut rng, dim, d_set.len()).into_vec();
-        subset.sort_unstable();
-        accuracy_on(fit, fit_y, test, test_y, &subset, classes, settings.probe)
-    })
-    .into_iter()
-    .collect::<anyhow::Result<Vec<f64>>>()?;
-    let n = accuracy_random.len() as f64;
-    let mean = accuracy_random.iter().sum::<f64>() / n.max(1.0);
-    let sd = if n > 1.0 {
-        (accuracy_random.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-    } else {
-        0.0
+    let dim = data.fit.ncols();
+    let accuracy_all = probe_accuracy(probe, data.test, data.test_y);
+    let active: Vec<usize> = (0..dim).filter(|&j| frequency[j] > 0.0).collect();
+    let ranked = ranked_by_frequency(frequency);
+    let curve_sizes: Vec<(f64, usize)> =
+        settings.curve_fractions.iter().map(|&f| (f, ((f * dim as f64).round() as usize).clamp(1, dim))).collect();
+
+    // Each chosen subset, then its random twins; `groups` remembers where each one's fits are.
+    let mut jobs: Vec<Vec<usize>> = Vec::new();
+    let mut groups: Vec<Option<std::ops::Range<usize>>> = Vec::new();
+    let chosen_sets = std::iter::once(d_set.to_vec()).chain(std::iter::once(active.clone())).chain(
+        curve_sizes.iter().map(|&(_, k)| {
+            let mut top = ranked[..k].to_vec();
+            top.sort_unstable();
+            top
+        }),
+    );
+    for chosen in chosen_sets {
+        if chosen.len() == dim || chosen.is_empty() {
+            groups.push(None);
+            continue;
+        }
+        let start = jobs.len();
+        let k = chosen.len();
+        jobs.push(chosen);
+        for s in 0..settings.random_subsets as u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(settings.seed.wrapping_add(s));
+            let mut subset = rand::seq::index::sample(&mut rng, dim, k).into_vec();
+            subset.sort_unstable();
+            jobs.push(subset);
+        }
+        groups.push(Some(start..jobs.len()));
+    }
+    tracing::info!(fits = jobs.len(), "compression: probe fits on feature subsets");
+    let accuracy = parallel_map(&jobs, |features| accuracy_on(data, features, settings.probe))
+        .into_iter()
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let subset = |group: &Option<std::ops::Range<usize>>, kept: usize| match group {
+        Some(r) => {
+            let random = accuracy[r.start + 1..r.end].to_vec();
+            let (mean, sd) = mean_sd(&random);
+            SubsetAccuracy {
+                kept,
+                accuracy: accuracy[r.start],
+                accuracy_random: random,
+                accuracy_random_mean: mean,
+                accuracy_random_sd: sd,
+            }
+        }
+        // All d features (or none): nothing to compare with.
+        None => SubsetAccuracy {
+            kept,
+            accuracy: if kept == 0 { 0.0 } else { accuracy_all },
+            accuracy_random: Vec::new(),
+            accuracy_random_mean: if kept == 0 { 0.0 } else { accuracy_all },
+            accuracy_random_sd: 0.0,
+        },
     };
+    let on_d = subset(&groups[0], d_set.len());
+    let curve = curve_sizes
+        .iter()
+        .zip(&groups[2..])
+        .map(|(&(fraction, k), g)| CurvePoint { fraction, subset: subset(g, k) })
+        .collect();
     Ok(Compression {
         dim,
         discriminative: d_set.len(),
         kept_ratio: d_set.len() as f64 / dim as f64,
         accuracy_all,
-        accuracy_discriminative,
-        accuracy_random,
-        accuracy_random_mean: mean,
-        accuracy_random_sd: sd,
+        accuracy_discriminative: on_d.accuracy,
+        accuracy_random: on_d.accuracy_random,
+        accuracy_random_mean: on_d.accuracy_random_mean,
+        accuracy_random_sd: on_d.accuracy_random_sd,
+        active: Some(subset(&groups[1], active.len())),
+        curve,
     })
 }
 
-/// The Q-Score at another (eps, band): D refitted on the fit part, Q measured on the test part.
+/// The Q-Score at another (eps, band): D refitted on the fit part, Q measured on the select and
+/// the test parts. `select` and `test` are (representations, whether each image is a mistake),
+/// the mistakes exactly those calibration computed.
 fn sweep_row(
     fit: &Array2<f32>,
-    test: &Array2<f32>,
-    test_wrong: &[bool],
+    select: (&Array2<f32>, &[bool]),
+    test: (&Array2<f32>, &[bool]),
     epsilon: f32,
     band: (f64, f64),
 ) -> anyhow::Result<SweepRow> {
     let (_, d_set) = discriminative(fit.view(), epsilon, band)?;
     let mask = Discriminative::from_indices(&d_set, fit.ncols()).expect("indices of A_j are below d");
-    let q: Vec<f64> = qscore::score_batch(test.view(), epsilon, &mask)
-        .into_iter()
-        .map(|s| s.map(|s| f64::from(s.q_score)))
-        .collect::<Result<_, _>>()?;
-    let risk: Vec<f64> = q.iter().map(|v| -v).collect();
+    let q_of = |h: &Array2<f32>| -> anyhow::Result<Vec<f64>> {
+        Ok(qscore::score_batch(h.view(), epsilon, &mask)
+            .into_iter()
+            .map(|s| s.map(|s| f64::from(s.q_score)))
+            .collect::<Result<_, _>>()?)
+    };
+    let ranking_of = |q: &[f64], wrong: &[bool]| {
+        let risk: Vec<f64> = q.iter().map(|v| -v).collect();
+        Ranking { auroc: ranking::auroc(&risk, wrong), auprc: ranking::auprc(&risk, wrong), base_rate: rate(wrong) }
+    };
+    let (q_select, q_test) = (q_of(select.0)?, q_of(test.0)?);
     Ok(SweepRow {
         epsilon,
         percentiles: band,
         discriminative: d_set.len(),
-        zero_share: q.iter().filter(|&&v| v == 0.0).count() as f64 / q.len() as f64,
-        misclassified: Ranking {
-            auroc: ranking::auroc(&risk, test_wrong),
-            auprc: ranking::auprc(&risk, test_wrong),
-            base_rate: rate(test_wrong),
-        },
+        zero_share: q_test.iter().filter(|&&v| v == 0.0).count() as f64 / q_test.len() as f64,
+        misclassified: ranking_of(&q_test, test.1),
+        select: Some(ranking_of(&q_select, select.1)),
     })
+}
+
+/// The sweep row with the best AUPRC for mistakes on the select part, the first among equals.
+fn best_select_row(rows: &[SweepRow]) -> Option<usize> {
+    rows.iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.select.and_then(|s| s.auprc).map(|a| (i, a)))
+        .fold(None, |best: Option<(usize, f64)>, (i, a)| match best {
+            Some((_, b)) if b >= a => best,
+            _ => Some((i, a)),
+        })
+        .map(|(i, _)| i)
+}
+
+/// tau from the chosen select operating point: halfway between its p and the next lower p on
+/// select ([`ranking::midway_below`]), so the same select images are flagged and none sits on
+/// tau. If f32 rounding would move the line past a select value, the chosen p itself.
+fn between_plateaus(select_p: &[f64], chosen: f64) -> f32 {
+    let flagged = |t: f64| select_p.iter().filter(|&&v| v >= t).count();
+    let tau = ranking::midway_below(select_p, chosen) as f32;
+    if flagged(f64::from(tau)) == flagged(chosen) { tau } else { chosen as f32 }
+}
+
+/// Bins of the reliability diagram.
+const RELIABILITY_BINS: usize = 10;
+
+/// A reliability diagram of `p` against `wrong`: the images sorted by p (ties in input order)
+/// and cut into `bins` runs of equal count (sizes differ by at most one; fewer bins when there
+/// are fewer images). Each bin's mean p against its share of mistakes.
+fn reliability(p: &[f64], wrong: &[bool], bins: usize) -> Vec<ReliabilityBin> {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let (n, bins) = (p.len(), bins.min(p.len()));
+    (0..bins)
+        .map(|b| {
+            let members = &order[b * n / bins..(b + 1) * n / bins];
+            let count = members.len();
+            ReliabilityBin {
+                p_lo: p[members[0]],
+                p_hi: p[members[count - 1]],
+                p_mean: members.iter().map(|&i| p[i]).sum::<f64>() / count as f64,
+                error_rate: members.iter().filter(|&&i| wrong[i]).count() as f64 / count as f64,
+                count,
+            }
+        })
+        .collect()
 }
 
 /// The flag at tau: precision, recall, and the error rates on either side of it.
@@ -472,6 +621,8 @@ mod tests {
             max_neighbours: 1000,
             probe: ProbeSettings::default(),
             random_subsets: 3,
+            curve_fractions: vec![0.5, 1.0],
+            isotonic_prior: 5.0,
             seed: 0,
             sweep: vec![(1.5, (0.0, 100.0))],
         };
@@ -503,10 +654,27 @@ mod tests {
         assert_eq!(e.compression.discriminative, 2);
         assert_eq!(e.compression.accuracy_random.len(), 3);
         assert_eq!(e.sweep.len(), 1);
+        assert!(e.sweep[0].select.is_some_and(|s| s.base_rate > 0.0) && e.sweep_chosen == Some(0));
+        // A_j > 0 on the two spikes and the five noise features (each is a row's maximum on
+        // the hard images' weak spikes too); the curve's 1.0 point is the shipped probe.
+        let active = e.compression.active.as_ref().unwrap();
+        assert_eq!(active.accuracy_random.len(), 3);
+        assert_eq!(e.compression.curve.iter().map(|c| c.subset.kept).collect::<Vec<_>>(), vec![4, 8]);
+        assert_eq!(e.compression.curve[1].subset.accuracy, e.compression.accuracy_all);
+        assert!(e.compression.curve[1].subset.accuracy_random.is_empty());
+        assert_eq!(e.reliability.iter().map(|b| b.count).sum::<usize>(), 60);
+        assert_eq!(e.reliability.len(), 10);
         assert_eq!(cal.reference.q_score.percentiles.len(), 101);
         // The served assessment agrees with the measured one for every test row.
         let test_rows: Vec<usize> = rows(&parts, Part::Test);
         let mask = cal.discriminative_set(8).unwrap();
+        // tau sits strictly between two plateaus of select p: no select image is on it.
+        let select_p: Vec<f32> = rows(&parts, Part::Select)
+            .iter()
+            .map(|&i| cal.assess(h.row(i), &qscore::score(h.row(i), cal.epsilon, &mask).unwrap()).p_misclassified)
+            .collect();
+        assert!(select_p.iter().all(|&p| p != cal.threshold), "{} in {select_p:?}", cal.threshold);
+        assert!(select_p.iter().any(|&p| p < cal.threshold) && select_p.iter().any(|&p| p > cal.threshold));
         let flagged = test_rows
             .iter()
             .filter(|&&i| {
@@ -516,8 +684,67 @@ mod tests {
             .count();
         assert!((flagged as f64 / 60.0 - e.flag.operating.flagged_rate).abs() < 1e-9);
         assert_eq!(cal.probe.predict(h.row(0)).class, 0);
+        // The report prints every new figure.
+        let md = super::super::report::markdown(&[&cal]);
+        for table in ["only the features with A_j > 0", "Compression curve", "| select AUPRC |", "Reliability of"] {
+            assert!(md.contains(table), "{table} missing from\n{md}");
+        }
         // Same inputs, same file.
         let again = calibrate(&data, &settings, "toy", cal.data.clone()).unwrap();
         assert_eq!(serde_json::to_string(&again).unwrap(), serde_json::to_string(&cal).unwrap());
+    }
+
+    /// p = [0.9, 0.1, 0.5, 0.3, 0.7] (wrong: 1, 0, 0, 1, 1) in 2 bins: sorted 0.1, 0.3 | 0.5,
+    /// 0.7, 0.9 (cuts at 5 * 1 / 2 = 2). Bin 1: mean 0.2, one of two wrong; bin 2: mean 0.7,
+    /// two of three wrong. More bins than images gives one bin per image.
+    #[test]
+    fn reliability_by_hand() {
+        let p = [0.9, 0.1, 0.5, 0.3, 0.7];
+        let wrong = [true, false, false, true, true];
+        let bins = reliability(&p, &wrong, 2);
+        assert_eq!(bins.len(), 2);
+        let (a, b) = (bins[0], bins[1]);
+        assert_eq!((a.p_lo, a.p_hi, a.count), (0.1, 0.3, 2));
+        assert!((a.p_mean - 0.2).abs() < 1e-12 && (a.error_rate - 0.5).abs() < 1e-12);
+        assert_eq!((b.p_lo, b.p_hi, b.count), (0.5, 0.9, 3));
+        assert!((b.p_mean - 0.7).abs() < 1e-12 && (b.error_rate - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(reliability(&p, &wrong, 10).len(), 5);
+        assert!(reliability(&[], &[], 10).is_empty());
+    }
+
+    /// A = [5, 0, 30, 5, 12]: descending, ties by index: 2 (30), 4 (12), 0 (5), 3 (5), 1 (0).
+    #[test]
+    fn features_rank_by_descending_frequency() {
+        assert_eq!(ranked_by_frequency(&[5.0, 0.0, 30.0, 5.0, 12.0]), vec![2, 4, 0, 3, 1]);
+        let (mean, sd) = mean_sd(&[0.8, 0.82, 0.84]);
+        assert!((mean - 0.82).abs() < 1e-12 && (sd - 0.02).abs() < 1e-12);
+        assert_eq!(mean_sd(&[0.5]), (0.5, 0.0));
+    }
+
+    /// Rows with select AUPRC [0.2, 0.3, 0.3, None]: the first 0.3 (row 1) is chosen, whatever
+    /// the test figures say.
+    #[test]
+    fn sweep_row_is_chosen_on_select() {
+        let row = |select: Option<f64>, test: f64| SweepRow {
+            epsilon: 1.0,
+            percentiles: (50.0, 95.0),
+            discriminative: 1,
+            zero_share: 0.0,
+            misclassified: Ranking { auroc: None, auprc: Some(test), base_rate: 0.1 },
+            select: Some(Ranking { auroc: None, auprc: select, base_rate: 0.1 }),
+        };
+        let rows = [row(Some(0.2), 0.9), row(Some(0.3), 0.1), row(Some(0.3), 0.5), row(None, 0.99)];
+        assert_eq!(best_select_row(&rows), Some(1));
+        assert_eq!(best_select_row(&[]), None);
+    }
+
+    /// Select p on plateaus 0.05, 0.2, 0.6: a chosen 0.6 moves to 0.4, a chosen 0.2 to 0.125,
+    /// each flagging the same select images; the lowest plateau has nothing below and stays.
+    #[test]
+    fn tau_is_midway_to_the_next_plateau() {
+        let p = [0.05, 0.2, 0.6, 0.6, 0.2, 0.05];
+        assert!((between_plateaus(&p, 0.6) - 0.4).abs() < 1e-7);
+        assert!((between_plateaus(&p, 0.2) - 0.125).abs() < 1e-7);
+        assert_eq!(between_plateaus(&p, 0.05), 0.05);
     }
 }

@@ -9,6 +9,7 @@
 //! whoever reads `GET /v1/models/{name}` sees how much the flag is worth.
 
 pub mod dataset;
+pub mod export;
 pub mod fit;
 pub mod predictions;
 pub mod report;
@@ -116,6 +117,8 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         max_neighbours: args.max_neighbours,
         probe: ProbeSettings { alpha: args.probe_alpha, max_iterations: args.probe_max_iterations },
         random_subsets: args.random_subsets,
+        curve_fractions: args.compression_curve.clone(),
+        isotonic_prior: args.isotonic_prior,
         seed: args.seed,
         sweep: sweep_grid(&args, epsilon, percentiles),
     };
@@ -132,6 +135,7 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let model_name = name.clone();
     tracing::info!(images = labels.len(), "fitting D, the probe and the estimators");
     tracing::info!(%target, "misclassified means the mistakes of {target}");
+    let export_dir = args.export_split.clone();
     let mut calibration = tokio::task::spawn_blocking(move || {
         let data = Embedded {
             h: h.view(),
@@ -141,7 +145,12 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             predicted: predicted.as_deref(),
             confidence: confidence.as_deref(),
         };
-        fit::calibrate(&data, &settings, &model_name, fingerprint)
+        let calibration = fit::calibrate(&data, &settings, &model_name, fingerprint)?;
+        if let Some(dir) = export_dir {
+            export::write(&dir, &data, &calibration)?;
+            tracing::info!(dir = %dir.display(), "split exported");
+        }
+        anyhow::Ok(calibration)
     })
     .await??;
     calibration.target = target;

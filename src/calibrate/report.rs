@@ -59,9 +59,9 @@ pub fn markdown(cals: &[&Calibration]) -> String {
     let _ = writeln!(out, "\n#### The shipped flag (tau chosen on the select part, measured on the test part)\n");
     let _ = writeln!(
         out,
-        "| model | risk source | tau | p_misclassified AUPRC / base rate | flagged | precision | recall | error rate flagged | error rate not flagged | lift |"
+        "| model | risk source | isotonic prior a | tau | p_misclassified AUPRC / base rate | top p | flagged | precision | recall | error rate flagged | error rate not flagged | lift |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cals {
         let e = &c.evaluation;
         let f = &e.flag;
@@ -69,13 +69,16 @@ pub fn markdown(cals: &[&Calibration]) -> String {
             .p_misclassified
             .auprc
             .map_or("-".into(), |a| format!("{} / {} = {:.2}x", pct(a), pct(e.error_rate), a / e.error_rate));
+        let top = c.isotonic.y.iter().copied().fold(0.0_f32, f32::max);
         let _ = writeln!(
             out,
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} |",
             c.model,
             c.risk_source,
+            e.isotonic_prior,
             c.threshold,
             ratio,
+            top,
             pct(f.operating.flagged_rate),
             pct(f.operating.precision),
             pct(f.operating.recall),
@@ -111,27 +114,109 @@ pub fn markdown(cals: &[&Calibration]) -> String {
         );
     }
 
-    if cals.iter().any(|c| !c.evaluation.sweep.is_empty()) {
-        let _ = writeln!(out, "\n#### Q-Score under other eps and bands (D refitted on the fit part each time)\n");
+    if cals.iter().any(|c| c.evaluation.compression.active.is_some()) {
+        let _ = writeln!(out, "\n#### Compression at the paper's operating point: only the features with A_j > 0\n");
         let _ =
-            writeln!(out, "| model | eps | band | \\|D\\| | images with Q = 0 | AUPRC (mistakes) | AUROC (mistakes) |");
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+            writeln!(out, "| model | eps | kept / d | on A_j > 0 | random subsets of as many (mean ± sd, n) | all d |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
         for c in cals {
-            for r in &c.evaluation.sweep {
+            let k = &c.evaluation.compression;
+            if let Some(a) = &k.active {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {}-{} | {} | {} | {} | {} |",
+                    "| {} | {} | {} / {} | {} | {} | {} |",
                     c.model,
-                    r.epsilon,
+                    c.epsilon,
+                    a.kept,
+                    k.dim,
+                    pct(a.accuracy),
+                    random_cell(&a.accuracy_random, a.accuracy_random_mean, a.accuracy_random_sd),
+                    pct(k.accuracy_all)
+                );
+            }
+        }
+    }
+
+    if cals.iter().any(|c| !c.evaluation.compression.curve.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n#### Compression curve: the k features of highest A_j (descending A_j) against k random ones\n"
+        );
+        let _ = writeln!(out, "| model | kept | k / d | top A_j | random (mean ± sd, n) | top minus random |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        for c in cals {
+            let k = &c.evaluation.compression;
+            for p in &k.curve {
+                let s = &p.subset;
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} / {} | {} | {} | {:+.2} |",
+                    c.model,
+                    pct(p.fraction),
+                    s.kept,
+                    k.dim,
+                    pct(s.accuracy),
+                    random_cell(&s.accuracy_random, s.accuracy_random_mean, s.accuracy_random_sd),
+                    100.0 * (s.accuracy - s.accuracy_random_mean)
+                );
+            }
+        }
+    }
+
+    if cals.iter().any(|c| !c.evaluation.sweep.is_empty()) {
+        let _ = writeln!(out, "\n#### Q-Score under other eps and bands (D refitted on the fit part each time)\n");
+        let _ = writeln!(
+            out,
+            "Each row's AUPRC for mistakes on the select part chooses a row (**bold**, the best); its \
+             test figure is the honest one, the best test figure is not.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| model | eps | band | \\|D\\| | images with Q = 0 (test) | select AUPRC | test AUPRC (mistakes) | test AUROC (mistakes) |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        for c in cals {
+            for (i, r) in c.evaluation.sweep.iter().enumerate() {
+                let chosen = c.evaluation.sweep_chosen == Some(i);
+                let bold = |cell: String| if chosen { format!("**{cell}**") } else { cell };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {}-{} | {} | {} | {} | {} | {} |",
+                    c.model,
+                    bold(r.epsilon.to_string()),
                     r.percentiles.0,
                     r.percentiles.1,
                     r.discriminative,
                     pct(r.zero_share),
-                    opt(r.misclassified.auprc),
+                    bold(opt(r.select.and_then(|s| s.auprc))),
+                    bold(opt(r.misclassified.auprc)),
                     opt(r.misclassified.auroc)
                 );
             }
         }
     }
+
+    if cals.iter().any(|c| !c.evaluation.reliability.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n#### Reliability of p_misclassified on the test part (10 equal-count bins: mean p -> observed error rate)\n"
+        );
+        let _ = writeln!(out, "| model | images per bin | bins, lowest p first |");
+        let _ = writeln!(out, "|---|---:|---|");
+        for c in cals {
+            let bins = &c.evaluation.reliability;
+            if bins.is_empty() {
+                continue;
+            }
+            let cells: Vec<String> =
+                bins.iter().map(|b| format!("{} -> {}", pct(b.p_mean), pct(b.error_rate))).collect();
+            let _ = writeln!(out, "| {} | {} | {} |", c.model, bins[0].count, cells.join("; "));
+        }
+    }
     out
+}
+
+/// "mean ± sd (n)" of random-subset accuracies, or "-" when there were none (all d kept).
+fn random_cell(values: &[f64], mean: f64, sd: f64) -> String {
+    if values.is_empty() { "-".into() } else { format!("{} ± {} ({})", pct(mean), pct(sd), values.len()) }
 }

@@ -171,6 +171,37 @@ pub struct Evaluation {
     /// Q-Score for other epsilons and bands (empty unless asked for).
     #[serde(default)]
     pub sweep: Vec<SweepRow>,
+    /// Index in `sweep` of the row with the best AUPRC for mistakes on the select part (the
+    /// first among equals): the (eps, band) a user would pick, whose test figure is then honest.
+    /// `None` without a sweep, or in files written before it was measured.
+    #[serde(default)]
+    pub sweep_chosen: Option<usize>,
+    /// Reliability diagram of p_misclassified on the test part: the test images sorted by p and
+    /// cut into (at most) 10 bins of equal count (sizes differ by at most one; ties in p may
+    /// straddle a cut). Empty in files written before it was measured.
+    #[serde(default)]
+    pub reliability: Vec<ReliabilityBin>,
+    /// Prior strength a (in images) the isotonic map's plateaus were shrunk with toward the
+    /// select part's error rate: (k + a * base) / (n + a), see `IsotonicMap::fit_shrunk`. 0 in
+    /// files written before shrinking (scikit-learn's plain map).
+    #[serde(default)]
+    pub isotonic_prior: f64,
+}
+
+/// One bin of a reliability diagram: how often the images given a p were really wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ReliabilityBin {
+    /// Lowest p_misclassified in the bin.
+    pub p_lo: f64,
+    /// Highest p_misclassified in the bin.
+    pub p_hi: f64,
+    /// Mean p_misclassified of the bin's images: the x of the diagram.
+    pub p_mean: f64,
+    /// Share of the bin's images that were misclassified: the y (on the diagonal when p is
+    /// calibrated).
+    pub error_rate: f64,
+    /// Images in the bin.
+    pub count: usize,
 }
 
 /// How one estimator ranks the probe's mistakes.
@@ -230,9 +261,46 @@ pub struct Compression {
     pub accuracy_random_mean: f64,
     /// Their sample standard deviation.
     pub accuracy_random_sd: f64,
+    /// The paper's operating point: only the features with A_j > 0 (any feature that was ever
+    /// highly activating on a fit image), against random subsets of as many features. `None` in
+    /// files written before it was measured.
+    #[serde(default)]
+    pub active: Option<SubsetAccuracy>,
+    /// Accuracy against the share of features kept, ascending. At each fraction f the probe
+    /// keeps the k = round(f * d) features with the highest A_j (descending A_j, ties by lower
+    /// index: the paper ranks features by how often they are highly activating), against random
+    /// subsets of k. At f = 1 every feature is kept, so both are `accuracy_all` and the random
+    /// list is empty. Empty in files written before it was measured.
+    #[serde(default)]
+    pub curve: Vec<CurvePoint>,
 }
 
-/// The Q-Score under other Q-Score parameters, on the test part.
+/// Probe accuracy on one chosen feature subset against random subsets of the same size.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct SubsetAccuracy {
+    /// Features kept.
+    pub kept: usize,
+    /// Probe accuracy (fit on the fit part, measured on the test part) on the chosen features.
+    pub accuracy: f64,
+    /// Probe accuracy on random subsets of `kept` features, one per seed.
+    pub accuracy_random: Vec<f64>,
+    /// Their mean.
+    pub accuracy_random_mean: f64,
+    /// Their sample standard deviation (0 with fewer than two).
+    pub accuracy_random_sd: f64,
+}
+
+/// One point of the compression curve.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct CurvePoint {
+    /// Share of the d features kept, in (0, 1].
+    pub fraction: f64,
+    /// The features of highest A_j against random ones.
+    #[serde(flatten)]
+    pub subset: SubsetAccuracy,
+}
+
+/// The Q-Score under other Q-Score parameters, on the select and the test parts.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct SweepRow {
     /// eps.
@@ -243,8 +311,12 @@ pub struct SweepRow {
     pub discriminative: usize,
     /// Share of test images with L ∩ D empty (Q = 0).
     pub zero_share: f64,
-    /// Q for "misclassified" (risk = -Q).
+    /// Q for "misclassified" (risk = -Q), on the test part.
     pub misclassified: Ranking,
+    /// The same on the select part: the figure a choice among rows is made on. `None` in files
+    /// written before it was measured.
+    #[serde(default)]
+    pub select: Option<Ranking>,
 }
 
 /// What the calibration was fitted on.
@@ -435,5 +507,29 @@ mod tests {
         std::fs::write(dir.join("calibration.json"), "{").unwrap();
         assert!(Calibration::load(&dir, 8).unwrap_err().to_string().contains("qscore calibrate"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A format-2 file written before the sweep's select figures, the compression curve, the
+    /// reliability bins and the isotonic prior (every bundled calibration.json, with those
+    /// fields taken out if a later calibration wrote them) loads, with them at their defaults.
+    #[test]
+    fn older_format_2_files_load_with_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-simclr/calibration.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let e = v["evaluation"].as_object_mut().unwrap();
+        for field in ["sweep_chosen", "reliability", "isotonic_prior"] {
+            e.remove(field);
+        }
+        for row in e["sweep"].as_array_mut().unwrap() {
+            row.as_object_mut().unwrap().remove("select");
+        }
+        let k = e["compression"].as_object_mut().unwrap();
+        k.remove("active");
+        k.remove("curve");
+        let cal = Calibration::parse(&v.to_string(), 128).unwrap();
+        let e = &cal.evaluation;
+        assert!(e.reliability.is_empty() && e.compression.curve.is_empty() && e.compression.active.is_none());
+        assert!(e.sweep_chosen.is_none() && e.sweep.iter().all(|r| r.select.is_none()));
+        assert_eq!(e.isotonic_prior, 0.0);
     }
 }

@@ -114,6 +114,18 @@ pub fn operating_at(scores: &[f64], positive: &[bool], threshold: f64) -> Operat
     }
 }
 
+/// A threshold halfway between `chosen` (one of `scores`) and the largest score below it.
+///
+/// Flagging scores >= the answer flags exactly the cases `chosen` flags, but no observed score
+/// sits on the line, so a new case scoring a hair under the chosen plateau (an isotonic map's
+/// interpolation between two plateaus) is judged by which plateau it is nearer, not by which
+/// side of an exact tie it fell. When no score is below `chosen`, `chosen` itself (everything is
+/// flagged, and there is no gap to sit in).
+pub fn midway_below(scores: &[f64], chosen: f64) -> f64 {
+    let below = scores.iter().copied().filter(|&s| s < chosen).fold(f64::NEG_INFINITY, f64::max);
+    if below.is_finite() { (chosen + below) / 2.0 } else { chosen }
+}
+
 fn counts(positive: &[bool]) -> (u64, u64) {
     let pos = positive.iter().filter(|&&p| p).count() as u64;
     (pos, positive.len() as u64 - pos)
@@ -193,5 +205,20 @@ mod tests {
         assert!(at_precision(&[0.1, 0.2], &[true, false], 0.9).is_none());
         let op = operating_at(&s, &y, 0.75);
         assert!(close(op.precision, 0.5) && close(op.recall, 0.5) && close(op.flagged_rate, 0.4));
+    }
+
+    /// s = [0.9, 0.8, 0.7, 0.7, 0.6, 0.1]: max F1's plateau 0.7 is moved to (0.7 + 0.6) / 2 =
+    /// 0.65, which flags the same four cases; at the lowest score there is no gap, so 0.1 stays.
+    #[test]
+    fn threshold_sits_between_plateaus() {
+        let s = [0.9, 0.8, 0.7, 0.7, 0.6, 0.1];
+        let y = [true, false, true, true, false, false];
+        let chosen = max_f1(&s, &y).unwrap().threshold;
+        assert!(close(chosen, 0.7));
+        let tau = midway_below(&s, chosen);
+        assert!(close(tau, 0.65));
+        assert_eq!(operating_at(&s, &y, tau), Operating { threshold: tau, ..operating_at(&s, &y, chosen) });
+        assert!(s.iter().all(|&v| v != tau));
+        assert!(close(midway_below(&s, 0.1), 0.1));
     }
 }
