@@ -15,6 +15,7 @@ use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    drift::embedding::EmbeddingSample,
     qscore::{Discriminative, Score},
     risk::RiskSource,
     risk::isotonic::IsotonicMap,
@@ -85,6 +86,11 @@ pub struct Reference {
     pub p_misclassified: Distribution,
     /// Share of images flagged at tau.
     pub flagged_rate: f64,
+    /// A seeded random sample of the held-out embeddings with its kernel bandwidth: the
+    /// reference of the embedding drift test. Absent in calibrations written before it existed;
+    /// those models report no embedding drift until recalibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingSample>,
 }
 
 /// One distribution: its percentiles and a histogram.
@@ -285,6 +291,9 @@ impl Calibration {
         self.discriminative_set(dim)?;
         self.probe.validate(dim)?;
         self.neighbours.validate(dim, self.probe.classes.len())?;
+        if let Some(sample) = &self.reference.embedding {
+            sample.validate(dim)?;
+        }
         self.isotonic.validate()
     }
 
