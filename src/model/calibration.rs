@@ -385,6 +385,20 @@ mod tests {
         assert!(refused(&|v| v["isotonic"]["y"] = serde_json::json!([0.1, 0.9, 0.5])).contains("monotone"));
     }
 
+    /// A calibration written before the embedding sample existed still loads, without one; a
+    /// sample must fit the model.
+    #[test]
+    fn the_embedding_sample_is_optional_and_checked() {
+        assert!(calibration(base()).unwrap().reference.embedding.is_none());
+        let mut v = base();
+        let rows: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        v["reference"]["embedding"] = serde_json::to_value(EmbeddingSample::new(&rows, 8, 1)).unwrap();
+        let sample = calibration(v.clone()).unwrap().reference.embedding.unwrap();
+        assert_eq!((sample.len(), sample.dim), (2, 8));
+        v["reference"]["embedding"]["dim"] = serde_json::json!(4);
+        assert!(calibration(v).unwrap_err().contains("reference.embedding"));
+    }
+
     #[test]
     fn missing_file_means_uncalibrated() {
         let dir = std::env::temp_dir().join(format!("qscore-cal-{}", std::process::id()));
