@@ -190,6 +190,17 @@ fn the_embedding_test_catches_shifts_the_q_score_statistics_miss() {
     assert!((gauge(&metrics, "qscore_drift_embedding_mmd2") - mmd2b).abs() < 1e-9, "{metrics}");
     assert!((gauge(&metrics, "qscore_drift_embedding_p_value") - p2).abs() < 1e-9);
     assert_eq!(gauge(&metrics, "qscore_drift_embedding_window_images"), WINDOW as f64);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is needed for this test: `make tools` installs it (Debian package prometheus)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 
     assert!(ks1 < ks_alert, "KS should miss the label shift: {ks1}");
     assert!(psi1 < psi, "PSI should not tell the label shift from the undrifted window: {psi1} against {psi}");
