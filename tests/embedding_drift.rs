@@ -94,8 +94,8 @@ fn flipped(bytes: &[u8]) -> Vec<u8> {
     out.into_inner()
 }
 
-/// Scores `images` in one batch, then waits for the embedding test to run on them (it runs in
-/// the background), and answers the drift report.
+/// Scores `images` in one batch, then waits for the embedding test to run on all of them (it
+/// runs in the background), and answers the drift report.
 fn window(s: &Server, images: &[Vec<u8>]) -> Value {
     assert_eq!(images.len(), WINDOW);
     let form = images
@@ -105,6 +105,9 @@ fn window(s: &Server, images: &[Vec<u8>]) -> Value {
     let r = s.client().post(format!("{}/v1/score/batch?model={MODEL}", s.url)).multipart(form).send().unwrap();
     assert_eq!(r.status(), 200);
     let posted = Instant::now();
+    // A refresh that caught the batch half recorded ran before the answer came back, and the
+    // next one (at most one period later) sees the window changed and runs again: wait it out.
+    std::thread::sleep(qscore::drift::EMBEDDING_REFRESH + Duration::from_secs(1));
     loop {
         let d: Value = s.get(&format!("/v1/drift?model={MODEL}")).json().unwrap();
         let d = d["models"][0].clone();
