@@ -55,7 +55,7 @@ impl EmbeddingSample {
     /// The sample of `rows` (row-major, `dim` wide), rounded to half precision, with its
     /// median-heuristic bandwidth.
     pub fn new(rows: &[f32], dim: usize, seed: u64) -> Self {
-        assert!(dim > 0 && rows.len() % dim == 0, "whole rows of dim features");
+        assert!(dim > 0 && rows.len().is_multiple_of(dim), "whole rows of dim features");
         let rows: Vec<f32> = rows.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
         let bandwidth = median_distance(&rows, dim);
         Self { dim, bandwidth, seed, rows }
@@ -73,7 +73,7 @@ impl EmbeddingSample {
 
     /// Checks a sample read from a file for a model with `dim` features.
     pub fn validate(&self, dim: usize) -> Result<(), String> {
-        if self.dim != dim || self.rows.len() % dim.max(1) != 0 {
+        if self.dim != dim || !self.rows.len().is_multiple_of(dim.max(1)) {
             return Err(format!("reference.embedding must hold whole rows of the model's {dim} features"));
         }
         if self.len() < 2 {
