@@ -9,8 +9,17 @@
 //! says *which* features the new images stopped (or started) firing, which is what a person
 //! debugging the drift wants.
 //!
+//! The Q-Score statistics see one number per image. The embedding test ([`embedding`]) compares
+//! the representations themselves, window against a sample of calibration's held-out
+//! embeddings, with a kernel two-sample test (MMD² and its permutation p-value): it catches a
+//! window of a few classes, or of transformed images, whose Q-Scores look like the reference's.
+//!
 //! The statistics are pure functions of the window and the reference; the window is the only
-//! state, one mutex per model, touched once per answered image.
+//! state, one mutex per model, touched once per answered image. The embedding test is too costly
+//! for a request (O((n + m)² d)), so [`DriftMonitor::refresh`] computes it off the request path,
+//! at most every [`EMBEDDING_REFRESH`], and reports read the cached result.
+
+pub mod embedding;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -20,7 +29,27 @@ use std::{
 
 use serde::Serialize;
 
+use self::embedding::MmdTest;
 use crate::model::calibration::{Calibration, Distribution};
+
+/// Most recent embeddings the embedding test compares with the reference sample (fewer when the
+/// window holds fewer answers). Each costs 4 d bytes: 1 MiB per model at d = 512, 2.5 MiB at
+/// d = 1280, held only for models whose calibration has an embedding sample.
+pub const EMBEDDING_WINDOW: usize = 500;
+
+/// Fewest embeddings the embedding test runs on. Its permutation p-value is valid at any size;
+/// below this it rarely has the power to say anything.
+pub const MIN_EMBEDDING_WINDOW: usize = 50;
+
+/// Permutations of the embedding test's p-value: the smallest p-value it can give is
+/// 1 / (1 + this).
+pub const EMBEDDING_PERMUTATIONS: usize = 500;
+
+/// Seed of the permutations, so the same window gives the same p-value.
+const PERMUTATION_SEED: u64 = 0x5eed;
+
+/// How often the embedding test is recomputed at most (and only when the window changed).
+pub const EMBEDDING_REFRESH: Duration = Duration::from_secs(5);
 
 /// How much recent history a window keeps.
 #[derive(Debug, Clone, Copy)]
@@ -41,10 +70,39 @@ struct Seen {
     active: Vec<u32>,
 }
 
+/// One calibrated model's window.
+#[derive(Default)]
+struct Window {
+    seen: VecDeque<Seen>,
+    /// The most recent embeddings (at most [`EMBEDDING_WINDOW`], none older than the window's
+    /// age), only for a model with an embedding sample.
+    embeddings: VecDeque<(Instant, Box<[f32]>)>,
+    /// Answers recorded so far: tells the refresh whether anything changed.
+    recorded: u64,
+}
+
+/// The last embedding test of one model.
+struct Computed {
+    /// `Window::recorded` and the embeddings it ran on.
+    recorded: u64,
+    images: usize,
+    at: Instant,
+    /// None when there were fewer than [`MIN_EMBEDDING_WINDOW`] embeddings.
+    test: Option<MmdTest>,
+}
+
+/// One calibrated model's drift state.
+struct ModelDrift {
+    window: Mutex<Window>,
+    /// Whether its calibration has an embedding sample, so its embeddings are kept.
+    keeps_embeddings: bool,
+    embedding: Mutex<Option<Computed>>,
+}
+
 /// Rolling windows of every calibrated model.
 pub struct DriftMonitor {
     settings: DriftSettings,
-    windows: BTreeMap<String, Mutex<VecDeque<Seen>>>,
+    windows: BTreeMap<String, ModelDrift>,
 }
 
 /// `GET /v1/drift`.
@@ -102,6 +160,53 @@ pub struct DriftReport {
     pub reference_median_q_score: Option<f64>,
     /// Discriminative features whose activation frequency moved most, largest shift first.
     pub features: Vec<FeatureShift>,
+    /// The test on the embeddings themselves (multivariate), as last computed.
+    pub embedding: EmbeddingDrift,
+}
+
+/// Whether the embedding test has a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingDriftStatus {
+    /// `mmd2` and `p_value` compare the most recent embeddings with the reference sample.
+    Ok,
+    /// The calibration holds no embedding sample (no calibration, or one written before the
+    /// sample existed): re-run `qscore calibrate`.
+    NoSample,
+    /// Fewer embeddings in the window than the test needs.
+    TooFewImages,
+    /// Not computed yet: it runs in the background every few seconds.
+    Pending,
+}
+
+/// The embedding test: unbiased MMD² between the window's most recent embeddings and the
+/// calibration's sample of held-out embeddings, under a Gaussian kernel, with a permutation
+/// p-value. Computed off the request path every few seconds; this is the last result.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EmbeddingDrift {
+    /// `ok`, `no_sample`, `too_few_images` or `pending`.
+    pub status: EmbeddingDriftStatus,
+    /// What the status means.
+    pub message: String,
+    /// Embeddings the last test compared (the window's most recent, at most 500).
+    pub window_images: usize,
+    /// Rows of the reference sample.
+    pub reference_images: usize,
+    /// Fewest embeddings the test runs on.
+    pub min_window_images: usize,
+    /// Unbiased MMD² (dimensionless: kernel values lie in [0, 1]); about 0, possibly slightly
+    /// negative, when nothing drifted.
+    pub mmd2: Option<f64>,
+    /// Permutation p-value of `mmd2`: the share of random splits of the pooled embeddings whose
+    /// MMD² reached it (at least 1 / (1 + permutations)). Small means drift.
+    pub p_value: Option<f64>,
+    /// Permutations behind `p_value`.
+    pub permutations: usize,
+    /// Gaussian kernel bandwidth sigma (median distance between reference rows), in the
+    /// representation's units.
+    pub bandwidth: Option<f64>,
+    /// Seconds since the test ran.
+    pub age_seconds: Option<f64>,
 }
 
 /// One discriminative feature's activation frequency, reference against window.
@@ -122,13 +227,21 @@ impl DriftMonitor {
     /// A window for every calibrated model among `models` (name, calibration).
     pub fn new<'a>(models: impl Iterator<Item = (&'a str, Option<&'a Calibration>)>, settings: DriftSettings) -> Self {
         let windows = models
-            .filter(|(_, calibration)| calibration.is_some())
-            .map(|(name, _)| (name.to_owned(), Mutex::new(VecDeque::new())))
+            .filter_map(|(name, calibration)| {
+                let cal = calibration?;
+                let drift = ModelDrift {
+                    window: Mutex::new(Window::default()),
+                    keeps_embeddings: cal.reference.embedding.is_some(),
+                    embedding: Mutex::new(None),
+                };
+                Some((name.to_owned(), drift))
+            })
             .collect();
         Self { settings, windows }
     }
 
-    /// Remembers one answer of `model` (ignored for an uncalibrated one).
+    /// Remembers one answer of `model` (ignored for an uncalibrated one), with its embedding `h`
+    /// (kept only when the model's calibration has an embedding sample).
     pub fn record(
         &self,
         model: &str,
@@ -136,29 +249,116 @@ impl DriftMonitor {
         p_misclassified: Option<f32>,
         flagged: bool,
         active: impl Iterator<Item = usize>,
+        h: &[f32],
     ) {
-        let Some(window) = self.windows.get(model) else { return };
-        let seen =
-            Seen { at: Instant::now(), q_score, p_misclassified, flagged, active: active.map(|j| j as u32).collect() };
-        let mut w = window.lock().expect("drift window lock");
-        w.push_back(seen);
+        let Some(drift) = self.windows.get(model) else { return };
+        let at = Instant::now();
+        let seen = Seen { at, q_score, p_misclassified, flagged, active: active.map(|j| j as u32).collect() };
+        let mut w = drift.window.lock().expect("drift window lock");
+        w.seen.push_back(seen);
+        w.recorded += 1;
+        if drift.keeps_embeddings && self.settings.max_images > 0 {
+            w.embeddings.push_back((at, h.into()));
+        }
         self.trim(&mut w);
     }
 
-    fn trim(&self, w: &mut VecDeque<Seen>) {
-        while w.len() > self.settings.max_images {
-            w.pop_front();
+    fn trim(&self, w: &mut Window) {
+        while w.seen.len() > self.settings.max_images {
+            w.seen.pop_front();
+        }
+        while w.embeddings.len() > self.settings.max_images.min(EMBEDDING_WINDOW) {
+            w.embeddings.pop_front();
         }
         let now = Instant::now();
-        while w.front().is_some_and(|s| now.duration_since(s.at) > self.settings.max_age) {
-            w.pop_front();
+        let old = |at: Instant| now.duration_since(at) > self.settings.max_age;
+        while w.seen.front().is_some_and(|s| old(s.at)) {
+            w.seen.pop_front();
         }
+        while w.embeddings.front().is_some_and(|(at, _)| old(*at)) {
+            w.embeddings.pop_front();
+        }
+    }
+
+    /// Recomputes the embedding test of every model in `models` (name, calibration) whose
+    /// window changed since its last test. Blocking and CPU-bound (up to a fraction of a second
+    /// per model): run it on a blocking thread, never on the request path.
+    pub fn refresh<'a>(&self, models: impl Iterator<Item = (&'a str, Option<&'a Calibration>)>) {
+        for (name, calibration) in models {
+            let (Some(drift), Some(sample)) =
+                (self.windows.get(name), calibration.and_then(|c| c.reference.embedding.as_ref()))
+            else {
+                continue;
+            };
+            let (recorded, rows) = {
+                let mut w = drift.window.lock().expect("drift window lock");
+                self.trim(&mut w);
+                let last = drift.embedding.lock().expect("embedding drift lock");
+                let unchanged =
+                    last.as_ref().is_some_and(|c| c.recorded == w.recorded && c.images == w.embeddings.len());
+                if unchanged {
+                    continue;
+                }
+                let rows: Vec<f32> = w.embeddings.iter().flat_map(|(_, h)| h.iter().copied()).collect();
+                (w.recorded, rows)
+            };
+            let images = rows.len() / sample.dim.max(1);
+            let test = (images >= MIN_EMBEDDING_WINDOW && rows.len() == images * sample.dim)
+                .then(|| embedding::mmd_test(&rows, sample, EMBEDDING_PERMUTATIONS, PERMUTATION_SEED));
+            *drift.embedding.lock().expect("embedding drift lock") =
+                Some(Computed { recorded, images, at: Instant::now(), test });
+        }
+    }
+
+    /// The embedding test's last result for `name`.
+    fn embedding_report(&self, name: &str, calibration: Option<&Calibration>) -> EmbeddingDrift {
+        let sample = calibration.and_then(|c| c.reference.embedding.as_ref());
+        let mut report = EmbeddingDrift {
+            status: EmbeddingDriftStatus::NoSample,
+            message: format!(
+                "the calibration of `{name}` holds no embedding sample, so the embedding test has no reference; \
+                 re-run `qscore calibrate --model {name}` with this version"
+            ),
+            window_images: 0,
+            reference_images: sample.map_or(0, |s| s.len()),
+            min_window_images: MIN_EMBEDDING_WINDOW,
+            mmd2: None,
+            p_value: None,
+            permutations: EMBEDDING_PERMUTATIONS,
+            bandwidth: sample.map(|s| f64::from(s.bandwidth)),
+            age_seconds: None,
+        };
+        let Some(drift) = sample.and(self.windows.get(name)) else { return report };
+        let last = drift.embedding.lock().expect("embedding drift lock");
+        let Some(c) = last.as_ref() else {
+            report.status = EmbeddingDriftStatus::Pending;
+            report.message =
+                format!("not computed yet: the test runs in the background every {}s", EMBEDDING_REFRESH.as_secs());
+            return report;
+        };
+        report.window_images = c.images;
+        report.age_seconds = Some(c.at.elapsed().as_secs_f64());
+        match c.test {
+            Some(t) => {
+                report.status = EmbeddingDriftStatus::Ok;
+                report.message = "the window's most recent embeddings compared with the reference sample".into();
+                report.mmd2 = Some(t.mmd2);
+                report.p_value = Some(t.p_value);
+            }
+            None => {
+                report.status = EmbeddingDriftStatus::TooFewImages;
+                report.message =
+                    format!("{} embeddings in the window; the test needs at least {MIN_EMBEDDING_WINDOW}", c.images);
+            }
+        }
+        report
     }
 
     /// The report for the model `name`, whose calibration (the reference) is `calibration`.
     pub fn report(&self, name: &str, calibration: Option<&Calibration>) -> DriftReport {
         let name = name.to_owned();
-        let (Some(cal), Some(window)) = (calibration, self.windows.get(&name)) else {
+        let embedding = self.embedding_report(&name, calibration);
+        let (Some(cal), Some(drift)) = (calibration, self.windows.get(&name)) else {
             return DriftReport::empty(
                 name.clone(),
                 DriftStatus::NoReference,
@@ -167,16 +367,19 @@ impl DriftMonitor {
                      run `qscore calibrate --model {name}`"
                 ),
                 0,
+                embedding,
             );
         };
-        let mut w = window.lock().expect("drift window lock");
-        self.trim(&mut w);
+        let mut window = drift.window.lock().expect("drift window lock");
+        self.trim(&mut window);
+        let w = &window.seen;
         if w.is_empty() {
             return DriftReport::empty(
                 name,
                 DriftStatus::EmptyWindow,
                 "no image answered in the window yet".into(),
                 cal.reference.images,
+                embedding,
             );
         }
         let q: Vec<f32> = w.iter().map(|s| s.q_score).collect();
@@ -190,7 +393,7 @@ impl DriftMonitor {
         }
         let p: Vec<f64> = w.iter().filter_map(|s| s.p_misclassified.map(f64::from)).collect();
         let oldest = w.front().map_or(0.0, |s| s.at.elapsed().as_secs_f64());
-        drop(w);
+        drop(window);
         DriftReport {
             model: name,
             status: DriftStatus::Ok,
@@ -207,12 +410,19 @@ impl DriftMonitor {
             mean_q_score: Some(q.iter().map(|&v| f64::from(v)).sum::<f64>() / n),
             reference_median_q_score: cal.reference.q_score.percentiles.get(50).map(|&v| f64::from(v)),
             features: feature_shifts(cal, &counts, n),
+            embedding,
         }
     }
 }
 
 impl DriftReport {
-    fn empty(model: String, status: DriftStatus, message: String, reference_images: usize) -> Self {
+    fn empty(
+        model: String,
+        status: DriftStatus,
+        message: String,
+        reference_images: usize,
+        embedding: EmbeddingDrift,
+    ) -> Self {
         Self {
             model,
             status,
@@ -229,6 +439,7 @@ impl DriftReport {
             mean_q_score: None,
             reference_median_q_score: None,
             features: Vec::new(),
+            embedding,
         }
     }
 }

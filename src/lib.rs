@@ -32,7 +32,8 @@
 //! - [`qscore`]: the maths of design.md section 1, pure and tested on hand-computed cases.
 //! - [`risk`]: the probe, the nearest-neighbour estimator, the risk estimators, the isotonic map
 //!   to p(misclassified), AUROC/AUPRC, and the one `measure` serving and calibration share.
-//! - [`drift`]: rolling windows of recent answers against the calibration reference.
+//! - [`drift`]: rolling windows of recent answers against the calibration reference;
+//!   [`drift::embedding`] tests the embeddings themselves (MMD² with a permutation p-value).
 //! - [`http`]: the axum router, one module per protocol edge, connections, error mapping and
 //!   the OpenAPI document.
 //! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.

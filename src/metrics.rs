@@ -57,6 +57,12 @@ pub struct Metrics {
     pub reference_mean_p_misclassified: GaugeVec,
     /// Answers in the drift window.
     pub drift_window_images: GaugeVec,
+    /// Unbiased MMD² between the drift window's embeddings and the calibration's sample.
+    pub drift_embedding_mmd2: GaugeVec,
+    /// Permutation p-value of that MMD².
+    pub drift_embedding_p_value: GaugeVec,
+    /// Embeddings the last embedding test compared.
+    pub drift_embedding_window_images: GaugeVec,
     /// Flagged-webhook events by outcome (sent, failed, dropped).
     pub webhook_events: IntCounterVec,
 }
@@ -211,6 +217,16 @@ impl Metrics {
             "Mean p_misclassified over the calibration reference (held-out images).",
         );
         let drift_window_images = gauge("qscore_drift_window_images", "Answers in the drift window.");
+        let drift_embedding_mmd2 = gauge(
+            "qscore_drift_embedding_mmd2",
+            "Unbiased squared maximum mean discrepancy (Gaussian kernel, dimensionless) between the drift window's most recent embeddings and the calibration's sample of held-out embeddings.",
+        );
+        let drift_embedding_p_value = gauge(
+            "qscore_drift_embedding_p_value",
+            "Permutation p-value of qscore_drift_embedding_mmd2: small means the recent embeddings are unlike the reference's.",
+        );
+        let drift_embedding_window_images =
+            gauge("qscore_drift_embedding_window_images", "Embeddings the last embedding drift test compared.");
         let webhook_events = IntCounterVec::new(
             Opts::new(
                 "qscore_webhook_events_total",
@@ -242,6 +258,9 @@ impl Metrics {
             Box::new(drift_mean_p_misclassified.clone()),
             Box::new(reference_mean_p_misclassified.clone()),
             Box::new(drift_window_images.clone()),
+            Box::new(drift_embedding_mmd2.clone()),
+            Box::new(drift_embedding_p_value.clone()),
+            Box::new(drift_embedding_window_images.clone()),
             Box::new(webhook_events.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -270,6 +289,9 @@ impl Metrics {
             drift_mean_p_misclassified,
             reference_mean_p_misclassified,
             drift_window_images,
+            drift_embedding_mmd2,
+            drift_embedding_p_value,
+            drift_embedding_window_images,
             webhook_events,
         }
     }
@@ -286,6 +308,11 @@ impl Metrics {
                 continue;
             }
             self.drift_window_images.with_label_values(&m).set(r.window_images as f64);
+            if r.embedding.status == crate::drift::EmbeddingDriftStatus::NoSample {
+                let _ = self.drift_embedding_window_images.remove_label_values(&m);
+            } else {
+                self.drift_embedding_window_images.with_label_values(&m).set(r.embedding.window_images as f64);
+            }
             for (gauge, value) in [
                 (&self.drift_ks, r.ks),
                 (&self.drift_psi, r.psi),
@@ -293,6 +320,8 @@ impl Metrics {
                 (&self.expected_flagged_ratio, r.expected_flagged_ratio),
                 (&self.drift_mean_p_misclassified, r.mean_p_misclassified),
                 (&self.reference_mean_p_misclassified, r.reference_mean_p_misclassified),
+                (&self.drift_embedding_mmd2, r.embedding.mmd2),
+                (&self.drift_embedding_p_value, r.embedding.p_value),
             ] {
                 match value {
                     Some(v) => gauge.with_label_values(&m).set(v),

@@ -69,6 +69,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_keys,
         label_studio,
     };
+    Engine::watch_drift(Arc::clone(&state.engine));
     let app = http::router(state, &args.cors_origin);
 
     let addr = SocketAddr::new(args.host, args.port);

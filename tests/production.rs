@@ -429,6 +429,8 @@ fn drift_rises_past_the_alert_thresholds_on_a_degraded_stream() {
     let none = drift_of(&s, "mobilenet_v2-imagenet");
     assert_eq!(none["status"], "no_reference");
     assert!(none["message"].as_str().unwrap().contains("qscore calibrate"));
+    assert_eq!(none["embedding"]["status"], "no_sample", "{none}");
+    assert!(none["embedding"]["p_value"].is_null());
 }
 
 /// A Prometheus server (Debian's, started on loopback) stopped when the test ends.

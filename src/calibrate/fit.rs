@@ -224,11 +224,21 @@ pub fn calibrate(
 
     let reference_q: Vec<f32> = select.iter().chain(&test).map(|m| m.score.q_score).collect();
     let reference_p: Vec<f32> = select_p.iter().chain(&test_p).map(|&v| v as f32).collect();
+    // The embedding drift test's reference: a seeded sample of the held-out embeddings (all of
+    // them when fewer), with its kernel bandwidth.
+    const EMBEDDING_SAMPLE: usize = 500;
+    let held_out: Vec<usize> = parts.select.iter().chain(&parts.test).copied().collect();
+    let sampled: Vec<f32> = reference_rows(held_out.len(), EMBEDDING_SAMPLE, settings.seed)
+        .into_iter()
+        .flat_map(|r| data.h.row(held_out[r]).to_vec())
+        .collect();
     let reference = Reference {
         images: reference_q.len(),
         flagged_rate: reference_p.iter().filter(|&&v| v >= threshold).count() as f64 / reference_p.len() as f64,
         q_score: distribution(&reference_q),
         p_misclassified: distribution(&reference_p),
+        embedding: (held_out.len() >= 2)
+            .then(|| crate::drift::embedding::EmbeddingSample::new(&sampled, dim, settings.seed)),
     };
 
     let evaluation = Evaluation {

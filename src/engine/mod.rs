@@ -189,6 +189,27 @@ impl Engine {
         self.drift.report(model.name(), model.calibration.as_ref())
     }
 
+    /// Recomputes the embedding drift test of every model whose window changed, on a blocking
+    /// thread every [`crate::drift::EMBEDDING_REFRESH`], for as long as the runtime runs; the
+    /// drift reports and /metrics read the last result.
+    pub fn watch_drift(engine: Arc<Self>) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::drift::EMBEDDING_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let e = Arc::clone(&engine);
+                let refreshed = tokio::task::spawn_blocking(move || {
+                    e.drift.refresh(e.registry.models().map(|m| (m.name(), m.calibration.as_ref())));
+                })
+                .await;
+                if let Err(err) = refreshed {
+                    tracing::error!("the embedding drift refresh failed: {err}");
+                }
+            }
+        });
+    }
+
     /// Adds an observer of flagged answers.
     pub fn observe(&mut self, observer: Arc<dyn FlaggedObserver>) {
         self.observers.push(observer);
@@ -256,25 +277,30 @@ impl Engine {
         Ok(ids
             .into_iter()
             .zip(answers)
-            .map(|(id, mut answer)| {
-                match &mut answer {
-                    Ok(s) => {
+            .map(|(id, answer)| {
+                let answer = match answer {
+                    Ok((mut s, h)) => {
                         s.timings_ms.total = total_ms;
-                        self.record(model, &id, s);
+                        self.record(model, &id, &s, &h);
+                        Ok(s)
                     }
-                    Err(e) if e.is_client_error() => {
-                        self.metrics.image(name, Outcome::Rejected);
-                        self.metrics.rejected(name, Rejection::Invalid);
+                    Err(e) => {
+                        if e.is_client_error() {
+                            self.metrics.image(name, Outcome::Rejected);
+                            self.metrics.rejected(name, Rejection::Invalid);
+                        } else {
+                            self.metrics.image(name, Outcome::Failed);
+                        }
+                        Err(e)
                     }
-                    Err(_) => self.metrics.image(name, Outcome::Failed),
-                }
+                };
                 Output { id, answer }
             })
             .collect())
     }
 
-    /// The side effects of one scored image.
-    fn record(&self, model: &Model, id: &str, s: &ImageScore) {
+    /// The side effects of one scored image, whose representation is `h`.
+    fn record(&self, model: &Model, id: &str, s: &ImageScore, h: &[f32]) {
         let name = model.name();
         self.metrics.image(name, Outcome::Scored);
         self.metrics.score.with_label_values(&[name]).observe(f64::from(s.q_score));
@@ -285,6 +311,7 @@ impl Engine {
             s.p_misclassified,
             flagged,
             s.discriminative_features.iter().map(|f| f.index),
+            h,
         );
         if flagged {
             for o in &self.observers {
@@ -293,7 +320,8 @@ impl Engine {
         }
     }
 
-    /// One image through decode, the model's queue and the maths.
+    /// One image through decode, the model's queue and the maths: its answer and its
+    /// representation (for drift).
     async fn score_one(
         &self,
         model: &Arc<Model>,
@@ -301,7 +329,7 @@ impl Engine {
         confidence: Option<f32>,
         deadline: Instant,
         mode: EmbeddingMode,
-    ) -> Result<ImageScore, Error> {
+    ) -> Result<(ImageScore, Vec<f32>), Error> {
         let mut incoming = model.worker.expect(1);
         let (tensor, decode, _tensor_bytes) = self.prepare(model, bytes, deadline).await?;
         self.metrics.preprocess_duration.with_label_values(&[model.name()]).observe(decode.as_secs_f64());
@@ -317,7 +345,8 @@ impl Engine {
             batch_size: out.batch_size,
             total: 0.0,
         };
-        answer(model, score, h, out.logits.as_deref(), confidence, timings, mode)
+        let scored = answer(model, score, h, out.logits.as_deref(), confidence, timings, mode)?;
+        Ok((scored, out.embedding))
     }
 
     /// Decodes and preprocesses one image within a decode slot and its share of the memory

@@ -15,6 +15,7 @@ use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    drift::embedding::EmbeddingSample,
     qscore::{Discriminative, Score},
     risk::RiskSource,
     risk::isotonic::IsotonicMap,
@@ -123,6 +124,11 @@ pub struct Reference {
     pub p_misclassified: Distribution,
     /// Share of images flagged at tau.
     pub flagged_rate: f64,
+    /// A seeded random sample of the held-out embeddings with its kernel bandwidth: the
+    /// reference of the embedding drift test. Absent in calibrations written before it existed;
+    /// those models report no embedding drift until recalibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingSample>,
 }
 
 /// One distribution: its percentiles and a histogram.
@@ -395,6 +401,9 @@ impl Calibration {
         self.discriminative_set(dim)?;
         self.probe.validate(dim)?;
         self.neighbours.validate(dim, self.probe.classes.len())?;
+        if let Some(sample) = &self.reference.embedding {
+            sample.validate(dim)?;
+        }
         self.isotonic.validate()
     }
 
@@ -495,6 +504,20 @@ mod tests {
         assert!(refused(&|v| v["probe"]["bias"] = serde_json::json!([0.0])).contains("probe"));
         assert!(refused(&|v| v["activation_frequency"] = serde_json::json!([1.0])).contains("activation_frequency"));
         assert!(refused(&|v| v["isotonic"]["y"] = serde_json::json!([0.1, 0.9, 0.5])).contains("monotone"));
+    }
+
+    /// A calibration written before the embedding sample existed still loads, without one; a
+    /// sample must fit the model.
+    #[test]
+    fn the_embedding_sample_is_optional_and_checked() {
+        assert!(calibration(base()).unwrap().reference.embedding.is_none());
+        let mut v = base();
+        let rows: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        v["reference"]["embedding"] = serde_json::to_value(EmbeddingSample::new(&rows, 8, 1)).unwrap();
+        let sample = calibration(v.clone()).unwrap().reference.embedding.unwrap();
+        assert_eq!((sample.len(), sample.dim), (2, 8));
+        v["reference"]["embedding"]["dim"] = serde_json::json!(4);
+        assert!(calibration(v).unwrap_err().contains("reference.embedding"));
     }
 
     #[test]
