@@ -88,7 +88,14 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let model_name = name.clone();
     tracing::info!(images = labels.len(), "fitting D, the probe and the estimators");
     let calibration = tokio::task::spawn_blocking(move || {
-        let data = Embedded { h: h.view(), labels: &labels, parts: &parts, classes: &classes };
+        let data = Embedded {
+            h: h.view(),
+            labels: &labels,
+            parts: &parts,
+            classes: &classes,
+            predicted: None,
+            confidence: None,
+        };
         fit::calibrate(&data, &settings, &model_name, fingerprint)
     })
     .await??;

@@ -108,7 +108,7 @@ pub(crate) fn answer(
     embedding: EmbeddingMode,
 ) -> ImageScore {
     let calibration = model.calibration.as_ref();
-    let assessed = calibration.map(|c| c.assess(h, &s));
+    let assessed = calibration.and_then(|c| c.assess(h, &s, None).ok());
     let (embedding, embedding_features) = match (embedding, calibration) {
         (EmbeddingMode::Omit, _) => (None, None),
         (EmbeddingMode::Discriminative, Some(c)) => {
