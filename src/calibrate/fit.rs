@@ -625,6 +625,12 @@ mod tests {
         let best = e.best_label_free.unwrap();
         assert!(best.source.label_free() && best.base_rate == e.error_rate);
         assert!(!cal.needs_user_confidence());
+        // The report lists every estimator measured and gives the best label-free one its row.
+        let md = super::super::report::markdown(&[&cal]);
+        for m in &e.estimators {
+            assert!(md.contains(&format!("| {} ", m.source)) || md.contains(&format!(" {} |", m.source)), "{md}");
+        }
+        assert!(md.contains("Best label-free estimator") && md.contains(&format!("| toy | {} |", best.source)), "{md}");
         assert_eq!(cal.discriminative_features, vec![0, 1], "the spikes are the discriminative features");
         assert_eq!(e.compression.discriminative, 2);
         assert_eq!(e.compression.accuracy_random.len(), 3);

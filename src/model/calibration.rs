@@ -131,9 +131,9 @@ pub struct Evaluation {
     pub error_rate: f64,
     /// Every estimator measured, for "misclassified", paper's first.
     pub estimators: Vec<EstimatorMetrics>,
-    /// The best class-agnostic estimator (one that reads only the representation; see
-    /// [`RiskSource::label_free`]), chosen by select AUPRC, on the test part. Absent in files
-    /// written before it existed; [`BestLabelFree::of`] derives it from `estimators`.
+    /// The best class-agnostic estimator (one that reads only the representation: q_score,
+    /// z_max, q_v1, l2_norm, knn_distance, mahalanobis), chosen by select AUPRC, measured on the
+    /// test part. Absent in files written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_label_free: Option<BestLabelFree>,
     /// The Q-Score for "correct" (higher Q, more likely correct): the paper's own framing.
