@@ -725,8 +725,8 @@ mod tests {
         let i = test_rows[0];
         let s = qscore::score(h.row(i), cal.epsilon, &mask).unwrap();
         assert_eq!(cal.assess(h.row(i), &s, None).unwrap_err(), crate::risk::MissingConfidence);
-        assert_eq!(cal.assess(h.row(i), &s, Some(0.55)).unwrap().likely_misclassified, true);
-        assert_eq!(cal.assess(h.row(i), &s, Some(0.9)).unwrap().likely_misclassified, false);
+        assert!(cal.assess(h.row(i), &s, Some(0.55)).unwrap().likely_misclassified);
+        assert!(!cal.assess(h.row(i), &s, Some(0.9)).unwrap().likely_misclassified);
         // Without confidences, user_confidence is no candidate, and forcing it is refused.
         let data = Embedded { confidence: None, ..data };
         let cal = calibrate(&data, &settings, "toy", fp.clone()).unwrap();
