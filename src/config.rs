@@ -286,7 +286,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub target_precision: Option<f64>,
     /// Use this risk estimator instead of the best held-out AUPRC: q_score, z_max, q_v1,
-    /// l2_norm, max_softmax, margin or knn.
+    /// l2_norm, knn_distance, mahalanobis, max_softmax, margin, doctor, knn, sirc,
+    /// user_confidence (only with per-image confidences) or stacked.
     #[arg(long)]
     pub risk_source: Option<crate::risk::RiskSource>,
     /// Neighbours that vote in the k-NN estimator.

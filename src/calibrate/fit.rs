@@ -9,16 +9,18 @@ use rand_chacha::ChaCha8Rng;
 use super::dataset::Part;
 use crate::{
     model::calibration::{
-        Calibration, Compression, CurvePoint, DataFingerprint, Distribution, EstimatorMetrics, Evaluation,
-        FORMAT_VERSION, FlagMetrics, Histogram, Ranking, Reference, ReliabilityBin, SubsetAccuracy, SweepRow,
-        Target, ThresholdRule,
+        BestLabelFree, Calibration, Compression, CurvePoint, DataFingerprint, Distribution, EstimatorMetrics,
+        Evaluation, FORMAT_VERSION, FlagMetrics, Histogram, Ranking, Reference, ReliabilityBin, SubsetAccuracy,
+        SweepRow, Target, ThresholdRule,
     },
     qscore::{self, Discriminative, Score},
-    risk::RiskSource,
+    risk::estimators::Sirc,
+    risk::gaussian::Gaussian,
     risk::isotonic::IsotonicMap,
     risk::neighbours::Neighbours,
     risk::probe::{Probe, ProbeSettings},
-    risk::{self, ranking},
+    risk::stacked::{self, Stacked},
+    risk::{self, RiskModel, RiskSource, ranking},
 };
 
 /// The embedded labelled set.
@@ -31,12 +33,25 @@ pub struct Embedded<'a> {
     pub parts: &'a [Part],
     /// Class names.
     pub classes: &'a [String],
-    /// The user's classifier's class per row; when given, "misclassified" means it differs
-    /// from the label.
+    /// The user's own classifier's class for each row. When given, "misclassified" means
+    /// predicted != label, on every part and for every figure, choice, map and threshold; the
+    /// probe still trains on the fit part's labels. When `None`, the probe's mistakes.
     pub predicted: Option<&'a [usize]>,
-    /// The user's classifier's confidence per row.
+    /// The user's classifier's probability for its own prediction, per row, in [0, 1]. When
+    /// given, `user_confidence` is measured and is a candidate; otherwise it is not.
     pub confidence: Option<&'a [f32]>,
 }
+
+/// Folds of the stacked regression's cross-fitting on the select part.
+const STACKED_FOLDS: usize = 5;
+
+/// L2 penalty of the stacked regression (on standardised inputs; scikit-learn's C = 1).
+const STACKED_ALPHA: f64 = 1.0;
+
+/// The class-agnostic estimators SIRC may take as S2, in preference order on a tie. knn_distance
+/// is left out: SIRC takes a and b from S2 on the fit part, and every fit image that is also a
+/// k-NN reference finds itself at distance 0, so its fit-part distribution is biased low.
+const SIRC_S2: [RiskSource; 2] = [RiskSource::L2Norm, RiskSource::Mahalanobis];
 
 /// What calibration may choose and how.
 #[derive(Debug, Clone)]
@@ -81,9 +96,19 @@ struct Parts {
 /// Everything measured on one held-out image.
 struct Measured {
     score: Score,
+    /// The classifier whose mistakes are predicted got it wrong.
     wrong: bool,
-    /// Risk value of every estimator, in [`RiskSource::ALL`] order.
-    risk: [f64; 7],
+    /// The probe got it right.
+    probe_right: bool,
+    /// Risk value of every directly measured estimator, in the order of `direct`.
+    risk: Vec<f32>,
+}
+
+/// One estimator's risk values on the select and the test part.
+struct Column {
+    source: RiskSource,
+    select: Vec<f32>,
+    test: Vec<f32>,
 }
 
 /// Runs calibration: D, the probe, every estimator on select and test, the choice, the map, tau,
@@ -94,6 +119,9 @@ pub fn calibrate(
     model: &str,
     fingerprint: DataFingerprint,
 ) -> anyhow::Result<Calibration> {
+    let n = data.h.nrows();
+    anyhow::ensure!(data.predicted.is_none_or(|p| p.len() == n), "one predicted class per image");
+    anyhow::ensure!(data.confidence.is_none_or(|c| c.len() == n), "one confidence per image");
     let parts = Parts {
         fit: rows(data.parts, Part::Fit),
         select: rows(data.parts, Part::Select),
@@ -121,19 +149,37 @@ pub fn calibrate(
     let standard: Vec<f32> = references.iter().flat_map(|&r| probe.standardise(fit_h.row(r))).collect();
     let reference_y: Vec<usize> = references.iter().map(|&r| fit_y[r]).collect();
     let neighbours = Neighbours::new(settings.k, dim, &standard, &reference_y);
+    let fit_z: Vec<f32> = fit_h.rows().into_iter().flat_map(|h| probe.standardise(h)).collect();
+    let gaussian = Gaussian::fit(&fit_z, dim);
+    drop(fit_z);
+    let base =
+        RiskModel { probe: &probe, neighbours: &neighbours, gaussian: gaussian.as_ref(), sirc: None, stacked: None };
 
+    // Every estimator measured as such; SIRC and the stacked model are built from these below.
+    let direct: Vec<RiskSource> = RiskSource::ALL
+        .into_iter()
+        .filter(|&s| match s {
+            RiskSource::Sirc | RiskSource::Stacked => false,
+            RiskSource::UserConfidence => data.confidence.is_some(),
+            RiskSource::Mahalanobis => gaussian.is_some(),
+            _ => true,
+        })
+        .collect();
+    let position = |s: RiskSource| direct.iter().position(|&d| d == s);
     let measure = |rows: &[usize]| -> anyhow::Result<Vec<Measured>> {
         rows.iter()
             .map(|&i| {
                 let h = data.h.row(i);
                 let score = qscore::score(h, settings.epsilon, &mask).with_context(|| format!("image {i}"))?;
-                let measured = risk::measure(h, &score, &probe, &neighbours, &RiskSource::ALL);
-                let mut risk = [0.0; RiskSource::ALL.len()];
-                for (slot, r) in risk.iter_mut().zip(&measured.risks) {
-                    *slot = f64::from(*r);
-                }
-                let predicted = data.predicted.map_or(measured.prediction.class, |p| p[i]);
-                Ok(Measured { wrong: predicted != data.labels[i], score, risk })
+                let user = data.confidence.map(|c| c[i]);
+                let measured = risk::measure(h, &score, &base, &direct, user)
+                    .map_err(|_| anyhow::anyhow!("image {i} has no classifier confidence (NaN)"))?;
+                let probe_right = measured.prediction.class == data.labels[i];
+                let wrong = match data.predicted {
+                    Some(p) => p[i] != data.labels[i],
+                    None => !probe_right,
+                };
+                Ok(Measured { wrong, probe_right, score, risk: measured.risks })
             })
             .collect()
     };
@@ -141,19 +187,77 @@ pub fn calibrate(
     let test = measure(&parts.test)?;
 
     let wrong = |m: &[Measured]| m.iter().map(|x| x.wrong).collect::<Vec<bool>>();
-    let risk_of = |m: &[Measured], s: usize| m.iter().map(|x| x.risk[s]).collect::<Vec<f64>>();
     let (select_wrong, test_wrong) = (wrong(&select), wrong(&test));
     if !select_wrong.contains(&true) {
-        bail!("the probe made no mistake on the select part, so there is nothing to calibrate a flag on");
+        bail!("the classifier made no mistake on the select part, so there is nothing to calibrate a flag on");
     }
+    let mut columns: Vec<Column> = direct
+        .iter()
+        .enumerate()
+        .map(|(c, &source)| Column {
+            source,
+            select: select.iter().map(|m| m.risk[c]).collect(),
+            test: test.iter().map(|m| m.risk[c]).collect(),
+        })
+        .collect();
+    let select_auprc_of = |v: &[f32]| ranking::auprc(&widen(v), &select_wrong);
 
-    // Choose on select, report on test.
-    let select_auprc: Vec<Option<f64>> =
-        (0..RiskSource::ALL.len()).map(|s| ranking::auprc(&risk_of(&select, s), &select_wrong)).collect();
+    // SIRC: a and b from S2 on the fit part, S2 the one whose SIRC ranks select best.
+    let softmax = position(RiskSource::MaxSoftmax).expect("max_softmax is always measured");
+    let mut sirc: Option<(Sirc, Column, Option<f64>)> = None;
+    for s2 in SIRC_S2 {
+        let Some(c) = position(s2) else { continue };
+        let fit_confidence = parts
+            .fit
+            .iter()
+            .map(|&i| {
+                let h = data.h.row(i);
+                let score = qscore::score(h, settings.epsilon, &mask).with_context(|| format!("fit image {i}"))?;
+                let m = risk::measure(h, &score, &base, &[s2], None).expect("S2 needs no client input");
+                Ok(-f64::from(m.risks[0]))
+            })
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        let Some(params) = Sirc::fit(s2, &fit_confidence) else { continue };
+        let on = |m: &[Measured]| m.iter().map(|x| params.risk(x.risk[softmax], x.risk[c])).collect::<Vec<f32>>();
+        let column = Column { source: RiskSource::Sirc, select: on(&select), test: on(&test) };
+        let auprc = select_auprc_of(&column.select);
+        if sirc.as_ref().is_none_or(|(_, _, best)| auprc > *best) {
+            sirc = Some((params, column, auprc));
+        }
+    }
+    let sirc = sirc.map(|(params, column, _)| {
+        columns.push(column);
+        params
+    });
+
+    // The stacked regression over every direct estimator whose select values are all finite.
+    let inputs: Vec<(usize, RiskSource)> = direct
+        .iter()
+        .enumerate()
+        .filter(|&(c, _)| select.iter().all(|m| m.risk[c].is_finite()))
+        .map(|(c, &s)| (c, s))
+        .collect();
+    let input_sources: Vec<RiskSource> = inputs.iter().map(|&(_, s)| s).collect();
+    let matrix = |m: &[Measured]| Array2::from_shape_fn((m.len(), inputs.len()), |(r, j)| m[r].risk[inputs[j].0]);
+    let select_x = matrix(&select);
+    let stacked =
+        stacked::cross_fit(&input_sources, select_x.view(), &select_wrong, STACKED_FOLDS, settings.seed, STACKED_ALPHA)
+            .zip(Stacked::fit(&input_sources, select_x.view(), &select_wrong, STACKED_ALPHA))
+            .map(|(out_of_fold, model)| {
+                let test_x = matrix(&test);
+                let on_test =
+                    test_x.rows().into_iter().map(|r| model.risk(r.as_slice().expect("standard layout"))).collect();
+                columns.push(Column { source: RiskSource::Stacked, select: out_of_fold, test: on_test });
+                model
+            });
+
+    // Choose on select, report on test. Ties go to the earlier estimator, and the stacked
+    // model comes last, so it is chosen only when its cross-fitted AUPRC beats every single one.
+    let select_auprc: Vec<Option<f64>> = columns.iter().map(|c| select_auprc_of(&c.select)).collect();
     let chosen = match settings.risk_source {
         Some(forced) => forced,
         None => {
-            let best = (0..RiskSource::ALL.len())
+            let best = (0..columns.len())
                 .filter_map(|s| select_auprc[s].map(|a| (s, a)))
                 .fold(None, |best: Option<(usize, f64)>, (s, a)| match best {
                     Some((_, b)) if b >= a => best,
@@ -161,18 +265,22 @@ pub fn calibrate(
                 })
                 .map(|(s, _)| s)
                 .context("no estimator has an AUPRC on the select part")?;
-            RiskSource::ALL[best]
+            columns[best].source
         }
     };
-    let c = RiskSource::ALL.iter().position(|&s| s == chosen).expect("every source is in ALL");
+    let c = columns.iter().position(|col| col.source == chosen).with_context(|| {
+        format!(
+            "risk source {chosen} could not be measured on this data (user_confidence needs a confidence per image)"
+        )
+    })?;
     let isotonic = IsotonicMap::fit_shrunk(
-        &risk_of(&select, c),
+        &widen(&columns[c].select),
         &select_wrong.iter().map(|&w| f64::from(u8::from(w))).collect::<Vec<_>>(),
         settings.isotonic_prior,
     )
     .context("no finite risk value on the select part")?;
-    let p = |m: &[Measured]| m.iter().map(|x| f64::from(isotonic.apply(x.risk[c] as f32))).collect::<Vec<f64>>();
-    let select_p = p(&select);
+    let p = |v: &[f32]| v.iter().map(|&x| f64::from(isotonic.apply(x))).collect::<Vec<f64>>();
+    let select_p = p(&columns[c].select);
     let (threshold, threshold_rule) = match settings.target_precision {
         None => {
             (ranking::max_f1(&select_p, &select_wrong).expect("select has a mistake").threshold, ThresholdRule::MaxF1)
@@ -191,27 +299,28 @@ pub fn calibrate(
     };
     let threshold = between_plateaus(&select_p, threshold);
 
-    let test_p = p(&test);
-    let estimators = RiskSource::ALL
+    let test_p = p(&columns[c].test);
+    let estimators: Vec<EstimatorMetrics> = columns
         .iter()
-        .enumerate()
-        .map(|(s, &source)| {
-            let r = risk_of(&test, s);
+        .zip(&select_auprc)
+        .map(|(col, &select_auprc)| {
+            let r = widen(&col.test);
             EstimatorMetrics {
-                source,
+                source: col.source,
                 auroc: ranking::auroc(&r, &test_wrong),
                 auprc: ranking::auprc(&r, &test_wrong),
-                select_auprc: select_auprc[s],
+                select_auprc,
             }
         })
         .collect();
     let test_right: Vec<bool> = test_wrong.iter().map(|w| !w).collect();
     let q: Vec<f64> = test.iter().map(|m| f64::from(m.score.q_score)).collect();
     let error_rate = rate(&test_wrong);
+    let best_label_free = BestLabelFree::of(&estimators, error_rate);
 
     let test_h = data.h.select(Axis(0), &parts.test);
     let test_y: Vec<usize> = parts.test.iter().map(|&i| data.labels[i]).collect();
-    let accuracy_all = 1.0 - error_rate;
+    let accuracy_all = rate(&test.iter().map(|m| m.probe_right).collect::<Vec<bool>>());
     let fitted = Fitted { fit: &fit_h, fit_y: &fit_y, test: &test_h, test_y: &test_y, classes: data.classes };
     let compression = compression(&fitted, &probe, &frequency, &d_set, settings)?;
     let select_h = data.h.select(Axis(0), &parts.select);
@@ -249,6 +358,7 @@ pub fn calibrate(
         probe_accuracy: accuracy_all,
         error_rate,
         estimators,
+        best_label_free,
         q_score_for_correct: Ranking {
             auroc: ranking::auroc(&q, &test_right),
             auprc: ranking::auprc(&q, &test_right),
@@ -276,6 +386,9 @@ pub fn calibrate(
         discriminative_features: d_set,
         probe,
         neighbours,
+        gaussian,
+        sirc,
+        stacked,
         risk_source: chosen,
         isotonic,
         threshold,
@@ -285,6 +398,10 @@ pub fn calibrate(
         data: fingerprint,
         target: Target::Probe,
     })
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
 }
 
 /// Which fit rows form the k-NN reference set: all of them, or a seeded sample of `max`.
@@ -659,7 +776,23 @@ mod tests {
         assert!(e.error_rate > 0.1 && e.error_rate < 0.4, "the hard fifth is misclassified: {}", e.error_rate);
         assert!(e.p_misclassified.auprc.unwrap() > 0.9, "{:?}", e.p_misclassified);
         assert!(e.flag.lift.is_none_or(|l| l > 3.0) && e.flag.operating.recall > 0.9, "{:?}", e.flag);
-        assert_eq!(e.estimators.len(), 7);
+        // Every estimator but user_confidence (no confidences given).
+        let measured: Vec<RiskSource> = e.estimators.iter().map(|m| m.source).collect();
+        assert_eq!(
+            measured,
+            RiskSource::ALL.into_iter().filter(|&s| s != RiskSource::UserConfidence).collect::<Vec<_>>()
+        );
+        assert!(cal.gaussian.is_some() && cal.sirc.is_some() && cal.stacked.is_some());
+        assert!(e.estimators.iter().all(|m| m.auprc.is_some() && m.select_auprc.is_some()), "{:?}", e.estimators);
+        let best = e.best_label_free.unwrap();
+        assert!(best.source.label_free() && best.base_rate == e.error_rate);
+        assert!(!cal.needs_user_confidence());
+        // The report lists every estimator measured and gives the best label-free one its row.
+        let md = super::super::report::markdown(&[&cal]);
+        for m in &e.estimators {
+            assert!(md.contains(&format!("| {} ", m.source)) || md.contains(&format!(" {} |", m.source)), "{md}");
+        }
+        assert!(md.contains("Best label-free estimator") && md.contains(&format!("| toy | {} |", best.source)), "{md}");
         assert_eq!(cal.discriminative_features, vec![0, 1], "the spikes are the discriminative features");
         assert_eq!(e.compression.discriminative, 2);
         assert_eq!(e.compression.accuracy_random.len(), 3);
@@ -702,6 +835,88 @@ mod tests {
         // Same inputs, same file.
         let again = calibrate(&data, &settings, "toy", cal.data.clone()).unwrap();
         assert_eq!(serde_json::to_string(&again).unwrap(), serde_json::to_string(&cal).unwrap());
+        // Forced onto each combination, the served flag still agrees with the measured one.
+        for forced in [RiskSource::Stacked, RiskSource::Sirc, RiskSource::Mahalanobis, RiskSource::KnnDistance] {
+            let cal =
+                calibrate(&data, &Settings { risk_source: Some(forced), ..settings.clone() }, "toy", cal.data.clone())
+                    .unwrap();
+            let flagged = test_rows
+                .iter()
+                .filter(|&&i| {
+                    let s = qscore::score(h.row(i), cal.epsilon, &mask).unwrap();
+                    cal.assess(h.row(i), &s, None).unwrap().likely_misclassified
+                })
+                .count();
+            let rate = cal.evaluation.flag.operating.flagged_rate;
+            assert!((flagged as f64 / 60.0 - rate).abs() < 1e-9, "{forced}: {flagged} vs {rate}");
+            let back = Calibration::parse(&serde_json::to_string(&cal).unwrap(), 8).unwrap();
+            assert_eq!(back.risk_source, forced);
+        }
+    }
+
+    /// The user's own classifier: it is wrong on every seventh image (whatever the probe does)
+    /// and says so through a low confidence. "Misclassified" follows its predictions on every
+    /// part, user_confidence is measured, ranks them perfectly and is chosen, and the flag then
+    /// needs the confidence at serving time.
+    #[test]
+    fn follows_the_users_classifier() {
+        let (h, labels, parts) = toy();
+        let classes = vec!["zero".to_string(), "one".to_string()];
+        let user_wrong: Vec<bool> = (0..labels.len()).map(|i| i % 7 == 3).collect();
+        let predicted: Vec<usize> = labels.iter().zip(&user_wrong).map(|(&l, &w)| if w { 1 - l } else { l }).collect();
+        let confidence: Vec<f32> =
+            user_wrong.iter().enumerate().map(|(i, &w)| if w { 0.55 } else { 0.8 + (i % 5) as f32 * 0.04 }).collect();
+        let settings = Settings {
+            epsilon: 1.0,
+            percentiles: (0.0, 100.0),
+            risk_source: None,
+            target_precision: None,
+            k: 5,
+            max_neighbours: 1000,
+            probe: ProbeSettings::default(),
+            random_subsets: 1,
+            seed: 0,
+            sweep: vec![],
+        };
+        let fp = DataFingerprint {
+            sources: vec![],
+            classes: classes.clone(),
+            fit_per_class: vec![],
+            select_per_class: vec![],
+            test_per_class: vec![],
+            file_list_sha256: String::new(),
+            skipped: vec![],
+        };
+        let data = Embedded {
+            h: h.view(),
+            labels: &labels,
+            parts: &parts,
+            classes: &classes,
+            predicted: Some(&predicted),
+            confidence: Some(&confidence),
+        };
+        let cal = calibrate(&data, &settings, "toy", fp.clone()).unwrap();
+        let e = &cal.evaluation;
+        let test_rows = rows(&parts, Part::Test);
+        let expected = test_rows.iter().filter(|&&i| user_wrong[i]).count() as f64 / test_rows.len() as f64;
+        assert!((e.error_rate - expected).abs() < 1e-12, "{} vs {expected}", e.error_rate);
+        assert!(e.probe_accuracy < 0.9, "the probe's own accuracy is still reported: {}", e.probe_accuracy);
+        assert_eq!(cal.risk_source, RiskSource::UserConfidence);
+        let user = e.estimators.iter().find(|m| m.source == RiskSource::UserConfidence).unwrap();
+        assert_eq!((user.auprc, user.auroc), (Some(1.0), Some(1.0)));
+        assert!(cal.needs_user_confidence());
+        let mask = cal.discriminative_set(8).unwrap();
+        let i = test_rows[0];
+        let s = qscore::score(h.row(i), cal.epsilon, &mask).unwrap();
+        assert_eq!(cal.assess(h.row(i), &s, None).unwrap_err(), crate::risk::MissingConfidence);
+        assert!(cal.assess(h.row(i), &s, Some(0.55)).unwrap().likely_misclassified);
+        assert!(!cal.assess(h.row(i), &s, Some(0.9)).unwrap().likely_misclassified);
+        // Without confidences, user_confidence is no candidate, and forcing it is refused.
+        let data = Embedded { confidence: None, ..data };
+        let cal = calibrate(&data, &settings, "toy", fp.clone()).unwrap();
+        assert!(cal.evaluation.estimators.iter().all(|m| m.source != RiskSource::UserConfidence));
+        let forced = Settings { risk_source: Some(RiskSource::UserConfidence), ..settings };
+        assert!(calibrate(&data, &forced, "toy", fp).unwrap_err().to_string().contains("confidence"));
     }
 
     /// p = [0.9, 0.1, 0.5, 0.3, 0.7] (wrong: 1, 0, 0, 1, 1) in 2 bins: sorted 0.1, 0.3 | 0.5,

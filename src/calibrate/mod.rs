@@ -3,7 +3,7 @@
 //!
 //! The paper's claim is that the Q-Score predicts a linear probe's mistakes. That is measured
 //! here, not assumed: calibration embeds a labelled ImageFolder through the server's own
-//! pipeline, fits D and a probe on one part, and scores seven risk estimators (the Q-Score
+//! pipeline, fits D and a probe on one part, and scores every risk estimator (the Q-Score
 //! among them) on held-out images. The estimator with the best held-out AUPRC drives the flag,
 //! unless the user forces one, and every estimator's figures are written down next to it, so
 //! whoever reads `GET /v1/models/{name}` sees how much the flag is worth.

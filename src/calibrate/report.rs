@@ -3,7 +3,10 @@
 
 use std::fmt::Write as _;
 
-use crate::{model::calibration::Calibration, risk::RiskSource};
+use crate::{
+    model::calibration::{BestLabelFree, Calibration},
+    risk::RiskSource,
+};
 
 fn pct(v: f64) -> String {
     format!("{:.2}", 100.0 * v)
@@ -17,7 +20,13 @@ fn opt(v: Option<f64>) -> String {
 /// part (never seen by any choice); percentages throughout.
 pub fn markdown(cals: &[&Calibration]) -> String {
     let mut out = String::new();
-    let names: Vec<&str> = RiskSource::ALL.iter().map(|r| r.name()).collect();
+    // Every estimator any of the files measured (older files lack the newer ones; a file
+    // without confidences lacks user_confidence): those a file lacks read "-".
+    let sources: Vec<RiskSource> = RiskSource::ALL
+        .into_iter()
+        .filter(|&s| cals.iter().any(|c| c.evaluation.estimators.iter().any(|m| m.source == s)))
+        .collect();
+    let names: Vec<&str> = sources.iter().map(|r| r.name()).collect();
 
     let _ = writeln!(out, "#### Predicting the probe's mistakes: AUPRC (AUROC) on the test part\n");
     let _ = writeln!(
@@ -28,12 +37,14 @@ pub fn markdown(cals: &[&Calibration]) -> String {
     let _ = writeln!(out, "|---|---:|---:|---:|{}---|", "---:|".repeat(names.len()));
     for c in cals {
         let e = &c.evaluation;
-        let cells: Vec<String> = e
-            .estimators
+        let cells: Vec<String> = sources
             .iter()
-            .map(|m| {
-                let cell = format!("{} ({})", opt(m.auprc), opt(m.auroc));
-                if m.source == c.risk_source { format!("**{cell}**") } else { cell }
+            .map(|&s| match e.estimators.iter().find(|m| m.source == s) {
+                None => "-".into(),
+                Some(m) => {
+                    let cell = format!("{} ({})", opt(m.auprc), opt(m.auroc));
+                    if m.source == c.risk_source { format!("**{cell}**") } else { cell }
+                }
             })
             .collect();
         let _ = writeln!(
@@ -46,6 +57,38 @@ pub fn markdown(cals: &[&Calibration]) -> String {
             cells.join(" | "),
             c.risk_source
         );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n#### Best label-free estimator: AUPRC vs base rate (chosen by select AUPRC among {})\n",
+        RiskSource::ALL.into_iter().filter(|s| s.label_free()).map(RiskSource::name).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "| model | best label-free estimator | select AUPRC | test AUPRC | test AUROC | base rate | AUPRC / base rate |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+    for c in cals {
+        let e = &c.evaluation;
+        match e.best_label_free.or_else(|| BestLabelFree::of(&e.estimators, e.error_rate)) {
+            None => {
+                let _ = writeln!(out, "| {} | - | - | - | - | {} | - |", c.model, pct(e.error_rate));
+            }
+            Some(b) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    c.model,
+                    b.source,
+                    opt(b.select_auprc),
+                    opt(b.auprc),
+                    opt(b.auroc),
+                    pct(b.base_rate),
+                    b.auprc_over_base_rate.map_or("-".into(), |r| format!("{r:.2}x"))
+                );
+            }
+        }
     }
 
     let _ = writeln!(out, "\n#### The paper's framing: Q-Score for \"correctly classified\", AUPRC (AUROC)\n");

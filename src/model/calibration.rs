@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use crate::{
     drift::embedding::EmbeddingSample,
     qscore::{Discriminative, Score},
-    risk::RiskSource,
     risk::isotonic::IsotonicMap,
     risk::neighbours::Neighbours,
     risk::probe::{Prediction, Probe},
     risk::ranking::Operating,
+    risk::{MissingConfidence, RiskModel, RiskSource, estimators::Sirc, gaussian::Gaussian, stacked::Stacked},
 };
 
 /// The format this build writes and reads.
@@ -44,8 +44,17 @@ pub struct Calibration {
     pub discriminative_features: Vec<usize>,
     /// The linear probe trained on the fit part.
     pub probe: Probe,
-    /// The fit part, standardised, for the nearest-neighbour estimator.
+    /// The fit part, standardised, for the nearest-neighbour estimators.
     pub neighbours: Neighbours,
+    /// The fit part's Gaussian, for `mahalanobis` (absent in files written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gaussian: Option<Gaussian>,
+    /// SIRC's S2 and parameters, for `sirc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sirc: Option<Sirc>,
+    /// The stacked regression refitted on the whole select part, for `stacked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stacked: Option<Stacked>,
     /// The estimator that drives `p_misclassified`.
     pub risk_source: RiskSource,
     /// Monotone map from the estimator's risk value to p(misclassified).
@@ -164,8 +173,13 @@ pub struct Evaluation {
     pub probe_accuracy: f64,
     /// Share misclassified by the probe: the base rate every AUPRC compares with.
     pub error_rate: f64,
-    /// Every estimator, for "misclassified", paper's first.
+    /// Every estimator measured, for "misclassified", paper's first.
     pub estimators: Vec<EstimatorMetrics>,
+    /// The best class-agnostic estimator (one that reads only the representation: q_score,
+    /// z_max, q_v1, l2_norm, knn_distance, mahalanobis), chosen by select AUPRC, measured on the
+    /// test part. Absent in files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_label_free: Option<BestLabelFree>,
     /// The Q-Score for "correct" (higher Q, more likely correct): the paper's own framing.
     pub q_score_for_correct: Ranking,
     /// p_misclassified (the chosen estimator through its isotonic map) for "misclassified".
@@ -221,6 +235,47 @@ pub struct EstimatorMetrics {
     pub auprc: Option<f64>,
     /// AUPRC on the select part, the figure the choice was made on.
     pub select_auprc: Option<f64>,
+}
+
+/// The best label-free estimator and how far above chance it ranks mistakes.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct BestLabelFree {
+    /// Which (the label-free one with the best select AUPRC).
+    pub source: RiskSource,
+    /// Its AUPRC on the select part, the figure it was chosen on.
+    pub select_auprc: Option<f64>,
+    /// Its AUROC on the test part.
+    pub auroc: Option<f64>,
+    /// Its AUPRC on the test part.
+    pub auprc: Option<f64>,
+    /// The test part's error rate: a random ranking's AUPRC.
+    pub base_rate: f64,
+    /// auprc / base_rate: how many times chance.
+    pub auprc_over_base_rate: Option<f64>,
+}
+
+impl BestLabelFree {
+    /// The label-free estimator of `estimators` with the best select AUPRC (the earlier one on
+    /// a tie), with `base_rate` the test error rate; `None` when none has a select AUPRC.
+    pub fn of(estimators: &[EstimatorMetrics], base_rate: f64) -> Option<Self> {
+        let best = estimators
+            .iter()
+            .filter(|m| m.source.label_free())
+            .filter_map(|m| m.select_auprc.map(|a| (m, a)))
+            .fold(None, |best: Option<(&EstimatorMetrics, f64)>, (m, a)| match best {
+                Some((_, b)) if b >= a => best,
+                _ => Some((m, a)),
+            })?
+            .0;
+        Some(Self {
+            source: best.source,
+            select_auprc: best.select_auprc,
+            auroc: best.auroc,
+            auprc: best.auprc,
+            base_rate,
+            auprc_over_base_rate: best.auprc.filter(|_| base_rate > 0.0).map(|a| a / base_rate),
+        })
+    }
 }
 
 /// AUROC and AUPRC of one score for one kind of positive.
@@ -404,7 +459,59 @@ impl Calibration {
         if let Some(sample) = &self.reference.embedding {
             sample.validate(dim)?;
         }
+        if let Some(g) = &self.gaussian {
+            g.validate(dim)?;
+        }
+        if let Some(s) = &self.sirc {
+            s.validate()?;
+        }
+        if let Some(s) = &self.stacked {
+            s.validate()?;
+        }
+        self.parts_of(self.risk_source)?;
         self.isotonic.validate()
+    }
+
+    /// Checks that the parts `source` reads are in the file, and through SIRC and the stacked
+    /// model, the parts of what they read.
+    fn parts_of(&self, source: RiskSource) -> Result<(), String> {
+        let missing = |part: &str| {
+            Err(format!("risk_source {source} needs `{part}`, which the file lacks; re-run `qscore calibrate`"))
+        };
+        match source {
+            RiskSource::Mahalanobis if self.gaussian.is_none() => missing("gaussian"),
+            RiskSource::Sirc => match &self.sirc {
+                None => missing("sirc"),
+                Some(s) => self.parts_of(s.s2),
+            },
+            RiskSource::Stacked => match &self.stacked {
+                None => missing("stacked"),
+                Some(s) => s.inputs.iter().try_for_each(|&i| self.parts_of(i)),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether serving this calibration's flag needs the client's classifier confidence per
+    /// image: its risk source is `user_confidence`, or reads it (the stacked model's inputs).
+    pub fn needs_user_confidence(&self) -> bool {
+        match self.risk_source {
+            RiskSource::Stacked => {
+                self.stacked.as_ref().is_some_and(|s| s.inputs.iter().any(|i| i.needs_user_confidence()))
+            }
+            source => source.needs_user_confidence(),
+        }
+    }
+
+    /// The fitted parts the estimators read, borrowed.
+    pub fn risk_model(&self) -> RiskModel<'_> {
+        RiskModel {
+            probe: &self.probe,
+            neighbours: &self.neighbours,
+            gaussian: self.gaussian.as_ref(),
+            sirc: self.sirc.as_ref(),
+            stacked: self.stacked.as_ref(),
+        }
     }
 
     /// D as a mask over the model's `dim` features; an error names an index past them.
@@ -413,21 +520,20 @@ impl Calibration {
             .map_err(|j| format!("discriminative_features holds index {j}, past the model's {dim} features"))
     }
 
-    /// Whether serving needs the user's classifier confidence per image.
-    pub fn needs_user_confidence(&self) -> bool {
-        false
-    }
-
-    /// The probe's prediction and the calibrated risk of one representation and its score;
-    /// `user_confidence` is the user's classifier's probability for its prediction.
+    /// The probe's prediction and the calibrated risk of one representation `h` (shape (d,))
+    /// and its score. `user_confidence` is the client's classifier probability for its own
+    /// prediction on this image, read only when [`Self::needs_user_confidence`].
+    ///
+    /// # Errors
+    /// [`MissingConfidence`] when the flag needs `user_confidence` and it is `None` or NaN.
     pub fn assess(
         &self,
         h: ArrayView1<f32>,
         score: &Score,
-        _user_confidence: Option<f32>,
-    ) -> Result<Assessment, crate::risk::MissingConfidence> {
+        user_confidence: Option<f32>,
+    ) -> Result<Assessment, MissingConfidence> {
         let crate::risk::Measurement { prediction, risks } =
-            crate::risk::measure(h, score, &self.probe, &self.neighbours, &[self.risk_source]);
+            crate::risk::measure(h, score, &self.risk_model(), &[self.risk_source], user_confidence)?;
         let p = self.isotonic.apply(risks[0]);
         Ok(Assessment { prediction, p_misclassified: p, likely_misclassified: p >= self.threshold })
     }
@@ -504,6 +610,57 @@ mod tests {
         assert!(refused(&|v| v["probe"]["bias"] = serde_json::json!([0.0])).contains("probe"));
         assert!(refused(&|v| v["activation_frequency"] = serde_json::json!([1.0])).contains("activation_frequency"));
         assert!(refused(&|v| v["isotonic"]["y"] = serde_json::json!([0.1, 0.9, 0.5])).contains("monotone"));
+        // A source whose fitted part the file lacks.
+        for (source, part) in [("mahalanobis", "gaussian"), ("sirc", "sirc"), ("stacked", "stacked")] {
+            assert!(refused(&|v| v["risk_source"] = serde_json::json!(source)).contains(part), "{source}");
+        }
+        assert!(
+            refused(&|v| {
+                v["risk_source"] = serde_json::json!("sirc");
+                v["sirc"] = serde_json::json!({"s2": "mahalanobis", "a": 0.0, "b": 1.0});
+            })
+            .contains("gaussian")
+        );
+        assert!(
+            refused(&|v| {
+                v["risk_source"] = serde_json::json!("stacked");
+                v["stacked"] = stacked(&["knn", "stacked"]);
+            })
+            .contains("stacked.inputs")
+        );
+        assert!(
+            refused(&|v| v["gaussian"] = serde_json::json!({"dim": 8, "shrinkage": 0.0, "mean": "", "whitening": ""}))
+                .contains("gaussian")
+        );
+    }
+
+    fn stacked(inputs: &[&str]) -> serde_json::Value {
+        let m = inputs.len();
+        serde_json::json!({"inputs": inputs, "mean": vec![0.0; m], "scale": vec![1.0; m], "weights": vec![1.0; m],
+                           "bias": 0.0, "alpha": 1.0})
+    }
+
+    /// A file written before the new estimators (no gaussian, sirc, stacked or best_label_free)
+    /// loads and serves as before; one whose stacked model reads user_confidence needs it.
+    #[test]
+    fn new_parts_are_optional_and_user_confidence_is_reported() {
+        let cal = calibration(base()).unwrap();
+        assert!(cal.gaussian.is_none() && cal.sirc.is_none() && cal.stacked.is_none());
+        assert!(!cal.needs_user_confidence());
+        let mut v = base();
+        v["risk_source"] = serde_json::json!("stacked");
+        v["stacked"] = stacked(&["max_softmax", "user_confidence"]);
+        let cal = calibration(v).unwrap();
+        assert!(cal.needs_user_confidence());
+        let h = ndarray::array![1.0_f32, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0, 7.0];
+        let s = crate::qscore::score(h.view(), cal.epsilon, &cal.discriminative_set(8).unwrap()).unwrap();
+        let err = cal.assess(h.view(), &s, None).unwrap_err();
+        assert!(err.to_string().contains("send `confidence` in [0, 1] per image"));
+        assert!(cal.assess(h.view(), &s, Some(f32::NAN)).is_err());
+        assert!(cal.assess(h.view(), &s, Some(0.5)).is_ok());
+        let mut v = base();
+        v["risk_source"] = serde_json::json!("user_confidence");
+        assert!(calibration(v).unwrap().needs_user_confidence());
     }
 
     /// A calibration written before the embedding sample existed still loads, without one; a

@@ -1,8 +1,10 @@
-//! The nearest-neighbour risk estimator: how many of an image's k nearest labelled neighbours
-//! disagree with the probe's prediction.
+//! The nearest-neighbour risk estimators: how many of an image's k nearest labelled neighbours
+//! disagree with the probe's prediction (`knn`), and how far away they are (`knn_distance`).
 //!
 //! A prediction that its own neighbourhood contradicts is likely wrong, whatever the probe's
-//! confidence. Neighbours are found by Euclidean distance between standardised representations
+//! confidence; an image far from every reference lies where the probe saw little data (the
+//! label-free k-NN distance of Sun et al., "Out-of-Distribution Detection with Deep Nearest
+//! Neighbors", ICML 2022, here unnormalised and averaged over the k). Neighbours are found by Euclidean distance between standardised representations
 //! (the probe's standardisation), by brute force: calibration sets hold thousands of
 //! references, which costs well under a millisecond per image on one core.
 //!
@@ -12,6 +14,15 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What one search over the references finds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Search {
+    /// Share of the k nearest references whose label disagrees with the prediction, in [0, 1].
+    pub disagreement: f32,
+    /// Mean Euclidean distance to the k nearest references, >= 0.
+    pub mean_distance: f32,
+}
 
 /// A labelled reference set, standardised, with its k.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -38,6 +49,14 @@ impl Neighbours {
     /// Share of the k nearest references whose label is not `predicted`. Equal distances are
     /// broken by reference order, so the answer is deterministic.
     pub fn disagreement(&self, query: &[f32], predicted: usize) -> f32 {
+        self.search(query, predicted).disagreement
+    }
+
+    /// One search over the references for a standardised `query` (dim values): the share of the
+    /// k nearest whose label is not `predicted`, and their mean Euclidean distance (in
+    /// standard deviations of the fit part, as the features are). Equal distances are broken by
+    /// reference order, so the answer is deterministic.
+    pub fn search(&self, query: &[f32], predicted: usize) -> Search {
         assert_eq!(query.len(), self.dim, "query of the reference size");
         let mut dist: Vec<(f32, u32)> = self
             .features
@@ -47,12 +66,14 @@ impl Neighbours {
             .collect();
         let k = self.k.min(dist.len());
         if k == 0 {
-            return 0.0;
+            return Search { disagreement: 0.0, mean_distance: 0.0 };
         }
         let by_distance = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         dist.select_nth_unstable_by(k - 1, by_distance);
-        let against = dist[..k].iter().filter(|&&(_, i)| usize::from(self.labels[i as usize]) != predicted).count();
-        against as f32 / k as f32
+        let nearest = &dist[..k];
+        let against = nearest.iter().filter(|&&(_, i)| usize::from(self.labels[i as usize]) != predicted).count();
+        let total: f64 = nearest.iter().map(|&(d2, _)| f64::from(d2).sqrt()).sum();
+        Search { disagreement: against as f32 / k as f32, mean_distance: (total / k as f64) as f32 }
     }
 
     /// Checks a set read from a file.
@@ -99,6 +120,16 @@ mod tests {
         assert!((n.disagreement(&[0.4], 1) - 2.0 / 3.0).abs() < 1e-6);
         assert_eq!(n.disagreement(&[10.2], 1), 0.0);
         assert_eq!(n.disagreement(&[10.2], 0), 1.0);
+    }
+
+    /// The same line: from 0.4 the three nearest lie at 0.4, 0.6 and 1.6, mean 2.6 / 3; from
+    /// 10.2 at 0.2, 0.8 and 8.2, mean 9.2 / 3. Both answers come from one search.
+    #[test]
+    fn mean_distance_to_the_nearest() {
+        let n = Neighbours::new(3, 1, &[0.0, 1.0, 2.0, 10.0, 11.0], &[0, 0, 1, 1, 1]);
+        let s = n.search(&[0.4], 0);
+        assert!((s.mean_distance - 2.6 / 3.0).abs() < 1e-6 && (s.disagreement - 1.0 / 3.0).abs() < 1e-6);
+        assert!((n.search(&[10.2], 1).mean_distance - 9.2 / 3.0).abs() < 1e-5);
     }
 
     /// The file form round-trips exactly, because the set is rounded to f16 when built.
