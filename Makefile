@@ -31,6 +31,11 @@ FMNIST_DIR     ?= /tmp/qscore-fmnist
 # The Q-Score sweep recorded in every bundled calibration (eps x percentile bands).
 SWEEP_EPSILON     := 1.5,2,2.5,3,4
 SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
+# The compression comparison: random subsets per point, and the curve's kept shares. Each point
+# below 1 costs 1 + RANDOM_SUBSETS probe fits on the 60,000 fit images (~25 s each on one core),
+# which is what bounds `make calibrate` at about 6 minutes per model on 2 cores.
+RANDOM_SUBSETS    := 3
+COMPRESSION_CURVE := 0.4,0.6,0.8,1.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
         fmnist-data calibrate evaluate load-bench bench-env swagger-ui
@@ -146,7 +151,8 @@ fmnist-data:
 # half to measure), then print the cross-model tables of models/README.md and draw its figures.
 calibrate: build fmnist-data
 	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m) --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
-	  --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' > /dev/null &&) true
+	  --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' \
+	  --random-subsets $(RANDOM_SUBSETS) --compression-curve $(COMPRESSION_CURVE) > /dev/null &&) true
 	$(MAKE) --no-print-directory evaluate
 	$(MAKE) --no-print-directory plots
 

@@ -188,5 +188,96 @@ fn a_model_head_answers_the_class_and_is_what_calibration_predicts() {
     let info: Value = server.get("/v1/models/fmnist-simclr-head").json().unwrap();
     assert_eq!(info["calibration"]["target"]["classifier"], "model_head");
     assert_eq!(info["calibration"]["needs_confidence"], false, "the head gives its own confidence");
-    let _ = assert_error;
+}
+
+/// A user's classifier that gives its confidence: low on the shirts it gets wrong, high
+/// elsewhere except on every seventh image. Calibrated on that confidence, the server needs it
+/// per image in every protocol, answers 400 `missing_confidence` without it (a batch item in
+/// its own slot), and flags a low confidence, not a high one.
+#[test]
+fn a_flag_on_the_clients_confidence_needs_it_in_every_protocol() {
+    let dir = scratch("confidence");
+    add_encoder(&dir, MODEL);
+    let mut csv = String::from("path,predicted,confidence\n");
+    for (i, (path, class)) in fixture_images().into_iter().enumerate() {
+        let (predicted, confidence) = match (class.as_str(), i % 7) {
+            ("shirt", _) => ("tshirt_top", 0.35 + (i % 5) as f64 * 0.05),
+            (_, 0) => (class.as_str(), 0.55),
+            _ => (class.as_str(), 0.8 + (i % 4) as f64 * 0.05),
+        };
+        csv.push_str(&format!("{path},{predicted},{confidence}\n"));
+    }
+    let file = dir.join("predictions.csv");
+    std::fs::write(&file, &csv).unwrap();
+    succeeded(&calibrate(&dir, MODEL, &["--predictions", file.to_str().unwrap(), "--risk-source", "user_confidence"]));
+    let cal = calibration(&dir, MODEL);
+    assert_eq!(cal["target"]["with_confidence"], true);
+    assert_eq!(cal["risk_source"], "user_confidence");
+
+    let server = Server::start_with_models(&dir, &["--model", MODEL]);
+    let info: Value = server.get(&format!("/v1/models/{MODEL}")).json().unwrap();
+    assert_eq!(info["calibration"]["needs_confidence"], true);
+    let png = std::fs::read(fixture("fmnist").join(&fixture_images()[0].0)).unwrap();
+
+    let missing = assert_error(server.post_raw("/v1/score", "image/png", png.clone()), 400, "missing_confidence");
+    assert!(missing["error"]["message"].as_str().unwrap().contains("`confidence`"), "{missing}");
+    assert_error(server.post_image("/v1/score", "a.png", png.clone()), 400, "missing_confidence");
+    assert_error(server.post_raw("/v1/score?confidence=1.5", "image/png", png.clone()), 400, "invalid_confidence");
+    assert_error(server.post_raw("/v1/score?confidence=high", "image/png", png.clone()), 400, "invalid_confidence");
+
+    let low: Value = server.post_raw("/v1/score?confidence=0.3", "image/png", png.clone()).json().unwrap();
+    let high: Value = server.post_raw("/v1/score?confidence=0.99", "image/png", png.clone()).json().unwrap();
+    assert_eq!((&low["likely_misclassified"], &high["likely_misclassified"]), (&json!(true), &json!(false)));
+    assert!(low["p_misclassified"].as_f64() > high["p_misclassified"].as_f64(), "{low} {high}");
+
+    // A form field, per image in a batch, in the order of the images.
+    let part = |name: &str| reqwest::blocking::multipart::Part::bytes(png.clone()).file_name(name.to_owned());
+    let form = reqwest::blocking::multipart::Form::new().part("image", part("a.png")).text("confidence", "0.3");
+    let url = |path: &str| format!("{}{path}", server.url);
+    let by_form: Value = server.client().post(url("/v1/score")).multipart(form).send().unwrap().json().unwrap();
+    assert_eq!(by_form["p_misclassified"], low["p_misclassified"]);
+    let form = reqwest::blocking::multipart::Form::new()
+        .part("image", part("a.png"))
+        .part("image", part("b.png"))
+        .text("confidence", "0.99")
+        .text("confidence", "0.3");
+    let batch: Value = server.client().post(url("/v1/score/batch")).multipart(form).send().unwrap().json().unwrap();
+    assert_eq!(batch["results"][0]["p_misclassified"], high["p_misclassified"]);
+    assert_eq!(batch["results"][1]["p_misclassified"], low["p_misclassified"]);
+    let form = reqwest::blocking::multipart::Form::new()
+        .part("image", part("a.png"))
+        .part("image", part("b.png"))
+        .text("confidence", "0.3");
+    assert_error(server.client().post(url("/v1/score/batch")).multipart(form).send().unwrap(), 400, "bad_request");
+
+    // A JSON batch: an item without it fails alone.
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(&png);
+    let body = json!({"images": [
+        {"id": "with", "data": data, "confidence": 0.3},
+        {"id": "without", "data": data},
+        {"id": "bad", "data": data, "confidence": -0.1},
+    ]});
+    let batch: Value = server.client().post(url("/v1/score/batch")).json(&body).send().unwrap().json().unwrap();
+    assert_eq!(batch["results"][0]["p_misclassified"], low["p_misclassified"]);
+    assert_eq!(batch["results"][1]["error"]["code"], "missing_confidence");
+    assert_eq!(batch["results"][2]["error"]["code"], "invalid_confidence");
+
+    // KServe v2: a `confidence` input beside `image`, listed in the model's metadata.
+    let meta: Value = server.get(&format!("/v2/models/{MODEL}")).json().unwrap();
+    assert_eq!(meta["inputs"][1]["name"], "confidence");
+    let infer = |inputs: Value| {
+        server.client().post(url(&format!("/v2/models/{MODEL}/infer"))).json(&json!({"inputs": inputs})).send().unwrap()
+    };
+    let image = json!({"name": "image", "shape": [2], "datatype": "BYTES", "data": [data, data]});
+    let answer: Value =
+        infer(json!([image, {"name": "confidence", "shape": [2], "datatype": "FP32", "data": [0.3, 0.99]}]))
+            .json()
+            .unwrap();
+    let flags = answer["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "likely_misclassified").unwrap();
+    assert_eq!(flags["data"], json!([true, false]));
+    let refused = infer(json!([image]));
+    assert_eq!(refused.status(), 400);
+    let text = refused.text().unwrap();
+    assert!(text.contains("confidence"), "{text}");
 }

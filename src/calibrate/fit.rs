@@ -814,7 +814,11 @@ mod tests {
         // tau sits strictly between two plateaus of select p: no select image is on it.
         let select_p: Vec<f32> = rows(&parts, Part::Select)
             .iter()
-            .map(|&i| cal.assess(h.row(i), &qscore::score(h.row(i), cal.epsilon, &mask).unwrap()).p_misclassified)
+            .map(|&i| {
+                cal.assess(h.row(i), &qscore::score(h.row(i), cal.epsilon, &mask).unwrap(), None)
+                    .unwrap()
+                    .p_misclassified
+            })
             .collect();
         assert!(select_p.iter().all(|&p| p != cal.threshold), "{} in {select_p:?}", cal.threshold);
         assert!(select_p.iter().any(|&p| p < cal.threshold) && select_p.iter().any(|&p| p > cal.threshold));
@@ -875,6 +879,8 @@ mod tests {
             max_neighbours: 1000,
             probe: ProbeSettings::default(),
             random_subsets: 1,
+            curve_fractions: vec![1.0],
+            isotonic_prior: 5.0,
             seed: 0,
             sweep: vec![],
         };
