@@ -40,7 +40,7 @@ pub enum Error {
     )]
     MissingImage,
     /// A multipart part with a name other than `image`.
-    #[error("unexpected multipart field `{0}`; only `image` parts are accepted")]
+    #[error("unexpected multipart field `{0}`; only `image` parts (and `confidence` fields) are accepted")]
     UnexpectedField(String),
     /// The body's content type is not one qscore reads.
     #[error(

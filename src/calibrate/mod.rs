@@ -101,7 +101,8 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
                     (c, *p)
                 })
                 .unzip();
-            (Some(classes), Some(confidences), Target::ModelHead { output: spec.output.clone() })
+            let target = Target::ModelHead { output: spec.output.clone(), classes: spec.classes.clone() };
+            (Some(classes), Some(confidences), target)
         }
         (None, None) => (None, None, Target::Probe),
     };
@@ -223,6 +224,9 @@ async fn embed(engine: &Engine, model: &std::sync::Arc<Model>, dataset: &Dataset
                     }
                     _ => skipped.push(format!("{path}: no embedding came back")),
                 },
+                // A failed run is the model's fault, not this image's: stop instead of
+                // calibrating on whatever batches happened to work.
+                Err(e @ crate::error::Error::Internal(_)) => bail!("{path}: {e}; calibration stopped"),
                 Err(e) => skipped.push(format!("{path}: {e}")),
             }
         }
@@ -234,10 +238,30 @@ async fn embed(engine: &Engine, model: &std::sync::Arc<Model>, dataset: &Dataset
 }
 
 /// Writes `text` next to `path` and renames it into place, so a reader never sees half a file.
+/// Only a regular file (or nothing) is replaced: `--out` naming a device, a folder or a link
+/// is refused before anything is written, and the temporary file never outlives a failure.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            bail!("{} exists and is not a regular file; give --out a file path", path.display())
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot check {}: {e}", path.display()),
+    }
+    let name = path.file_name().with_context(|| format!("{} names no file; give --out a file path", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written =
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display())).and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Runs `qscore evaluate`: prints the stored evaluation of calibrated models.

@@ -31,13 +31,6 @@ pub struct Predictions {
     pub sha256: String,
 }
 
-/// One row as read: its line in the file, the predicted class and the confidence.
-struct Row {
-    line: u64,
-    class: usize,
-    confidence: Option<f32>,
-}
-
 /// Reads `file` and matches its rows to `dataset`'s images.
 pub fn read(file: &Path, dataset: &Dataset) -> anyhow::Result<Predictions> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read --predictions {}", file.display()))?;
@@ -46,33 +39,84 @@ pub fn read(file: &Path, dataset: &Dataset) -> anyhow::Result<Predictions> {
     Ok(Predictions { predicted, confidence, sha256 })
 }
 
+/// A value from the file as an error message quotes it: at most 120 characters, so a huge field
+/// never becomes a huge message.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(120).collect();
+    if cut.len() < text.len() { format!("{cut:?}… ({} bytes)", text.len()) } else { format!("{cut:?}") }
+}
+
+/// A CSV reader's error with the line it happened on.
+fn malformed(e: &csv::Error) -> anyhow::Error {
+    match e.position() {
+        Some(p) => anyhow::anyhow!("line {}: malformed CSV: {e}", p.line()),
+        None => anyhow::anyhow!("malformed CSV: {e}"),
+    }
+}
+
 /// The CSV's rows matched to `dataset`'s images: the predicted class of each image and, when
 /// the file has a `confidence` column, each image's confidence.
 fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<Vec<f32>>)> {
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(false).from_reader(bytes);
-    let header = reader.headers().context("cannot read the CSV header")?.clone();
-    let column = |name: &str| header.iter().position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name));
+    let header = reader.headers().map_err(|e| malformed(&e))?.clone();
+    let names: Vec<String> = header.iter().map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase()).collect();
+    for wanted in ["path", "predicted", "confidence"] {
+        if names.iter().filter(|n| *n == wanted).count() > 1 {
+            bail!("the header names `{wanted}` more than once; keep one `{wanted}` column");
+        }
+    }
+    let column = |name: &str| names.iter().position(|n| n == name);
     let (Some(path_col), Some(predicted_col)) = (column("path"), column("predicted")) else {
         bail!(
             "the header must name the columns `path` and `predicted` (and optionally `confidence`); it has: {}",
-            header.iter().collect::<Vec<_>>().join(", ")
+            shown(&header.iter().collect::<Vec<_>>().join(", "))
         );
     };
     let confidence_col = column("confidence");
     let class_of: HashMap<&str, usize> = dataset.classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
 
-    let mut rows: HashMap<String, Row> = HashMap::new();
+    // Each image answers to `<class>/<file>` and `<root>/<class>/<file>`; a key two images
+    // share (two roots holding the same file) maps to None, and a row using it is refused.
+    let mut by_key: HashMap<String, Option<usize>> = HashMap::new();
+    for (i, img) in dataset.images.iter().enumerate() {
+        let file = img.path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+        let short = format!("{}/{file}", dataset.classes[img.class]);
+        let root = img.path.parent().and_then(Path::parent).and_then(Path::file_name);
+        let long = root.map(|r| format!("{}/{short}", r.to_string_lossy()));
+        for key in std::iter::once(short).chain(long) {
+            match by_key.entry(key) {
+                Entry::Occupied(mut e) if *e.get() != Some(i) => *e.get_mut() = None,
+                Entry::Occupied(_) => {}
+                Entry::Vacant(e) => {
+                    e.insert(Some(i));
+                }
+            }
+        }
+    }
+
+    // The line of the row that claimed each image, its class and its confidence.
+    let mut rows: Vec<Option<(u64, usize, Option<f32>)>> = vec![None; dataset.images.len()];
     for record in reader.records() {
-        let record = record.context("malformed CSV")?;
+        let record = record.map_err(|e| malformed(&e))?;
         let line = record.position().map_or(0, csv::Position::line);
         let path = normalise(&record[path_col]);
-        if path.is_empty() {
-            bail!("line {line}: `path` is empty");
-        }
+        let image = match by_key.get(&path) {
+            Some(Some(i)) => *i,
+            Some(None) => bail!(
+                "line {line}: `path` {} matches an image in each of two roots; start it with the root \
+                 folder's name (and give the two roots different names if they share one)",
+                shown(&path)
+            ),
+            None => bail!(
+                "line {line}: no image at `path` {}; paths are <class>/<file> under the dataset root",
+                shown(&path)
+            ),
+        };
         let predicted = &record[predicted_col];
         let Some(&class) = class_of.get(predicted) else {
             bail!(
-                "line {line}: `predicted` is {predicted:?}, which is not a class folder; the classes are: {}",
+                "line {line}: `predicted` is {}, which is not a class folder; the classes are: {}",
+                shown(predicted),
                 dataset.classes.join(", ")
             );
         };
@@ -80,63 +124,35 @@ fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<
             None => None,
             Some(text) => match text.parse::<f64>() {
                 Ok(v) if v.is_finite() && (0.0..=1.0).contains(&v) => Some(v as f32),
-                _ => bail!("line {line}: `confidence` is {text:?}; it must be a probability in [0, 1] on every row"),
+                _ => bail!(
+                    "line {line}: `confidence` is {}; it must be a probability in [0, 1] on every row",
+                    shown(text)
+                ),
             },
         };
-        match rows.entry(path) {
-            Entry::Occupied(first) => {
-                bail!(
-                    "line {line}: `path` {:?} is also on line {}; give each image one row",
-                    first.key(),
-                    first.get().line
-                )
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(Row { line, class, confidence });
-            }
+        if let Some((first, ..)) = rows[image] {
+            bail!(
+                "line {line}: `path` {} names the same image as line {first} ({}); give each image one row",
+                shown(&path),
+                dataset.images[image].path.display()
+            );
         }
+        rows[image] = Some((line, class, confidence));
     }
 
-    // An image's keys: `<class>/<file>`, and `<root>/<class>/<file>` naming its root folder.
-    let keys: Vec<(String, Option<String>)> = dataset
-        .images
-        .iter()
-        .map(|img| {
+    let mut predicted = Vec::with_capacity(rows.len());
+    let mut confidence = Vec::with_capacity(rows.len());
+    for (img, row) in dataset.images.iter().zip(rows) {
+        let Some((_, class, c)) = row else {
             let file = img.path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
-            let short = format!("{}/{file}", dataset.classes[img.class]);
-            let root = img.path.parent().and_then(Path::parent).and_then(Path::file_name);
-            let long = root.map(|r| format!("{}/{short}", r.to_string_lossy()));
-            (short, long)
-        })
-        .collect();
-    let mut short_count: HashMap<&str, usize> = HashMap::new();
-    for (short, _) in &keys {
-        *short_count.entry(short.as_str()).or_default() += 1;
-    }
-
-    let mut predicted = Vec::with_capacity(keys.len());
-    let mut confidence = Vec::with_capacity(keys.len());
-    for (img, (short, long)) in dataset.images.iter().zip(&keys) {
-        let row = match long.as_ref().and_then(|l| rows.remove(l)) {
-            Some(row) => row,
-            None if short_count[short.as_str()] > 1 => bail!(
-                "{} and another root both hold `{short}`; name the root in `path` ({})",
+            bail!(
+                "{} has no row; add `{}/{file},<predicted class>` to the file",
                 img.path.display(),
-                long.as_deref().unwrap_or("<root>/<class>/<file>")
-            ),
-            None => rows.remove(short).with_context(|| {
-                format!("{} has no row; add `{short},<predicted class>` to the file", img.path.display())
-            })?,
+                dataset.classes[img.class]
+            );
         };
-        predicted.push(row.class);
-        confidence.push(row.confidence);
-    }
-    if let Some((path, row)) = rows.iter().min_by_key(|(_, r)| r.line) {
-        bail!(
-            "line {}: no image at `path` {path:?} ({} rows in all match no image); paths are <class>/<file> under the dataset root",
-            row.line,
-            rows.len()
-        );
+        predicted.push(class);
+        confidence.push(c);
     }
     let confidence = confidence.into_iter().collect::<Option<Vec<f32>>>();
     Ok((predicted, confidence))
@@ -186,11 +202,19 @@ mod tests {
         assert!(err("path,predicted\na/1.png,a\na/2.png,a\n").contains("b/1.png has no row"));
         assert!(err("path,predicted\na/1.png,a\na/2.png,a\nb/1.png,b\nb/9.png,b\n").starts_with("line 5: no image"));
         assert!(err("path,predicted\na/1.png,a\na/2.png,c\nb/1.png,b\n").starts_with("line 3: `predicted` is \"c\""));
-        assert!(err("path,predicted\na/1.png,a\na/1.png,b\n").contains("also on line 2"));
+        assert!(err("path,predicted\na/1.png,a\na/1.png,b\n").contains("same image as line 2"));
+        assert!(
+            err("path,predicted\na/1.png,a\ndata/a/1.png,a\n")
+                .starts_with("line 3: `path` \"data/a/1.png\" names the same image as line 2")
+        );
+        assert!(err("path,predicted,Predicted\na/1.png,a,b\n").contains("`predicted` more than once"));
+        assert!(err("path,predicted\na/1.png,a\na/2.png,a,x\n").starts_with("line 3: malformed CSV"));
+        let long = "x".repeat(100_000);
+        assert!(err(&format!("path,predicted\n{long},a\n")).len() < 400, "a huge field is not echoed whole");
         assert!(err("path,predicted,confidence\na/1.png,a,1.5\n").starts_with("line 2: `confidence`"));
         assert!(err("path,predicted,confidence\na/1.png,a,\n").starts_with("line 2: `confidence`"));
         assert!(err("file,class\na/1.png,a\n").contains("must name the columns `path` and `predicted`"));
-        assert!(err("path,predicted\na/1.png\n").contains("malformed CSV"));
+        assert!(err("path,predicted\na/1.png\n").starts_with("line 2: malformed CSV"));
     }
 
     /// With two roots holding the same `<class>/<file>`, a short path would pair rows by
@@ -200,7 +224,7 @@ mod tests {
         let mut ds = dataset();
         ds.images.push(LabelledImage { path: PathBuf::from("/x/held/a/1.png"), class: 0, part: Part::Test, size: 1 });
         let short = "path,predicted\na/1.png,a\na/2.png,a\nb/1.png,b\nheld/a/1.png,b\n";
-        assert!(parse(short.as_bytes(), &ds).unwrap_err().to_string().contains("name the root"));
+        assert!(parse(short.as_bytes(), &ds).unwrap_err().to_string().contains("start it with the root folder's name"));
         let long = "path,predicted\ndata/a/1.png,a\na/2.png,a\nb/1.png,b\nheld/a/1.png,b\n";
         assert_eq!(parse(long.as_bytes(), &ds).unwrap().0, vec![0, 0, 1, 1]);
     }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    model::calibration::{BestLabelFree, Calibration},
+    model::calibration::{BestLabelFree, Calibration, Target},
     risk::RiskSource,
 };
 
@@ -28,7 +28,13 @@ pub fn markdown(cals: &[&Calibration]) -> String {
         .collect();
     let names: Vec<&str> = sources.iter().map(|r| r.name()).collect();
 
-    let _ = writeln!(out, "#### Predicting the probe's mistakes: AUPRC (AUROC) on the test part\n");
+    // Whose mistakes: the probe's unless every model here was calibrated for another classifier.
+    let whose = match cals.first().map(|c| &c.target) {
+        Some(t) if cals.iter().all(|c| c.target == *t) && *t != Target::Probe => t.to_string(),
+        _ if cals.iter().all(|c| c.target == Target::Probe) => "the probe".to_owned(),
+        _ => "each model's target classifier".to_owned(),
+    };
+    let _ = writeln!(out, "#### Predicting the mistakes of {whose}: AUPRC (AUROC) on the test part\n");
     let _ = writeln!(
         out,
         "| model | test images | probe acc. | error rate (AUPRC of chance) | {} | chosen |",

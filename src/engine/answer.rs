@@ -120,6 +120,9 @@ pub(crate) fn answer(
     embedding: EmbeddingMode,
 ) -> Result<ImageScore, Error> {
     let calibration = model.calibration.as_ref();
+    if logits.is_some_and(|l| l.iter().any(|v| !v.is_finite())) {
+        return Err(Error::InvalidEmbedding("the classifier head's logits are not finite".into()));
+    }
     let head = model.manifest.classifier.as_ref().zip(logits).map(|(spec, logits)| {
         let logits: Vec<f64> = logits.iter().map(|&l| f64::from(l)).collect();
         (spec, Prediction::from_logits(&logits))

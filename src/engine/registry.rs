@@ -57,6 +57,9 @@ impl Model {
         worker: Worker,
     ) -> Result<Self, String> {
         let dim = manifest.output.dim;
+        if let Some(c) = &calibration {
+            c.check_head(manifest.classifier.as_ref())?;
+        }
         let discriminative = match &calibration {
             Some(c) => c.discriminative_set(dim)?,
             None => Discriminative::All,

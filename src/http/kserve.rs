@@ -510,6 +510,12 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<Par
         }
     }
     let images = images.ok_or_else(|| Error::BadRequest(format!("expected {expected}; `image` is missing")))?;
+    if header_len.is_some() && binary_at != body.len() {
+        return Err(Error::BadRequest(format!(
+            "{} bytes follow the last binary tensor; binary_data_size must account for every byte after the header",
+            body.len() - binary_at
+        )));
+    }
     if let Some(c) = &confidence
         && c.len() != images.len()
     {
@@ -524,7 +530,7 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<Par
 
 /// The images of the `image` tensor, from its binary data or its base64 strings.
 fn image_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) -> Result<Vec<Bytes>, Error> {
-    let n = element_count(&input.shape, max_images)?;
+    let n = element_count(&input.name, &input.shape, max_images)?;
     if n > max_images {
         return Err(Error::TooManyImages { limit: max_images });
     }
@@ -532,6 +538,7 @@ fn image_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) ->
         return Err(Error::MissingImage);
     }
     let images = match (binary, &input.data) {
+        (Some(_), Some(_)) => return Err(both_forms("image")),
         (Some(raw), _) => split_bytes(&raw, n)?,
         (None, Some(leaves)) if leaves.others > 0 || !leaves.numbers.is_empty() => {
             return Err(Error::BadRequest("`image` data must be base64 strings, one per image".into()));
@@ -558,11 +565,17 @@ fn image_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) ->
     Ok(images)
 }
 
+/// A tensor sent both as JSON `data` and as binary data: which one the client meant is a guess.
+fn both_forms(name: &str) -> Error {
+    Error::BadRequest(format!("`{name}` has both `data` and `binary_data_size`; send it one way"))
+}
+
 /// The client's confidences: numbers in [0, 1], as JSON numbers or little-endian binary floats
 /// of the tensor's datatype.
 fn confidence_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usize) -> Result<Vec<f32>, Error> {
-    let n = element_count(&input.shape, max_images)?;
+    let n = element_count(&input.name, &input.shape, max_images)?;
     let values: Vec<f64> = match (binary, &input.data) {
+        (Some(_), Some(_)) => return Err(both_forms("confidence")),
         (Some(raw), _) => {
             let width = if input.datatype == "FP64" { 8 } else { 4 };
             if raw.len() != n * width {
@@ -603,11 +616,11 @@ fn confidence_tensor(input: &InferInput, binary: Option<Bytes>, max_images: usiz
 /// protocol counts them, so `[N]`, `[N, 1]` and `[1, N]` all carry N images. A negative
 /// dimension is refused, and a count past `max_images` is refused as soon as the product passes
 /// it, which also keeps the product from overflowing.
-fn element_count(shape: &[i64], max_images: usize) -> Result<usize, Error> {
+fn element_count(name: &str, shape: &[i64], max_images: usize) -> Result<usize, Error> {
     let mut n: usize = 1;
     for &d in shape {
         let d = usize::try_from(d).map_err(|_| {
-            Error::BadRequest(format!("`image` has shape {shape:?}: a dimension is negative; send the actual sizes"))
+            Error::BadRequest(format!("`{name}` has shape {shape:?}: a dimension is negative; send the actual sizes"))
         })?;
         n = n.saturating_mul(d);
         if n > max_images && !shape.contains(&0) {
@@ -695,11 +708,11 @@ mod tests {
         let scalar = r#"{"inputs":[{"name":"image","shape":[],"datatype":"BYTES","data":["eA=="]}]}"#;
         assert_eq!(parse(&HeaderMap::new(), &Bytes::from(scalar), 8).unwrap().images, vec![Bytes::from_static(b"x")]);
 
-        assert_eq!(element_count(&[3, 1], 8).unwrap(), 3);
-        assert_eq!(element_count(&[], 8).unwrap(), 1);
-        assert_eq!(element_count(&[0, 1 << 40], 8).unwrap(), 0);
-        assert!(matches!(element_count(&[1 << 40, 1 << 40], 8), Err(Error::TooManyImages { limit: 8 })));
-        assert!(element_count(&[2, -1], 8).unwrap_err().to_string().contains("negative"));
+        assert_eq!(element_count("image", &[3, 1], 8).unwrap(), 3);
+        assert_eq!(element_count("image", &[], 8).unwrap(), 1);
+        assert_eq!(element_count("image", &[0, 1 << 40], 8).unwrap(), 0);
+        assert!(matches!(element_count("image", &[1 << 40, 1 << 40], 8), Err(Error::TooManyImages { limit: 8 })));
+        assert!(element_count("image", &[2, -1], 8).unwrap_err().to_string().contains("negative"));
         for (shape, data) in [("[3]", r#"["eA==","eQ=="]"#), ("[2,2]", r#"[["eA=="],["eQ=="]]"#)] {
             let body = format!(r#"{{"inputs":[{{"name":"image","shape":{shape},"datatype":"BYTES","data":{data}}}]}}"#);
             let err = parse(&HeaderMap::new(), &Bytes::from(body), 8).unwrap_err().to_string();

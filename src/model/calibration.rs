@@ -96,6 +96,8 @@ pub enum Target {
     ModelHead {
         /// The logits tensor's name.
         output: String,
+        /// The head's classes in the order of its logits, as model.toml listed them.
+        classes: Vec<String>,
     },
 }
 
@@ -104,7 +106,7 @@ impl std::fmt::Display for Target {
         match self {
             Self::Probe => f.write_str("qscore's linear probe"),
             Self::Predictions { file, sha256, .. } => write!(f, "the classifier of {file} (sha256 {:.12})", sha256),
-            Self::ModelHead { output } => write!(f, "the model's own head `{output}`"),
+            Self::ModelHead { output, .. } => write!(f, "the model's own head `{output}`"),
         }
     }
 }
@@ -489,6 +491,29 @@ impl Calibration {
                 Some(s) => s.inputs.iter().try_for_each(|&i| self.parts_of(i)),
             },
             _ => Ok(()),
+        }
+    }
+
+    /// Checks that this calibration was made for a model with `head` (model.toml's
+    /// `[classifier]`): a head's calibration needs that very head (same logits, same class
+    /// order), and a model with a head predicts its head's mistakes, not another classifier's.
+    pub fn check_head(&self, head: Option<&crate::model::manifest::ClassifierSpec>) -> Result<(), String> {
+        match (&self.target, head) {
+            (Target::ModelHead { output, classes }, Some(h)) if *output == h.output && *classes == h.classes => Ok(()),
+            (Target::ModelHead { output, .. }, Some(_)) => Err(format!(
+                "calibration.json was made for the head `{output}` with other classes or another class order than \
+                 model.toml's [classifier]; re-run `qscore calibrate`"
+            )),
+            (Target::ModelHead { output, .. }, None) => Err(format!(
+                "calibration.json was made for a classifier head `{output}`, but model.toml has no [classifier]; \
+                 re-run `qscore calibrate`"
+            )),
+            (target, Some(h)) => Err(format!(
+                "model.toml has a classifier head `{}`, but calibration.json predicts the mistakes of {target}; \
+                 re-run `qscore calibrate` so the flag is about the head",
+                h.output
+            )),
+            (_, None) => Ok(()),
         }
     }
 
