@@ -6,6 +6,7 @@
 mod common;
 
 use std::{
+    os::unix::fs::FileTypeExt,
     path::{Path, PathBuf},
     process::Output,
 };
@@ -111,6 +112,16 @@ fn a_predictions_file_defines_what_misclassified_means() {
     assert_eq!(info["calibration"]["needs_confidence"], false);
     drop(server);
 
+    // --out replaces only a regular file: never a device or a folder (run as root, a rename
+    // over /dev/null replaced the device).
+    for out in ["/dev/null", dir.to_str().unwrap()] {
+        failed_saying(
+            &calibrate(&dir, MODEL, &["--predictions", file.to_str().unwrap(), "--out", out]),
+            "not a regular file",
+        );
+    }
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device() || cfg!(not(unix)));
+
     // Every mismatch between the file and the images is an error naming the line.
     let rows: Vec<&str> = csv.lines().collect();
     for (broken, says) in [
@@ -179,6 +190,19 @@ fn a_model_head_answers_the_class_and_is_what_calibration_predicts() {
     failed_saying(
         &calibrate(&dir, "fmnist-simclr-head", &["--predictions", csv.to_str().unwrap()]),
         "has its own classifier head",
+    );
+
+    // A head's calibration belongs to that head: beside an encoder without it, or with its
+    // classes reordered, the server refuses to start instead of flagging by the wrong numbers.
+    let plain = scratch("head-plain");
+    add_encoder(&plain, MODEL);
+    std::fs::copy(dir.join("fmnist-simclr-head/calibration.json"), plain.join(MODEL).join("calibration.json")).unwrap();
+    let refused = qscore(&["serve", "--models-dir", plain.to_str().unwrap(), "--port", "0"]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("model.toml has no [classifier]"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 
     let server = Server::start_with_models(&dir, &["--model", MODEL]);
