@@ -160,8 +160,10 @@ evaluate: build
 	$(BIN) evaluate --models-dir models
 
 # models/compression_curve.png and models/reliability.png from every models/*/calibration.json.
-plots: train-env
-	$(TRAIN_PY) models/recipes/plots.py --models-dir models
+plots:
+	@/usr/bin/python3 -s -c 'import matplotlib' 2>/dev/null || \
+	  $$(command -v sudo) apt-get install -y -qq python3-matplotlib python3-numpy >/dev/null
+	/usr/bin/python3 -s models/recipes/plots.py --models-dir models
 
 # Refresh the vendored Swagger UI (static/swagger-ui/) from the npm package swagger-ui-dist.
 SWAGGER_UI_VERSION := 5.35.0
