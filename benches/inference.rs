@@ -93,7 +93,7 @@ fn benches(c: &mut Criterion) {
         pipe.throughput(Throughput::Elements(n as u64));
         pipe.bench_function(format!("images_{n}"), |b| {
             b.iter(|| {
-                let inputs = images.iter().map(|b| Input { id: String::new(), bytes: Ok(b.clone()) }).collect();
+                let inputs = images.iter().map(|b| Input::new(String::new(), Ok(b.clone()))).collect();
                 let out = rt.block_on(scorer.score(&model, inputs, EmbeddingMode::Omit)).unwrap();
                 assert!(out.iter().all(|o| o.answer.is_ok()));
                 black_box(out)

@@ -29,9 +29,8 @@ fn main() -> anyhow::Result<()> {
     let mut encoder = Encoder::load(
         &env,
         &dir.join("model.onnx"),
-        &manifest.input.name,
-        &manifest.output.name,
-        manifest.output.dim,
+        (&manifest.input.name, &manifest.output.name, manifest.output.dim),
+        None,
         opts,
     )?;
     let limits = ImageLimits::DEFAULT;
