@@ -80,7 +80,11 @@ fn calibrate_writes_a_deterministic_calibration_the_server_answers_from() {
         (Some(100), Some(50), Some(50))
     );
     assert_eq!(cal["data"]["fit_per_class"], serde_json::json!(vec![10; 10]));
-    assert_eq!(e["estimators"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        e["estimators"].as_array().unwrap().len(),
+        12,
+        "the seven first estimators and knn_distance, mahalanobis, doctor, sirc, stacked"
+    );
     assert_eq!(e["compression"]["accuracy_random"].as_array().unwrap().len(), 2);
     assert_eq!(e["sweep"].as_array().unwrap().len(), 2);
     assert_eq!(cal["reference"]["q_score"]["percentiles"].as_array().unwrap().len(), 101);
