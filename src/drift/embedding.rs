@@ -27,11 +27,10 @@
 //! the background at most every [`super::EMBEDDING_REFRESH`], and the endpoints read the cached
 //! value.
 
-use base64::Engine as _;
 use ndarray::{Array2, ArrayView2};
 use rand::{SeedableRng, seq::SliceRandom};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Held-out embeddings calibration keeps as the reference of the embedding test, with the
 /// kernel bandwidth measured on them.
@@ -46,7 +45,7 @@ pub struct EmbeddingSample {
     pub seed: u64,
     /// The rows, one after the other (rows x dim), as half-precision floats (base64, little
     /// endian), rounded before the bandwidth was measured.
-    #[serde(serialize_with = "to_f16_base64", deserialize_with = "from_f16_base64")]
+    #[serde(serialize_with = "crate::risk::neighbours::to_f16_base64", deserialize_with = "from_f16_base64")]
     #[schema(value_type = String, format = Byte)]
     pub rows: Vec<f32>,
 }
@@ -202,18 +201,8 @@ fn test(x: &[f32], y: &[f32], dim: usize, sigma: f32, permutations: usize, seed:
     MmdTest { mmd2: observed, p_value: (1 + reached) as f64 / (1 + permutations) as f64 }
 }
 
-fn to_f16_base64<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
-    let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
-    s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
-}
-
 fn from_f16_base64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-    let text = String::deserialize(d)?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)?;
-    if bytes.len() % 2 != 0 {
-        return Err(serde::de::Error::custom("reference.embedding.rows holds an odd number of bytes"));
-    }
-    Ok(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+    crate::risk::neighbours::from_f16_base64_named(d, "reference.embedding.rows")
 }
 
 #[cfg(test)]

@@ -91,18 +91,25 @@ impl Neighbours {
     }
 }
 
-fn to_f16_base64<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+/// Serialises f32 values as little-endian half-precision floats in standard base64: the file
+/// form of every stored set of representations (the neighbour set, the drift reference).
+pub(crate) fn to_f16_base64<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
     let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
     s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-fn from_f16_base64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+/// Reads what [`to_f16_base64`] wrote; `field` names the field in the error of an odd length.
+pub(crate) fn from_f16_base64_named<'de, D: Deserializer<'de>>(d: D, field: &str) -> Result<Vec<f32>, D::Error> {
     let text = String::deserialize(d)?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)?;
     if bytes.len() % 2 != 0 {
-        return Err(serde::de::Error::custom("neighbours.features holds an odd number of bytes"));
+        return Err(serde::de::Error::custom(format!("{field} holds an odd number of bytes")));
     }
     Ok(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect())
+}
+
+fn from_f16_base64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    from_f16_base64_named(d, "neighbours.features")
 }
 
 #[cfg(test)]
