@@ -59,7 +59,7 @@ fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let _guard = rt.enter();
     let scorer = Arc::new(Engine::open(&engine(), &Selection::All, Capacity::OFFLINE).expect("run `make ort` first"));
-    let model = scorer.registry.get(None).unwrap().clone();
+    let model = scorer.registry().get(None).unwrap();
     let photos = jpegs(32);
     let limits = ImageLimits::DEFAULT;
     let tensors: Vec<_> =
@@ -67,7 +67,7 @@ fn benches(c: &mut Criterion) {
 
     // (a) The raw ceiling: a second session of the same model, fed prepared tensors.
     let mut encoder = Encoder::load(
-        scorer.registry.environment().expect("an ONNX Runtime registry"),
+        scorer.environment().expect("an ONNX Runtime engine"),
         &root().join("models/mobilenet_v2-imagenet/model.onnx"),
         ("pixel_values", "embedding", 1280),
         None,

@@ -202,6 +202,11 @@ pub struct ServeArgs {
     /// Drift window: oldest answer kept, in seconds.
     #[arg(long, env = "QSCORE_DRIFT_WINDOW_S", default_value_t = 3600)]
     pub drift_window_s: u64,
+    /// How often the models folder is checked for added, replaced or removed model folders, in
+    /// milliseconds; a change is loaded once two checks agree (so within two periods plus the
+    /// load). 0: only on SIGHUP, which reloads at once either way.
+    #[arg(long, env = "QSCORE_RELOAD_POLL_MS", default_value_t = 2000)]
+    pub reload_poll_ms: u64,
     /// Log format.
     #[arg(long, env = "QSCORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

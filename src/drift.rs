@@ -23,7 +23,7 @@ pub mod embedding;
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -99,10 +99,22 @@ struct ModelDrift {
     embedding: Mutex<Option<Computed>>,
 }
 
+impl ModelDrift {
+    fn new(calibration: &Calibration) -> Self {
+        Self {
+            window: Mutex::new(Window::default()),
+            keeps_embeddings: calibration.reference.embedding.is_some(),
+            embedding: Mutex::new(None),
+        }
+    }
+}
+
 /// Rolling windows of every calibrated model.
 pub struct DriftMonitor {
     settings: DriftSettings,
-    windows: BTreeMap<String, ModelDrift>,
+    // Replaced whole when a model is reloaded: a new version's answers are not comparable
+    // with the old one's, and its calibration may be another reference.
+    windows: RwLock<BTreeMap<String, Arc<ModelDrift>>>,
 }
 
 /// `GET /v1/drift`.
@@ -227,17 +239,23 @@ impl DriftMonitor {
     /// A window for every calibrated model among `models` (name, calibration).
     pub fn new<'a>(models: impl Iterator<Item = (&'a str, Option<&'a Calibration>)>, settings: DriftSettings) -> Self {
         let windows = models
-            .filter_map(|(name, calibration)| {
-                let cal = calibration?;
-                let drift = ModelDrift {
-                    window: Mutex::new(Window::default()),
-                    keeps_embeddings: cal.reference.embedding.is_some(),
-                    embedding: Mutex::new(None),
-                };
-                Some((name.to_owned(), drift))
-            })
+            .filter_map(|(name, calibration)| Some((name.to_owned(), Arc::new(ModelDrift::new(calibration?)))))
             .collect();
-        Self { settings, windows }
+        Self { settings, windows: RwLock::new(windows) }
+    }
+
+    /// Starts `model`'s window afresh for a newly loaded version with `calibration` (none: the
+    /// model is no longer watched), or forgets it when the model is gone.
+    pub fn reset(&self, model: &str, calibration: Option<&Calibration>) {
+        let mut windows = self.windows.write().expect("drift windows lock");
+        match calibration {
+            Some(cal) => windows.insert(model.to_owned(), Arc::new(ModelDrift::new(cal))),
+            None => windows.remove(model),
+        };
+    }
+
+    fn window(&self, model: &str) -> Option<Arc<ModelDrift>> {
+        self.windows.read().expect("drift windows lock").get(model).cloned()
     }
 
     /// Remembers one answer of `model` (ignored for an uncalibrated one), with its embedding `h`
@@ -251,7 +269,7 @@ impl DriftMonitor {
         active: impl Iterator<Item = usize>,
         h: &[f32],
     ) {
-        let Some(drift) = self.windows.get(model) else { return };
+        let Some(drift) = self.window(model) else { return };
         let at = Instant::now();
         let seen = Seen { at, q_score, p_misclassified, flagged, active: active.map(|j| j as u32).collect() };
         let mut w = drift.window.lock().expect("drift window lock");
@@ -286,7 +304,7 @@ impl DriftMonitor {
     pub fn refresh<'a>(&self, models: impl Iterator<Item = (&'a str, Option<&'a Calibration>)>) {
         for (name, calibration) in models {
             let (Some(drift), Some(sample)) =
-                (self.windows.get(name), calibration.and_then(|c| c.reference.embedding.as_ref()))
+                (self.window(name), calibration.and_then(|c| c.reference.embedding.as_ref()))
             else {
                 continue;
             };
@@ -328,7 +346,7 @@ impl DriftMonitor {
             bandwidth: sample.map(|s| f64::from(s.bandwidth)),
             age_seconds: None,
         };
-        let Some(drift) = sample.and(self.windows.get(name)) else { return report };
+        let Some(drift) = sample.and(self.window(name)) else { return report };
         let last = drift.embedding.lock().expect("embedding drift lock");
         let Some(c) = last.as_ref() else {
             report.status = EmbeddingDriftStatus::Pending;
@@ -358,7 +376,7 @@ impl DriftMonitor {
     pub fn report(&self, name: &str, calibration: Option<&Calibration>) -> DriftReport {
         let name = name.to_owned();
         let embedding = self.embedding_report(&name, calibration);
-        let (Some(cal), Some(drift)) = (calibration, self.windows.get(&name)) else {
+        let (Some(cal), Some(drift)) = (calibration, self.window(&name)) else {
             return DriftReport::empty(
                 name.clone(),
                 DriftStatus::NoReference,

@@ -185,7 +185,7 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let config = args.engine.config();
     let engine =
         tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, Capacity::OFFLINE)).await??;
-    let model = engine.registry.get(args.engine.model.as_deref())?.clone();
+    let model = engine.registry().get(args.engine.model.as_deref())?;
     let files = expand(&args.files)?;
     let mut writer = Writer::new(args.format)?;
     let mut held = Vec::new();

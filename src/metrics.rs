@@ -39,8 +39,12 @@ pub struct Metrics {
     pub memory_budget_used: IntGauge,
     /// HTTP requests being handled.
     pub requests_in_flight: IntGauge,
-    /// 1, labelled with each model's version and device.
+    /// 1, labelled with each loaded model's version, device and calibration SHA-256.
     pub model_info: IntGaugeVec,
+    /// Loads of a model folder after start-up, by outcome (`loaded`, `failed`, `removed`).
+    pub model_reloads: IntCounterVec,
+    /// 1 while a model folder's current contents fail to load (the version before serves).
+    pub model_load_failing: IntGaugeVec,
     /// 1, labelled with the build's version.
     pub build_info: IntGaugeVec,
     /// KS statistic of each calibrated model's recent Q-Scores against its reference.
@@ -188,8 +192,27 @@ impl Metrics {
         )
         .expect("valid metric");
         let model_info = IntGaugeVec::new(
-            Opts::new("qscore_model_info", "Always 1; labels name each loaded model's version and device."),
-            &["model", "version", "device"],
+            Opts::new(
+                "qscore_model_info",
+                "Always 1; labels name each loaded model's version, device and calibration SHA-256 (empty: uncalibrated).",
+            ),
+            &["model", "version", "device", "calibration_sha256"],
+        )
+        .expect("valid metric");
+        let model_reloads = IntCounterVec::new(
+            Opts::new(
+                "qscore_model_reloads_total",
+                "Model folders loaded again after start-up, by model and outcome (loaded, failed, removed).",
+            ),
+            &["model", "outcome"],
+        )
+        .expect("valid metric");
+        let model_load_failing = IntGaugeVec::new(
+            Opts::new(
+                "qscore_model_load_failing",
+                "1 while a model folder's current contents fail to load; the version loaded before keeps serving.",
+            ),
+            &["model"],
         )
         .expect("valid metric");
         let build_info =
@@ -250,6 +273,8 @@ impl Metrics {
             Box::new(memory_budget_used.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(model_info.clone()),
+            Box::new(model_reloads.clone()),
+            Box::new(model_load_failing.clone()),
             Box::new(build_info.clone()),
             Box::new(drift_ks.clone()),
             Box::new(drift_psi.clone()),
@@ -281,6 +306,8 @@ impl Metrics {
             memory_budget_used,
             requests_in_flight,
             model_info,
+            model_reloads,
+            model_load_failing,
             build_info,
             drift_ks,
             drift_psi,
@@ -305,6 +332,8 @@ impl Metrics {
             let m = [r.model.as_str()];
             self.queue_depth.with_label_values(&m).set(*depth as i64);
             if r.status == crate::drift::DriftStatus::NoReference {
+                // A model reloaded without a calibration must not keep its old version's figures.
+                self.forget_drift(&m);
                 continue;
             }
             self.drift_window_images.with_label_values(&m).set(r.window_images as f64);
@@ -331,6 +360,32 @@ impl Metrics {
                     }
                 }
             }
+        }
+    }
+
+    /// Drops every gauge series of a model no longer served (counters and histograms keep
+    /// their totals, as Prometheus expects of counters).
+    pub fn forget_model(&self, model: &str) {
+        let m = [model];
+        let _ = self.queue_depth.remove_label_values(&m);
+        let _ = self.model_load_failing.remove_label_values(&m);
+        self.forget_drift(&m);
+    }
+
+    fn forget_drift(&self, m: &[&str; 1]) {
+        for gauge in [
+            &self.drift_window_images,
+            &self.drift_embedding_window_images,
+            &self.drift_ks,
+            &self.drift_psi,
+            &self.flagged_ratio,
+            &self.expected_flagged_ratio,
+            &self.drift_mean_p_misclassified,
+            &self.reference_mean_p_misclassified,
+            &self.drift_embedding_mmd2,
+            &self.drift_embedding_p_value,
+        ] {
+            let _ = gauge.remove_label_values(m);
         }
     }
 

@@ -70,6 +70,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         label_studio,
     };
     Engine::watch_drift(Arc::clone(&state.engine));
+    let poll = (args.reload_poll_ms > 0).then(|| Duration::from_millis(args.reload_poll_ms));
+    Engine::watch_models(Arc::clone(&state.engine), poll);
     let app = http::router(state, &args.cors_origin);
 
     let addr = SocketAddr::new(args.host, args.port);

@@ -52,7 +52,7 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
 
     let (config, selection) = (args.engine.config(), Selection::Uncalibrated(name.clone()));
     let engine = tokio::task::spawn_blocking(move || Engine::open(&config, &selection, Capacity::OFFLINE)).await??;
-    let model = engine.registry.get(Some(&name))?.clone();
+    let model = engine.registry().get(Some(&name))?;
     let defaults = model.manifest.qscore;
 
     let head = model.manifest.classifier.clone();

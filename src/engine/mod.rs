@@ -21,6 +21,7 @@ pub mod answer;
 pub mod batch;
 pub mod budget;
 pub mod registry;
+pub mod reload;
 pub mod webhook;
 
 use std::{
@@ -29,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use ndarray::Array3;
 use tokio::sync::Semaphore;
@@ -41,7 +43,7 @@ use self::{
 pub use self::{
     answer::{EmbeddingMode, ImageScore, Timings},
     batch::BatchSettings,
-    registry::{Model, Registry, Selection},
+    registry::{LoadFailure, Loader, Model, Registry, Selection},
 };
 use crate::{
     drift::{DriftMonitor, DriftSettings},
@@ -132,8 +134,10 @@ pub struct Output {
 
 /// The models, the pipeline's limits and its side effects.
 pub struct Engine {
-    /// The loaded models.
-    pub registry: Arc<Registry>,
+    /// The models served now; swapped whole by a reload ([`reload`]).
+    registry: ArcSwap<Registry>,
+    /// What loads model folders again; `None` for models built elsewhere (tests).
+    loader: Option<Loader>,
     /// Limits checked on every image.
     pub limits: ImageLimits,
     /// How many images may be in the server at once.
@@ -163,8 +167,11 @@ impl Engine {
     /// from a blocking context.
     pub fn open(config: &EngineConfig, selection: &Selection, capacity: Capacity) -> anyhow::Result<Self> {
         let metrics = Metrics::new();
-        let registry = Registry::load(config, selection, &metrics)?;
-        Ok(Self::from_registry(registry, config.limits, capacity, metrics))
+        let loader = Loader::start(config, &metrics)?;
+        let registry = loader.load(selection)?;
+        let mut engine = Self::from_registry(registry, config.limits, capacity, metrics);
+        engine.loader = Some(loader);
+        Ok(engine)
     }
 
     /// The engine over models loaded elsewhere (tests' fake encoders); `metrics` must be the
@@ -173,7 +180,8 @@ impl Engine {
         let drift = DriftMonitor::new(registry.models().map(|m| (m.name(), m.calibration.as_ref())), capacity.drift);
         Self {
             drift,
-            registry: Arc::new(registry),
+            registry: ArcSwap::from_pointee(registry),
+            loader: None,
             limits,
             admission: Admission::new(capacity.max_images),
             budget: MemoryBudget::new(capacity.memory_budget),
@@ -182,6 +190,18 @@ impl Engine {
             metrics,
             observers: Vec::new(),
         }
+    }
+
+    /// The models served now. A caller keeps the snapshot it took for the whole request, so a
+    /// reload meanwhile never changes the version answering it.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.load_full()
+    }
+
+    /// The process's ONNX Runtime environment, for tools that build sessions of their own
+    /// beside the engine's (the benchmarks); `None` for models built elsewhere.
+    pub fn environment(&self) -> Option<&ort::environment::Environment> {
+        self.loader.as_ref().map(Loader::environment)
     }
 
     /// The drift report of `model`'s recent answers.
@@ -200,7 +220,7 @@ impl Engine {
                 tick.tick().await;
                 let e = Arc::clone(&engine);
                 let refreshed = tokio::task::spawn_blocking(move || {
-                    e.drift.refresh(e.registry.models().map(|m| (m.name(), m.calibration.as_ref())));
+                    e.drift.refresh(e.registry().models().map(|m| (m.name(), m.calibration.as_ref())));
                 })
                 .await;
                 if let Err(err) = refreshed {

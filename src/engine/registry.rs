@@ -1,11 +1,22 @@
-//! The models loaded at start-up, each with its own inference worker: what a model folder holds
-//! at rest ([`crate::model`]) joined to the thread that runs it.
+//! The models being served, each with its own inference worker: what a model folder holds at
+//! rest ([`crate::model`]) joined to the thread that runs it, and the [`Loader`] that turns
+//! folders into models, at start-up and again whenever a folder changes.
 //!
 //! Start-up order, as TEI does it: load every model, check its manifest against the graph, run
 //! one warm-up batch, and only then hand the registry to the server. A model that fails any
-//! step stops start-up with a message naming the folder.
+//! step stops start-up with a message naming the folder. Later loads ([`Loader::reload`]) go
+//! through the same steps beside the version being served, and a failure there leaves that
+//! version serving ([`LoadFailure`]).
+//!
+//! A [`Registry`] never changes once built: a reload builds a new one, and the engine swaps it
+//! in whole, so a request that took a model keeps that version (and its worker) to the end.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::{Context, bail};
 use ndarray::Array4;
@@ -35,6 +46,8 @@ pub struct Model {
     pub preprocess: Preprocess,
     /// Its calibration, when `calibration.json` is present.
     pub calibration: Option<Calibration>,
+    /// SHA-256 (lowercase hex) of the calibration.json bytes loaded; `None` when uncalibrated.
+    pub calibration_sha256: Option<String>,
     /// D: every feature when uncalibrated, calibration's set otherwise.
     pub discriminative: Discriminative,
     /// The Q-Score parameters in force: calibration's when calibrated (D was found with them),
@@ -67,7 +80,16 @@ impl Model {
         let qscore = calibration
             .as_ref()
             .map_or(manifest.qscore, |c| QScoreParams { epsilon: c.epsilon, percentiles: c.percentiles });
-        Ok(Self { preprocess: manifest.preprocess(), manifest, calibration, discriminative, qscore, device, worker })
+        Ok(Self {
+            preprocess: manifest.preprocess(),
+            manifest,
+            calibration,
+            calibration_sha256: None,
+            discriminative,
+            qscore,
+            device,
+            worker,
+        })
     }
 
     /// The model's name.
@@ -86,74 +108,48 @@ pub enum Selection {
     Uncalibrated(String),
 }
 
-/// Every loaded model, by name.
+/// A model folder whose current contents did not load; the version loaded before (if any)
+/// keeps serving.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct LoadFailure {
+    /// The folder's name under `--models-dir` (the model's name).
+    pub model: String,
+    /// What went wrong and what to fix.
+    pub error: String,
+    /// When the load was tried, in seconds since the Unix epoch.
+    pub failed_at_unix_s: u64,
+    /// The version still serving under this name, if one is.
+    pub serving_version: Option<String>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    fingerprint: Fingerprint,
+}
+
+/// Every loaded model, by name: one immutable version of what is served.
 pub struct Registry {
     models: BTreeMap<String, Arc<Model>>,
     default: String,
-    // Sessions borrow the process-wide environment; it lives as long as the registry. None for
-    // models that run no ONNX Runtime session (tests' fake encoders).
-    env: Option<Environment>,
+    /// What each model's folder looked like when it was loaded.
+    loaded_from: BTreeMap<String, Fingerprint>,
+    failures: BTreeMap<String, LoadFailure>,
 }
 
 impl Registry {
-    /// Loads, checks and warms up the selected model folders under `config.models_dir`.
-    pub fn load(config: &EngineConfig, selection: &Selection, metrics: &Metrics) -> anyhow::Result<Self> {
-        let lib = runtime::locate(config.ort_lib.as_deref())?;
-        let env = runtime::start(&lib)?;
-        tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
-        let (opts, batching) = (config.session, config.batching);
-
-        let mut dirs = model_dirs(&config.models_dir)?;
-        if let Selection::Uncalibrated(name) = selection {
-            let all: Vec<String> = dirs.iter().filter_map(|d| d.file_name()?.to_str().map(str::to_owned)).collect();
-            dirs.retain(|d| d.file_name().is_some_and(|n| n == name.as_str()));
-            if dirs.is_empty() {
-                bail!("no model `{name}` under {}; found: {}", config.models_dir.display(), all.join(", "));
-            }
-        }
-        let with_calibration = *selection == Selection::All;
-        let mut models = BTreeMap::new();
-        for dir in dirs {
-            let model = load_model(&env, &dir, opts, with_calibration, batching, metrics)?;
-            metrics
-                .model_info
-                .with_label_values(&[model.name(), &model.manifest.version, &opts.device.to_string()])
-                .set(1);
-            tracing::info!(model = model.name(), device = %opts.device, calibrated = model.calibration.is_some(), "model ready");
-            models.insert(model.manifest.name.clone(), Arc::new(model));
-        }
-        let Some(first) = models.keys().next().cloned() else {
-            bail!(
-                "no model found under {}: each model is a folder with model.onnx and model.toml",
-                config.models_dir.display()
-            );
-        };
-        let default = match &config.default_model {
-            Some(name) if !models.contains_key(name) => {
-                bail!(
-                    "--model {name} is not among the loaded models: {}",
-                    models.keys().cloned().collect::<Vec<_>>().join(", ")
-                )
-            }
-            Some(name) => name.clone(),
-            None => first,
-        };
-        Ok(Self { models, default, env: Some(env) })
-    }
-
     /// A registry of models built elsewhere (in-process tests with a fake encoder); the first
     /// is the default.
     pub fn from_models(models: Vec<Model>) -> anyhow::Result<Self> {
         let default = models.first().map(|m| m.name().to_owned()).context("a registry needs a model")?;
         let models = models.into_iter().map(|m| (m.name().to_owned(), Arc::new(m))).collect();
-        Ok(Self { models, default, env: None })
+        Ok(Self { models, default, loaded_from: BTreeMap::new(), failures: BTreeMap::new() })
     }
 
-    /// The model called `name`, or the default one.
-    pub fn get(&self, name: Option<&str>) -> Result<&Arc<Model>, Error> {
+    /// The model called `name`, or the default one. The `Arc` keeps this version (and its
+    /// inference thread) alive for as long as the caller holds it, whatever reloads meanwhile.
+    pub fn get(&self, name: Option<&str>) -> Result<Arc<Model>, Error> {
         let name = name.unwrap_or(&self.default);
         self.models
             .get(name)
+            .cloned()
             .ok_or_else(|| Error::UnknownModel { name: name.to_owned(), loaded: self.names().join(", ") })
     }
 
@@ -167,55 +163,318 @@ impl Registry {
         self.models.keys().cloned().collect()
     }
 
-    /// The process's ONNX Runtime environment (there can be only one), for tools that build
-    /// sessions of their own beside the registry's, such as the benchmarks.
-    pub fn environment(&self) -> Option<&Environment> {
-        self.env.as_ref()
-    }
-
     /// The default model's name.
     pub fn default_name(&self) -> &str {
         &self.default
     }
+
+    /// Model folders whose current contents failed to load, by name.
+    pub fn failures(&self) -> impl Iterator<Item = &LoadFailure> {
+        self.failures.values()
+    }
 }
 
-/// Sub-folders of `root` that hold a model.toml, sorted by name.
-fn model_dirs(root: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+/// What a model folder looks like on disk, cheaply: each regular file's name, size and
+/// modification time. Two equal fingerprints a poll apart mean the folder has settled; a
+/// fingerprint unlike the one loaded means the folder changed. Symlinks are followed, so a
+/// Kubernetes ConfigMap or Secret volume (files linked through `..data`) changes its
+/// fingerprint when it is swapped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(String, u64, Option<SystemTime>)>);
+
+impl Fingerprint {
+    fn of(dir: &Path) -> Self {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let meta = std::fs::metadata(e.path()).ok().filter(std::fs::Metadata::is_file)?;
+                Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+            })
+            .collect();
+        files.sort();
+        Self(files)
+    }
+}
+
+/// Every model folder under the models folder (a sub-folder with a model.toml whose name does
+/// not start with `.`, so staging folders and a volume's `..data` are left out), by name, with
+/// its fingerprint.
+pub fn scan(root: &Path) -> anyhow::Result<BTreeMap<String, Fingerprint>> {
+    Ok(model_dirs(root)?
+        .into_iter()
+        .filter_map(|d| {
+            let name = d.file_name()?.to_str()?.to_owned();
+            Some((name, Fingerprint::of(&d)))
+        })
+        .collect())
+}
+
+/// What one [`Loader::reload`] did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Folders loaded anew (added or replaced).
+    pub loaded: Vec<String>,
+    /// Folders that failed to load; the version before (if any) still serves.
+    pub failed: Vec<String>,
+    /// Models no longer served because their folder is gone.
+    pub removed: Vec<String>,
+}
+
+impl Reloaded {
+    /// Whether anything changed in what is served or reported.
+    pub fn changed(&self) -> bool {
+        !(self.loaded.is_empty() && self.failed.is_empty() && self.removed.is_empty())
+    }
+}
+
+/// Turns model folders into served models: ONNX Runtime's environment (one per process), the
+/// session and batching settings, and where the models live. Owned by the engine for as long
+/// as it serves, so that folders can be loaded again.
+pub struct Loader {
+    // Sessions are built in the process-wide environment; it outlives every model.
+    env: Environment,
+    models_dir: PathBuf,
+    default_model: Option<String>,
+    opts: SessionOptions,
+    batching: BatchSettings,
+    metrics: Metrics,
+}
+
+impl Loader {
+    /// Starts ONNX Runtime for `config`'s models.
+    pub fn start(config: &EngineConfig, metrics: &Metrics) -> anyhow::Result<Self> {
+        let lib = runtime::locate(config.ort_lib.as_deref())?;
+        let env = runtime::start(&lib)?;
+        tracing::info!(library = %lib.display(), "ONNX Runtime loaded");
+        Ok(Self {
+            env,
+            models_dir: config.models_dir.clone(),
+            default_model: config.default_model.clone(),
+            opts: config.session,
+            batching: config.batching,
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// The models folder this loader watches.
+    pub fn models_dir(&self) -> &Path {
+        &self.models_dir
+    }
+
+    /// The process's ONNX Runtime environment (there can be only one), for tools that build
+    /// sessions of their own beside the registry's, such as the benchmarks.
+    pub fn environment(&self) -> &Environment {
+        &self.env
+    }
+
+    /// Loads, checks and warms up the selected model folders: start-up, where any failure is
+    /// fatal.
+    pub fn load(&self, selection: &Selection) -> anyhow::Result<Registry> {
+        let mut dirs = model_dirs(&self.models_dir)?;
+        if let Selection::Uncalibrated(name) = selection {
+            let all: Vec<String> = dirs.iter().filter_map(|d| d.file_name()?.to_str().map(str::to_owned)).collect();
+            dirs.retain(|d| d.file_name().is_some_and(|n| n == name.as_str()));
+            if dirs.is_empty() {
+                bail!("no model `{name}` under {}; found: {}", self.models_dir.display(), all.join(", "));
+            }
+        }
+        let with_calibration = *selection == Selection::All;
+        let (mut models, mut loaded_from) = (BTreeMap::new(), BTreeMap::new());
+        for dir in dirs {
+            let fingerprint = Fingerprint::of(&dir);
+            let model = self.load_dir(&dir, with_calibration)?;
+            self.announce(&model, None);
+            loaded_from.insert(model.manifest.name.clone(), fingerprint);
+            models.insert(model.manifest.name.clone(), Arc::new(model));
+        }
+        if models.is_empty() {
+            bail!(
+                "no model found under {}: each model is a folder with model.onnx and model.toml",
+                self.models_dir.display()
+            );
+        }
+        if let Some(name) = self.default_model.as_ref().filter(|n| !models.contains_key(*n)) {
+            bail!(
+                "--model {name} is not among the loaded models: {}",
+                models.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let default = self.default_for(&models);
+        Ok(Registry { models, default, loaded_from, failures: BTreeMap::new() })
+    }
+
+    /// The registry that serves `folders` (what [`scan`] found, settled), built from `current`:
+    /// a folder whose fingerprint differs from the one loaded (and from the one that last
+    /// failed) is loaded and warmed up beside the version serving; a folder gone from `folders`
+    /// is dropped. A folder that fails keeps its old version serving and is reported. `None`
+    /// when nothing changed. Blocking: loading runs ONNX Runtime.
+    pub fn reload(
+        &self,
+        current: &Registry,
+        folders: &BTreeMap<String, Fingerprint>,
+    ) -> (Option<Registry>, Reloaded) {
+        let mut done = Reloaded::default();
+        let mut models = current.models.clone();
+        let mut loaded_from = current.loaded_from.clone();
+        let mut failures = current.failures.clone();
+
+        for (name, fingerprint) in folders {
+            let unchanged = loaded_from.get(name) == Some(fingerprint)
+                || failures.get(name).is_some_and(|f| &f.fingerprint == fingerprint);
+            if unchanged {
+                continue;
+            }
+            let dir = self.models_dir.join(name);
+            match self.load_dir(&dir, true) {
+                Ok(model) => {
+                    self.announce(&model, models.get(name).map(AsRef::as_ref));
+                    self.metrics.model_reloads.with_label_values(&[name, "loaded"]).inc();
+                    failures.remove(name);
+                    loaded_from.insert(name.clone(), fingerprint.clone());
+                    models.insert(name.clone(), Arc::new(model));
+                    done.loaded.push(name.clone());
+                }
+                Err(e) => {
+                    let serving_version = models.get(name).map(|m| m.manifest.version.clone());
+                    let error = format!("{e:#}");
+                    tracing::error!(
+                        model = %name,
+                        serving = serving_version.as_deref().unwrap_or("nothing"),
+                        "cannot load {}: {error}; fix the folder (the version before keeps serving) \
+                         and it is tried again when it changes, or at once on SIGHUP",
+                        dir.display()
+                    );
+                    self.metrics.model_reloads.with_label_values(&[name, "failed"]).inc();
+                    self.metrics.model_load_failing.with_label_values(&[name]).set(1);
+                    let failed_at_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    let failure = LoadFailure {
+                        model: name.clone(),
+                        error,
+                        failed_at_unix_s,
+                        serving_version,
+                        fingerprint: fingerprint.clone(),
+                    };
+                    failures.insert(name.clone(), failure);
+                    done.failed.push(name.clone());
+                }
+            }
+        }
+
+        let gone: Vec<String> =
+            models.keys().chain(failures.keys()).filter(|n| !folders.contains_key(*n)).cloned().collect();
+        for name in gone {
+            failures.remove(&name);
+            let Some(model) = models.get(&name) else {
+                self.metrics.forget_model(&name);
+                done.removed.push(name);
+                continue;
+            };
+            if models.len() == 1 {
+                tracing::error!(
+                    model = %name,
+                    "the folder of the last model was removed from {}; it keeps serving until another model is added",
+                    self.models_dir.display()
+                );
+                continue;
+            }
+            self.retire(model);
+            self.metrics.forget_model(&name);
+            self.metrics.model_reloads.with_label_values(&[&name, "removed"]).inc();
+            tracing::info!(model = %name, "model folder removed: no longer served");
+            models.remove(&name);
+            loaded_from.remove(&name);
+            done.removed.push(name);
+        }
+
+        if !done.changed() {
+            return (None, done);
+        }
+        let default = self.default_for(&models);
+        if default != current.default {
+            tracing::warn!(default = %default, was = %current.default, "the default model changed");
+        }
+        (Some(Registry { models, default, loaded_from, failures }), done)
+    }
+
+    /// `--model` when it is loaded, else the first model by name.
+    fn default_for(&self, models: &BTreeMap<String, Arc<Model>>) -> String {
+        self.default_model
+            .clone()
+            .filter(|n| models.contains_key(n))
+            .or_else(|| models.keys().next().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Publishes `model` in `qscore_model_info` (replacing `before`'s labels) and the log.
+    fn announce(&self, model: &Model, before: Option<&Model>) {
+        if let Some(old) = before {
+            self.retire(old);
+        }
+        let device = self.opts.device.to_string();
+        let sha = model.calibration_sha256.as_deref().unwrap_or("");
+        self.metrics.model_info.with_label_values(&[model.name(), &model.manifest.version, &device, sha]).set(1);
+        self.metrics.model_load_failing.with_label_values(&[model.name()]).set(0);
+        tracing::info!(
+            model = model.name(),
+            version = %model.manifest.version,
+            device = %self.opts.device,
+            calibration_sha256 = sha,
+            replaced = before.map(|m| m.manifest.version.as_str()),
+            "model ready"
+        );
+    }
+
+    fn retire(&self, model: &Model) {
+        let device = self.opts.device.to_string();
+        let sha = model.calibration_sha256.as_deref().unwrap_or("");
+        // Absent labels (never published) are not an error worth reporting.
+        let _ = self.metrics.model_info.remove_label_values(&[model.name(), &model.manifest.version, &device, sha]);
+    }
+
+    fn load_dir(&self, dir: &Path, with_calibration: bool) -> anyhow::Result<Model> {
+        let manifest = Manifest::load(dir)?;
+        let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if manifest.name != folder {
+            bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
+        }
+        let dim = manifest.output.dim;
+        let (calibration, calibration_sha256) = match with_calibration {
+            true => Calibration::load_with_digest(dir, dim)?.unzip(),
+            false => (None, None),
+        };
+        let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
+        let io = (manifest.input.name.as_str(), manifest.output.name.as_str(), dim);
+        let mut encoder = Encoder::load(&self.env, &dir.join("model.onnx"), io, head, self.opts)?;
+
+        let pre = manifest.preprocess();
+        let warmup = Array4::<f32>::zeros((1, pre.channels(), pre.height as usize, pre.width as usize));
+        let out = encoder.embed(warmup.view()).with_context(|| format!("{}: warm-up run failed", dir.display()))?;
+        if out.embeddings.iter().chain(out.logits.iter().flatten()).any(|v| !v.is_finite()) {
+            bail!("{}: the warm-up run produced non-finite values", dir.display());
+        }
+
+        let worker = Worker::spawn(manifest.name.clone(), encoder, self.batching, self.metrics.clone())
+            .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
+        let mut model = Model::new(manifest, calibration, self.opts.device, worker)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        model.calibration_sha256 = calibration_sha256;
+        Ok(model)
+    }
+}
+
+/// Sub-folders of `root` that hold a model.toml and whose name does not start with `.`,
+/// sorted by name.
+fn model_dirs(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(root)
         .with_context(|| format!("cannot read the models folder {} (--models-dir)", root.display()))?;
-    let mut dirs: Vec<_> =
-        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.join("model.toml").is_file()).collect();
+    let mut dirs: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .filter(|p| p.join("model.toml").is_file())
+        .collect();
     dirs.sort();
     Ok(dirs)
-}
-
-fn load_model(
-    env: &Environment,
-    dir: &Path,
-    opts: SessionOptions,
-    with_calibration: bool,
-    batching: BatchSettings,
-    metrics: &Metrics,
-) -> anyhow::Result<Model> {
-    let manifest = Manifest::load(dir)?;
-    let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    if manifest.name != folder {
-        bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
-    }
-    let dim = manifest.output.dim;
-    let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
-    let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
-    let mut encoder =
-        Encoder::load(env, &dir.join("model.onnx"), (&manifest.input.name, &manifest.output.name, dim), head, opts)?;
-
-    let pre = manifest.preprocess();
-    let warmup = Array4::<f32>::zeros((1, pre.channels(), pre.height as usize, pre.width as usize));
-    let out = encoder.embed(warmup.view()).with_context(|| format!("{}: warm-up run failed", dir.display()))?;
-    if out.embeddings.iter().chain(out.logits.iter().flatten()).any(|v| !v.is_finite()) {
-        bail!("{}: the warm-up run produced non-finite values", dir.display());
-    }
-
-    let worker = Worker::spawn(manifest.name.clone(), encoder, batching, metrics.clone())
-        .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
-    Model::new(manifest, calibration, opts.device, worker).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
 }

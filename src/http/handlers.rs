@@ -52,11 +52,11 @@ async fn score_uploads(
     uploads: Vec<Input>,
     mode: EmbeddingMode,
 ) -> Result<Vec<Output>, Error> {
-    let model = state.engine.registry.get(model)?;
+    let model = state.engine.registry().get(model)?;
     if mode == EmbeddingMode::Discriminative && model.calibration.is_none() {
         return Err(Error::NotCalibrated { model: model.name().to_owned() });
     }
-    state.engine.score(model, uploads, mode).await
+    state.engine.score(&model, uploads, mode).await
 }
 
 /// Scores exactly one uploaded image; `confidence` is the `?confidence=` of a raw upload.
@@ -172,10 +172,11 @@ pub async fn score_batch(
 /// List the loaded models.
 #[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
-    let registry = &state.engine.registry;
+    let registry = state.engine.registry();
     Json(ModelList {
         default: registry.default_name().to_owned(),
         models: registry.models().map(|m| ModelInfo::from(m.as_ref())).collect(),
+        load_failures: registry.failures().cloned().collect(),
     })
 }
 
@@ -186,7 +187,7 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
     responses((status = 200, body = ModelInfo), (status = 404, description = "Unknown model", body = ErrorBody))
 )]
 pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<ModelInfo>, Error> {
-    Ok(Json(ModelInfo::from(state.engine.registry.get(Some(&name))?.as_ref())))
+    Ok(Json(ModelInfo::from(state.engine.registry().get(Some(&name))?.as_ref())))
 }
 
 /// Drift of each model's recent answers from its calibration reference.
@@ -200,8 +201,8 @@ pub async fn model(State(state): State<AppState>, Path(name): Path<String>) -> R
 pub async fn drift(State(state): State<AppState>, Query(q): Query<ModelQuery>) -> Result<Json<DriftList>, Error> {
     let engine = &state.engine;
     let models: Vec<_> = match q.model.as_deref() {
-        Some(name) => vec![engine.registry.get(Some(name))?.clone()],
-        None => engine.registry.models().cloned().collect(),
+        Some(name) => vec![engine.registry().get(Some(name))?],
+        None => engine.registry().models().cloned().collect(),
     };
     Ok(Json(DriftList { models: models.iter().map(|m| engine.drift_report(m)).collect() }))
 }
@@ -229,7 +230,8 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, Error>
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let engine = &state.engine;
-    let reports: Vec<_> = engine.registry.models().map(|m| (m.worker.queue_depth(), engine.drift_report(m))).collect();
+    let reports: Vec<_> =
+        engine.registry().models().map(|m| (m.worker.queue_depth(), engine.drift_report(m))).collect();
     engine.metrics.observe_state(engine.admission.in_flight(), engine.budget.used_bytes(), &reports);
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], engine.metrics.render())
 }

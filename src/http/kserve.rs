@@ -206,7 +206,7 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelMetadata>, V2Failure> {
-    let m = state.engine.registry.get(Some(&name))?;
+    let m = state.engine.registry().get(Some(&name))?;
     let t = |name: &str, datatype: &str, shape: Vec<i64>| TensorMetadata {
         name: name.into(),
         datatype: datatype.into(),
@@ -241,7 +241,7 @@ pub async fn model_ready(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Readiness>, V2Failure> {
-    state.engine.registry.get(Some(&name))?;
+    state.engine.registry().get(Some(&name))?;
     Ok(Json(Readiness { ready: state.is_ready() }))
 }
 
@@ -261,7 +261,7 @@ pub async fn infer(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<InferResponse>, V2Failure> {
-    let model = state.engine.registry.get(Some(&name))?.clone();
+    let model = state.engine.registry().get(Some(&name))?;
     let budget = &state.engine.budget;
     let body = super::upload::read_limited(body, &state.limits, budget).await?;
     let Parsed { request, images, confidence } = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
@@ -322,7 +322,7 @@ pub async fn infer(
 /// The model `name` if `version` is the one it serves; an unknown version is a 404 naming the
 /// version there is.
 fn check_version(state: &AppState, name: &str, version: &str) -> Result<(), Error> {
-    let m = state.engine.registry.get(Some(name))?;
+    let m = state.engine.registry().get(Some(name))?;
     if m.manifest.version == version {
         return Ok(());
     }

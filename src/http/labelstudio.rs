@@ -436,7 +436,7 @@ pub struct BackendHealth {
 }
 
 fn model_version(state: &AppState) -> Result<String, Error> {
-    let m = state.engine.registry.get(None)?;
+    let m = state.engine.registry().get(None)?;
     Ok(format!("{}@{}", m.name(), m.manifest.version))
 }
 
@@ -498,7 +498,7 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
         return Err(Error::TooManyImages { limit: state.limits.max_batch_images });
     }
     let version = model_version(&state)?;
-    let model = state.engine.registry.get(None)?.clone();
+    let model = state.engine.registry().get(None)?;
     // The fetches and the scoring share the request's deadline; the fetches end a quarter of it
     // early, so the images fetched by then are still scored.
     let start = std::time::Instant::now();

@@ -5,8 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ErrorDetail;
 use crate::{
-    engine::ImageScore,
-    engine::Model,
+    engine::{ImageScore, LoadFailure, Model},
     model::{
         calibration::{Evaluation, Target, ThresholdRule},
         manifest::{ClassifierSpec, Color, Provenance, QScoreParams},
@@ -101,6 +100,9 @@ pub struct ModelList {
     pub default: String,
     /// Every loaded model.
     pub models: Vec<ModelInfo>,
+    /// Model folders whose current contents failed to load since start-up (the version
+    /// before, if any, keeps serving); empty when every folder loaded.
+    pub load_failures: Vec<LoadFailure>,
 }
 
 /// What is loaded under one name.
@@ -159,6 +161,8 @@ pub struct CalibrationInfo {
     pub needs_confidence: bool,
     /// Estimator behind the flag.
     pub risk_source: RiskSource,
+    /// SHA-256 (lowercase hex) of the calibration.json in force.
+    pub sha256: String,
     /// tau on p_misclassified.
     pub threshold: f32,
     /// How tau was chosen.
@@ -201,6 +205,7 @@ impl From<&Model> for ModelInfo {
                 target: c.target.clone(),
                 needs_confidence: c.needs_user_confidence() && man.classifier.is_none(),
                 risk_source: c.risk_source,
+                sha256: m.calibration_sha256.clone().unwrap_or_default(),
                 threshold: c.threshold,
                 threshold_rule: c.threshold_rule,
                 discriminative_features: c.discriminative_features.clone(),

@@ -415,6 +415,14 @@ pub struct Assessment {
 impl Calibration {
     /// Reads `dir/calibration.json` when it exists; `Ok(None)` when it does not.
     pub fn load(dir: &Path, dim: usize) -> anyhow::Result<Option<Self>> {
+        Ok(Self::load_with_digest(dir, dim)?.map(|(c, _)| c))
+    }
+
+    /// [`Calibration::load`], with the SHA-256 (lowercase hex) of the very bytes parsed: the
+    /// identity `qscore_model_info` and `GET /v1/models` give the calibration in force, which a
+    /// second read could not promise while the file is being replaced.
+    pub fn load_with_digest(dir: &Path, dim: usize) -> anyhow::Result<Option<(Self, String)>> {
+        use sha2::{Digest, Sha256};
         let path = dir.join("calibration.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -422,7 +430,8 @@ impl Calibration {
             Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
         };
         let cal = Self::parse(&text, dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Some(cal))
+        let digest = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Some((cal, digest)))
     }
 
     /// Parses and checks a calibration for a model with `dim` features.
