@@ -17,7 +17,6 @@ from typing import Iterator, List
 
 import httpx
 import pytest
-
 from qscore_client import QScoreAPIError, QScoreClient, RetryPolicy
 
 if "QSCORE_URL" not in os.environ:

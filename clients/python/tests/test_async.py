@@ -9,7 +9,6 @@ from typing import List
 import httpx
 import pytest
 from conftest import API_KEY, BAD, FMNIST, MAX_BATCH_IMAGES, MODEL, URL, BudgetHog, free_port
-
 from qscore_client import AsyncQScoreClient, QScoreAPIError, QScoreConnectionError, RetryEvent, RetryPolicy
 
 

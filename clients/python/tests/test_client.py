@@ -14,7 +14,6 @@ from typing import Callable, Iterator, List, Tuple, Union
 import httpx
 import pytest
 from conftest import API_KEY, BAD, FMNIST, MAX_BATCH_IMAGES, MODEL, URL, BudgetHog, free_port
-
 from qscore_client import (
     QScoreAPIError,
     QScoreClient,

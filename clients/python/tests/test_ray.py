@@ -14,8 +14,8 @@ from conftest import API_KEY, BAD, FMNIST, MAX_BATCH_IMAGES, MODEL, URL
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray", reason="ray[data] comes from tests/requirements.txt: run `make tools`")
 
-from qscore_client import QScoreClient  # noqa: E402
-from qscore_client.ray import SCORE_COLUMNS, QScoreScorer  # noqa: E402
+from qscore_client import QScoreClient
+from qscore_client.ray import SCORE_COLUMNS, QScoreScorer
 
 BAD_FILES = ["not_an_image.txt", "truncated.jpg", "corrupt.jpg"]
 
