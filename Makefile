@@ -73,11 +73,16 @@ tools:
 	  DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@$(MAKE) --no-print-directory .venv-test/installed .venv-labelstudio/installed
 
-# schemathesis and tritonclient, reinstalled when tests/requirements.txt changes.
-.venv-test/installed: tests/requirements.txt
-	@echo "installing tests/requirements.txt into .venv-test"
+# The Python client's package files: a change to any of them reinstalls it.
+PY_CLIENT_FILES := clients/python/pyproject.toml clients/python/README.md $(wildcard clients/python/src/qscore_client/*)
+
+# schemathesis, tritonclient, Ray Data and the Python client (clients/python, installed as a
+# wheel so that its packaging is what is tested), reinstalled when any of them changes.
+.venv-test/installed: tests/requirements.txt $(PY_CLIENT_FILES)
+	@echo "installing tests/requirements.txt and clients/python into .venv-test"
 	test -x .venv-test/bin/pip || python3 -m venv .venv-test
 	.venv-test/bin/pip install -q -r tests/requirements.txt
+	.venv-test/bin/pip install -q --force-reinstall --no-deps ./clients/python
 	touch $@
 
 # A real Label Studio for tests/labelling.rs, in its own venv (its pinned dependencies conflict
