@@ -112,8 +112,12 @@ fn a_model_replaced_under_load_fails_no_request() {
 
     // Four clients send batches of one image; a reader watches readiness.
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed, mixed, new_seen) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (sent, failed, mixed, new_seen) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
     let mut threads = Vec::new();
     for _ in 0..4 {
         let (stop, sent, failed, mixed, new_seen) =
@@ -158,7 +162,8 @@ fn a_model_replaced_under_load_fails_no_request() {
     copy_model("fmnist-vicreg", &dest, "fmnist-simclr", Some("2.0.0"));
     let new_sha = sha256(&dest.join("calibration.json"));
     let took = wait_for(&s, Duration::from_secs(10), "version 2.0.0", |l| {
-        model(l, "fmnist-simclr").is_some_and(|m| m["version"] == "2.0.0" && m["calibration"]["sha256"] == new_sha.as_str())
+        model(l, "fmnist-simclr")
+            .is_some_and(|m| m["version"] == "2.0.0" && m["calibration"]["sha256"] == new_sha.as_str())
     });
     let swapped = Instant::now();
     while new_seen.load(Ordering::Relaxed) < 5 && swapped.elapsed() < Duration::from_secs(10) {
@@ -167,7 +172,8 @@ fn a_model_replaced_under_load_fails_no_request() {
     stop.store(true, Ordering::Relaxed);
     threads.into_iter().for_each(|t| t.join().unwrap());
 
-    let (sent, failed, mixed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), mixed.load(Ordering::Relaxed));
+    let (sent, failed, mixed) =
+        (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), mixed.load(Ordering::Relaxed));
     eprintln!("swap seen after {took:?}; {sent} batches of 8 sent, {failed} failed, {mixed} mixed");
     assert!(sent >= 20, "too little load to mean anything: {sent} batches");
     assert_eq!(failed, 0, "requests failed during the swap; log:\n{}", s.log());
@@ -180,7 +186,9 @@ fn a_model_replaced_under_load_fails_no_request() {
     assert_eq!(now["results"][0]["p_misclassified"], want_new["results"][0]["p_misclassified"]);
     let metrics = s.get("/metrics").text().unwrap();
     let info = |v: &str, sha: &str| {
-        format!("qscore_model_info{{calibration_sha256=\"{sha}\",device=\"cpu\",model=\"fmnist-simclr\",version=\"{v}\"}} 1")
+        format!(
+            "qscore_model_info{{calibration_sha256=\"{sha}\",device=\"cpu\",model=\"fmnist-simclr\",version=\"{v}\"}} 1"
+        )
     };
     assert!(metrics.contains(&info("2.0.0", &new_sha)), "{metrics}");
     assert!(!metrics.contains(&info("1.0.0", &old_sha)), "the old version's info series must go");
@@ -202,15 +210,21 @@ fn a_broken_folder_keeps_the_old_version_and_sighup_adds_and_removes_at_once() {
 
     // A half-copied model: model.onnx cut short, version bumped. The old version keeps serving.
     let onnx = dir.0.join("fmnist-simclr/model.onnx");
-    let whole = std::fs::read(&onnx).unwrap();
-    std::fs::write(&onnx, &whole[..whole.len() / 3]).unwrap();
     let toml = dir.0.join("fmnist-simclr/model.toml");
-    std::fs::write(&toml, std::fs::read_to_string(&toml).unwrap().replace("version = \"1.0.0\"", "version = \"1.1.0\"")).unwrap();
+    let (whole, toml_1_0) = (std::fs::read(&onnx).unwrap(), std::fs::read_to_string(&toml).unwrap());
+    let mtimes = [&onnx, &toml].map(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+    let toml_1_1 = toml_1_0.replace("version = \"1.0.0\"", "version = \"1.1.0\"");
+    std::fs::write(&onnx, &whole[..whole.len() / 3]).unwrap();
+    std::fs::write(&toml, &toml_1_1).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(models(&s)["load_failures"].as_array().unwrap().is_empty(), "no reload without SIGHUP when polling is off");
     s.signal("HUP");
     let took = wait_for(&s, Duration::from_secs(5), "the load failure", |l| {
-        l["load_failures"].as_array().unwrap().iter().any(|f| f["model"] == "fmnist-simclr" && f["serving_version"] == "1.0.0")
+        l["load_failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["model"] == "fmnist-simclr" && f["serving_version"] == "1.0.0")
     });
     eprintln!("SIGHUP failure reported after {took:?}");
     let list = models(&s);
@@ -231,6 +245,21 @@ fn a_broken_folder_keeps_the_old_version_and_sighup_adds_and_removes_at_once() {
     let metrics = s.get("/metrics").text().unwrap();
     assert!(metrics.contains("qscore_model_reloads_total{model=\"fmnist-simclr\",outcome=\"failed\"} 1"), "{metrics}");
 
+    // Put back exactly as loaded (bytes and times, as `cp -p` would): the failure is over, with
+    // nothing to load.
+    for (path, bytes, mtime) in [(&onnx, whole.as_slice(), mtimes[0]), (&toml, toml_1_0.as_bytes(), mtimes[1])] {
+        std::fs::write(path, bytes).unwrap();
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(mtime).unwrap();
+    }
+    s.signal("HUP");
+    wait_for(&s, Duration::from_secs(5), "the failure cleared", |l| l["load_failures"].as_array().unwrap().is_empty());
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(metrics.contains("qscore_model_load_failing{model=\"fmnist-simclr\"} 0"), "{metrics}");
+    assert!(!metrics.contains("outcome=\"loaded\""), "nothing was loaded again: {metrics}");
+    std::fs::write(&onnx, &whole[..whole.len() / 3]).unwrap();
+    s.signal("HUP");
+    wait_for(&s, Duration::from_secs(5), "the failure again", |l| !l["load_failures"].as_array().unwrap().is_empty());
+
     // A new folder and a removed one, in one SIGHUP.
     copy_model("fmnist-byol", &dir.0.join("fmnist-new"), "fmnist-new", None);
     std::fs::remove_dir_all(dir.0.join("fmnist-vicreg")).unwrap();
@@ -246,9 +275,11 @@ fn a_broken_folder_keeps_the_old_version_and_sighup_adds_and_removes_at_once() {
 
     // Fixed: the folder loads, the failure and the gauge clear.
     std::fs::write(&onnx, &whole).unwrap();
+    std::fs::write(&toml, &toml_1_1).unwrap();
     s.signal("HUP");
     wait_for(&s, Duration::from_secs(5), "version 1.1.0", |l| {
-        model(l, "fmnist-simclr").is_some_and(|m| m["version"] == "1.1.0") && l["load_failures"].as_array().unwrap().is_empty()
+        model(l, "fmnist-simclr").is_some_and(|m| m["version"] == "1.1.0")
+            && l["load_failures"].as_array().unwrap().is_empty()
     });
     let metrics = s.get("/metrics").text().unwrap();
     assert!(metrics.contains("qscore_model_load_failing{model=\"fmnist-simclr\"} 0"), "{metrics}");

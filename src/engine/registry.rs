@@ -174,13 +174,14 @@ impl Registry {
     }
 }
 
-/// What a model folder looks like on disk, cheaply: each regular file's name, size and
-/// modification time. Two equal fingerprints a poll apart mean the folder has settled; a
-/// fingerprint unlike the one loaded means the folder changed. Symlinks are followed, so a
-/// Kubernetes ConfigMap or Secret volume (files linked through `..data`) changes its
-/// fingerprint when it is swapped.
+/// What a model folder looks like on disk, cheaply: each regular file's name, size,
+/// modification time and inode (rsync's quick check, plus the inode so that a file renamed
+/// over another is seen even with the same size and time). Two equal fingerprints a poll apart
+/// mean the folder has settled; a fingerprint unlike the one loaded means the folder changed.
+/// Symlinks are followed, so a Kubernetes ConfigMap or Secret volume (files linked through
+/// `..data`) changes its fingerprint when it is swapped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(String, u64, Option<SystemTime>)>);
+pub struct Fingerprint(Vec<(String, u64, Option<SystemTime>, u64)>);
 
 impl Fingerprint {
     fn of(dir: &Path) -> Self {
@@ -190,7 +191,8 @@ impl Fingerprint {
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let meta = std::fs::metadata(e.path()).ok().filter(std::fs::Metadata::is_file)?;
-                Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+                let name = e.file_name().to_string_lossy().into_owned();
+                Some((name, meta.len(), meta.modified().ok(), std::os::unix::fs::MetadataExt::ino(&meta)))
             })
             .collect();
         files.sort();
@@ -220,12 +222,14 @@ pub struct Reloaded {
     pub failed: Vec<String>,
     /// Models no longer served because their folder is gone.
     pub removed: Vec<String>,
+    /// Folders that had failed and now hold again exactly what serves.
+    pub restored: Vec<String>,
 }
 
 impl Reloaded {
     /// Whether anything changed in what is served or reported.
     pub fn changed(&self) -> bool {
-        !(self.loaded.is_empty() && self.failed.is_empty() && self.removed.is_empty())
+        !(self.loaded.is_empty() && self.failed.is_empty() && self.removed.is_empty() && self.restored.is_empty())
     }
 }
 
@@ -310,20 +314,23 @@ impl Loader {
     /// failed) is loaded and warmed up beside the version serving; a folder gone from `folders`
     /// is dropped. A folder that fails keeps its old version serving and is reported. `None`
     /// when nothing changed. Blocking: loading runs ONNX Runtime.
-    pub fn reload(
-        &self,
-        current: &Registry,
-        folders: &BTreeMap<String, Fingerprint>,
-    ) -> (Option<Registry>, Reloaded) {
+    pub fn reload(&self, current: &Registry, folders: &BTreeMap<String, Fingerprint>) -> (Option<Registry>, Reloaded) {
         let mut done = Reloaded::default();
         let mut models = current.models.clone();
         let mut loaded_from = current.loaded_from.clone();
         let mut failures = current.failures.clone();
 
         for (name, fingerprint) in folders {
-            let unchanged = loaded_from.get(name) == Some(fingerprint)
-                || failures.get(name).is_some_and(|f| &f.fingerprint == fingerprint);
-            if unchanged {
+            if loaded_from.get(name) == Some(fingerprint) {
+                // Put back exactly as it was loaded (`cp -p` of the old files): what serves is
+                // what the folder holds, so a failure of the contents in between is over.
+                if failures.remove(name).is_some() {
+                    self.metrics.model_load_failing.with_label_values(&[name]).set(0);
+                    done.restored.push(name.clone());
+                }
+                continue;
+            }
+            if failures.get(name).is_some_and(|f| &f.fingerprint == fingerprint) {
                 continue;
             }
             let dir = self.models_dir.join(name);

@@ -72,6 +72,7 @@ impl Engine {
                         loaded = ?done.loaded,
                         failed = ?done.failed,
                         removed = ?done.removed,
+                        restored = ?done.restored,
                         trigger = if forced { "SIGHUP" } else { "poll" },
                         "model folders reloaded"
                     ),
