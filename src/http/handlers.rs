@@ -11,7 +11,7 @@ use axum::{
 use super::{
     AppState,
     error::ErrorBody,
-    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery},
+    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery, ServerLimits},
     upload::{JsonBatch, Uploads},
 };
 use crate::{
@@ -177,6 +177,12 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelList> {
         default: registry.default_name().to_owned(),
         models: registry.models().map(|m| ModelInfo::from(m.as_ref())).collect(),
         load_failures: registry.failures().cloned().collect(),
+        limits: ServerLimits {
+            max_batch_images: state.limits.max_batch_images,
+            max_body_bytes: state.limits.max_body_bytes,
+            max_image_bytes: state.engine.limits.max_bytes,
+            max_image_pixels: state.engine.limits.max_pixels,
+        },
     })
 }
 

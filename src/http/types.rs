@@ -103,6 +103,23 @@ pub struct ModelList {
     /// Model folders whose current contents failed to load since start-up (the version
     /// before, if any, keeps serving); empty when every folder loaded.
     pub load_failures: Vec<LoadFailure>,
+    /// The limits this server enforces on every request, so a client can split its batches
+    /// before it sends them.
+    pub limits: ServerLimits,
+}
+
+/// Limits on requests (`--max-batch-images`, `--max-body-bytes`, `--max-image-bytes`,
+/// `--max-image-pixels`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerLimits {
+    /// Most images in one request.
+    pub max_batch_images: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest encoded image, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest width x height, in pixels.
+    pub max_image_pixels: u64,
 }
 
 /// What is loaded under one name.

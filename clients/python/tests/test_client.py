@@ -56,13 +56,16 @@ def test_batch_past_the_server_limit_is_split_in_order(client: QScoreClient) -> 
     assert (r.status_code, r.json()["error"]["code"]) == (413, "too_many_images"), r.text
 
 
-def test_batch_limit_is_learnt_from_the_server(client: QScoreClient) -> None:
+def test_batch_limit_is_read_from_the_server(client: QScoreClient) -> None:
     images = FMNIST[: MAX_BATCH_IMAGES * 3]
-    with QScoreClient(URL, api_key=API_KEY, model=MODEL) as c:  # believes the default, 256
+    with QScoreClient(URL, api_key=API_KEY, model=MODEL) as c:  # told no limit: asks the server
+        assert c.models()["limits"]["max_batch_images"] == MAX_BATCH_IMAGES
         results = c.score_batch(images)
         assert c.max_batch_images == MAX_BATCH_IMAGES
     assert len(results) == len(images) and all(r.ok for r in results)
     assert [r.id for r in results] == [str(i) for i in range(len(images))]
+    with QScoreClient(URL, api_key=API_KEY, model=MODEL, max_batch_images=5) as c:  # a cap stays a cap
+        assert len(c.score_batch(images[:12])) == 12 and c.max_batch_images == 5
 
 
 def test_failed_items_keep_their_slots(client: QScoreClient, tmp_path) -> None:
@@ -173,6 +176,18 @@ def flaky(request) -> Iterator[FlakyProxy]:
 
 def _http_date(seconds_from_now: float) -> str:
     return email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now), usegmt=True)
+
+
+@pytest.mark.parametrize("flaky", [[]], indirect=True)
+def test_batch_limit_is_learnt_from_a_refusal(flaky: FlakyProxy) -> None:
+    # The proxy answers no GET (501), as a server that does not advertise its limits: the
+    # client believes the default, 256, and learns the real limit from the 413.
+    images = FMNIST[: MAX_BATCH_IMAGES * 3]
+    with QScoreClient(flaky.url, api_key=API_KEY, model=MODEL) as c:
+        results = c.score_batch(images)
+        assert c.max_batch_images == MAX_BATCH_IMAGES
+    assert len(results) == len(images) and all(r.ok for r in results)
+    assert [r.id for r in results] == [str(i) for i in range(len(images))]
 
 
 @pytest.mark.parametrize("flaky", [[(503, lambda: _http_date(2)), (429, "0")]], indirect=True)

@@ -46,6 +46,9 @@ class _Base:
         self.model = model
         self.max_batch_images = max_batch_images or DEFAULT_MAX_BATCH_IMAGES
         self.max_body_bytes = max_body_bytes
+        # What the caller asked for caps what the server advertises; None: the server decides.
+        self._batch_cap = max_batch_images
+        self._limits_read = False
         self.retry = retry or RetryPolicy()
         self.on_retry = on_retry
         self._rng = random.Random()
@@ -60,6 +63,17 @@ class _Base:
     def _plan(self, images: Iterable[ImageInput], ids: Optional[Sequence[str]]) -> BatchPlan:
         return BatchPlan(images, ids, self.max_batch_images, self.max_body_bytes)
 
+    def _adopt_limits(self, listing: Optional[Dict[str, Any]]) -> None:
+        # GET /v1/models advertises --max-batch-images and --max-body-bytes (servers from
+        # before it did not: then the defaults stand and a refusal teaches the limit).
+        self._limits_read = True
+        limits = (listing or {}).get("limits") or {}
+        if isinstance(limits.get("max_batch_images"), int) and limits["max_batch_images"] > 0:
+            server = limits["max_batch_images"]
+            self.max_batch_images = min(self._batch_cap, server) if self._batch_cap else server
+        if isinstance(limits.get("max_body_bytes"), int) and limits["max_body_bytes"] > 0:
+            self.max_body_bytes = min(self.max_body_bytes, limits["max_body_bytes"])
+
     def _learn(self, plan: BatchPlan) -> None:
         # A limit learnt from one batch's refusal holds for the next batches too.
         self.max_batch_images = plan.max_images
@@ -72,9 +86,9 @@ class QScoreClient(_Base):
     ``Authorization: Bearer KEY`` (needed when the server runs with ``--api-keys-file``).
     ``model`` is the default for every call (None: the server's default model). ``timeout`` is
     seconds per try (or an ``httpx.Timeout``); connecting gets at most 10 s of it.
-    ``max_batch_images`` is the server's ``--max-batch-images`` (default 256): bigger batches are
-    split into requests of at most that many images, and a smaller limit stated in the server's
-    ``too_many_images`` refusal is learnt. ``max_body_bytes`` likewise bounds one request's
+    ``max_batch_images`` caps the images per request; by default the client reads the server's
+    ``--max-batch-images`` from ``GET /v1/models`` (``limits``) before its first batch, and a
+    smaller limit stated in a ``too_many_images`` refusal is learnt. ``max_body_bytes`` likewise bounds one request's
     image bytes. ``retry`` says when to retry (:class:`RetryPolicy`), and ``on_retry`` is
     called before each wait with a :class:`RetryEvent`.
 
@@ -160,6 +174,11 @@ class QScoreClient(_Base):
         calls for errors that concern a whole request (bad API key, unknown model, server full
         past the retries); results of the requests already answered are then lost.
         """
+        if not self._limits_read:
+            try:
+                self._adopt_limits(self.models())
+            except QScoreAPIError:
+                self._adopt_limits(None)
         plan = self._plan(images, ids)
         params = score_params(model or self.model)
         while (files := plan.next_chunk()) is not None:
@@ -244,6 +263,11 @@ class AsyncQScoreClient(_Base):
         """See :meth:`QScoreClient.score_batch`. Requests go one after another, so one batch
         never holds more than ``max_batch_images`` of the server's room; run several batches with
         ``asyncio.gather`` for more."""
+        if not self._limits_read:
+            try:
+                self._adopt_limits(await self.models())
+            except QScoreAPIError:
+                self._adopt_limits(None)
         plan = self._plan(images, ids)
         params = score_params(model or self.model)
         while (files := plan.next_chunk()) is not None:
