@@ -16,6 +16,8 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -262,6 +264,16 @@ pub async fn infer(
     body: axum::body::Body,
 ) -> Result<Json<InferResponse>, V2Failure> {
     let model = state.engine.registry().get(Some(&name))?;
+    infer_with(state, model, headers, body).await
+}
+
+/// `infer` with the model version already taken, so a reload meanwhile cannot change it.
+async fn infer_with(
+    state: AppState,
+    model: Arc<Model>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<InferResponse>, V2Failure> {
     let budget = &state.engine.budget;
     let body = super::upload::read_limited(body, &state.limits, budget).await?;
     let Parsed { request, images, confidence } = parse(&headers, &body.bytes, state.limits.max_batch_images)?;
@@ -319,12 +331,12 @@ pub async fn infer(
     }))
 }
 
-/// The model `name` if `version` is the one it serves; an unknown version is a 404 naming the
-/// version there is.
-fn check_version(state: &AppState, name: &str, version: &str) -> Result<(), Error> {
+/// The model `name` if `version` is the one it serves now; an unknown version is a 404 naming
+/// the version there is.
+fn check_version(state: &AppState, name: &str, version: &str) -> Result<Arc<Model>, Error> {
     let m = state.engine.registry().get(Some(name))?;
     if m.manifest.version == version {
-        return Ok(());
+        return Ok(m);
     }
     // A version longer than any real one is cut: error messages never grow with the request.
     let shown: String = version.chars().take(64).collect();
@@ -379,8 +391,8 @@ pub async fn version_infer(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<InferResponse>, V2Failure> {
-    check_version(&state, &name, &version)?;
-    infer(State(state), Path(name), headers, body).await
+    let model = check_version(&state, &name, &version)?;
+    infer_with(state, model, headers, body).await
 }
 
 /// Rewrites the JSON errors answered under `/v2` by the layers and fallbacks shared with `/v1`

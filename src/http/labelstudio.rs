@@ -30,7 +30,7 @@ pub use media::{LabelStudio, StorageHosts};
 use super::error::ErrorDetail;
 use super::{AppState, bounded};
 use crate::{
-    engine::{EmbeddingMode, Input, Output, budget::Reservation},
+    engine::{EmbeddingMode, Input, Model, Output, budget::Reservation},
     error::Error,
 };
 
@@ -435,9 +435,8 @@ pub struct BackendHealth {
     pub model_class: String,
 }
 
-fn model_version(state: &AppState) -> Result<String, Error> {
-    let m = state.engine.registry().get(None)?;
-    Ok(format!("{}@{}", m.name(), m.manifest.version))
+fn model_version(m: &Model) -> String {
+    format!("{}@{}", m.name(), m.manifest.version)
 }
 
 /// Label Studio ML backend health.
@@ -471,7 +470,8 @@ pub async fn setup(State(state): State<AppState>, body: axum::body::Body) -> Res
             ls.remember(key, fields);
         }
     }
-    Ok(Json(SetupResponse { model_version: model_version(&state)? }))
+    let model = state.engine.registry().get(None)?;
+    Ok(Json(SetupResponse { model_version: model_version(&model) }))
 }
 
 /// Label Studio ML backend predictions: one score per task, lowest = riskiest.
@@ -497,8 +497,9 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     if jobs.len() > state.limits.max_batch_images {
         return Err(Error::TooManyImages { limit: state.limits.max_batch_images });
     }
-    let version = model_version(&state)?;
+    // One snapshot: the version named is the one that scores, whatever reloads meanwhile.
     let model = state.engine.registry().get(None)?;
+    let version = model_version(&model);
     // The fetches and the scoring share the request's deadline; the fetches end a quarter of it
     // early, so the images fetched by then are still scored.
     let start = std::time::Instant::now();
