@@ -3,7 +3,7 @@
 //! schema and the prometheus-adapter config against one written from its config format (both
 //! vendored in deploy/schemas/), the compose file against the compose-spec schema
 //! (check-jsonschema's vendored copy), the Prometheus configs and every PromQL query with
-//! promtool. No Docker engine or
+//! promtool, the recording and alerting rules with promtool's unit tests. No Docker engine or
 //! cluster runs here; that is all that is checked.
 
 mod common;
@@ -175,4 +175,25 @@ fn autoscaling_on_queue_depth_validates() {
     // And the check catches a broken query.
     let result = std::panic::catch_unwind(|| promql_parses(&[("broken".into(), "sum(qscore_queue_depth".into())]));
     assert!(result.is_err(), "promtool accepted an unbalanced parenthesis");
+}
+
+/// The recording rules and alerts under promtool's unit tests: two replicas' window counts with
+/// hand-computed fleet PSI, binned KS, flagged share and mean p_misclassified
+/// (tests/drift_rules.test.yml).
+#[test]
+fn fleet_drift_rules_pass_their_unit_tests() {
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "tests/drift_rules.test.yml"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && report.contains("SUCCESS"), "{report}");
+    // The unit tests can fail: a wrong expected PSI does.
+    let test = std::fs::read_to_string(root().join("tests/drift_rules.test.yml")).unwrap();
+    let broken = root().join(format!("tests/drift_rules.broken-{}.test.yml", std::process::id()));
+    std::fs::write(&broken, test.replacen("value: 0.4158883083359672", "value: 0.42", 1)).unwrap();
+    let out = std::process::Command::new("promtool").args(["test", "rules"]).arg(&broken).current_dir(root()).output().unwrap();
+    std::fs::remove_file(&broken).unwrap();
+    assert!(!out.status.success(), "promtool passed a wrong PSI");
 }
