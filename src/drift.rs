@@ -14,6 +14,12 @@
 //! embeddings, with a kernel two-sample test (MMD² and its permutation p-value): it catches a
 //! window of a few classes, or of transformed images, whose Q-Scores look like the reference's.
 //!
+//! Replicas each keep their own window. The PSI, the flagged share and the mean
+//! `p_misclassified` also come out as [`WindowCounts`], whose sum over replicas is the counts of
+//! the union of their windows: Prometheus sums them and computes the fleet's figures with the
+//! same formulas (deploy/prometheus/alerts.yml). KS and the embedding test need the samples
+//! themselves and stay per replica.
+//!
 //! The statistics are pure functions of the window and the reference; the window is the only
 //! state, one mutex per model, touched once per answered image. The embedding test is too costly
 //! for a request (O((n + m)² d)), so [`DriftMonitor::refresh`] computes it off the request path,

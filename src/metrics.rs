@@ -90,8 +90,9 @@ impl DriftCounts {
         let int = |name: &str, help: &str, labels: &[&str]| {
             IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
         };
-        let float =
-            |name: &str, help: &str, labels: &[&str]| GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        let float = |name: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
         Self {
             score_bin_images: int(
                 "qscore_drift_window_score_bin_images",
@@ -138,6 +139,11 @@ impl DriftCounts {
             let labels = [model, BIN_LABELS[b]];
             self.score_bin_images.with_label_values(&labels).set(bin.window_images as i64);
             self.reference_score_bin_ratio.with_label_values(&labels).set(bin.reference_ratio);
+        }
+        // A reloaded calibration may have fewer bins; stale ones would skew the fleet's sums.
+        for bin in &BIN_LABELS[counts.score_bins.len().min(BIN_LABELS.len())..] {
+            let _ = self.score_bin_images.remove_label_values(&[model, bin]);
+            let _ = self.reference_score_bin_ratio.remove_label_values(&[model, bin]);
         }
         self.flagged_images.with_label_values(&[model]).set(counts.flagged_images as i64);
         self.p_misclassified_images.with_label_values(&[model]).set(counts.p_misclassified_images as i64);

@@ -193,7 +193,12 @@ fn fleet_drift_rules_pass_their_unit_tests() {
     let test = std::fs::read_to_string(root().join("tests/drift_rules.test.yml")).unwrap();
     let broken = root().join(format!("tests/drift_rules.broken-{}.test.yml", std::process::id()));
     std::fs::write(&broken, test.replacen("value: 0.4158883083359672", "value: 0.42", 1)).unwrap();
-    let out = std::process::Command::new("promtool").args(["test", "rules"]).arg(&broken).current_dir(root()).output().unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&broken)
+        .current_dir(root())
+        .output()
+        .unwrap();
     std::fs::remove_file(&broken).unwrap();
     assert!(!out.status.success(), "promtool passed a wrong PSI");
 }

@@ -109,7 +109,9 @@ impl Prometheus {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("the Prometheus server is needed for this test: `make tools` installs it (Debian package prometheus)");
+            .expect(
+                "the Prometheus server is needed for this test: `make tools` installs it (Debian package prometheus)",
+            );
         let p = Self { child, url: format!("http://127.0.0.1:{port}"), dir };
         let ready = Instant::now();
         while reqwest::blocking::get(format!("{}/-/ready", p.url)).map_or(true, |r| r.status() != 200) {
@@ -242,13 +244,18 @@ fn two_replicas_merge_to_the_single_replica_figures() {
 
     // The binned KS is read at the deciles: at most the exact KS, below it by at most one bin's
     // largest share.
-    let (pair, single) =
-        (prometheus.fleet("model:qscore_drift_ks_binned:fleet", "pair"), prometheus.fleet("model:qscore_drift_ks_binned:fleet", "single"));
+    let (pair, single) = (
+        prometheus.fleet("model:qscore_drift_ks_binned:fleet", "pair"),
+        prometheus.fleet("model:qscore_drift_ks_binned:fleet", "single"),
+    );
     assert!(close(pair, single), "binned KS: pair {pair}, single {single}");
     let exact = dc["ks"].as_f64().unwrap();
     let widest = bc.iter().map(|&(w, r)| (w as f64 / n as f64).max(r)).fold(0.0, f64::max);
     eprintln!("KS: binned {single}, exact {exact}, widest bin {widest}");
-    assert!(single <= exact + 1e-9 && exact <= single + widest + 1e-9, "binned {single}, exact {exact}, widest {widest}");
+    assert!(
+        single <= exact + 1e-9 && exact <= single + widest + 1e-9,
+        "binned {single}, exact {exact}, widest {widest}"
+    );
     assert!(single > 0.1, "the binned KS misses the degraded third of the stream: {single}");
 
     std::fs::remove_dir_all(&models).unwrap();
