@@ -14,6 +14,12 @@
 //! embeddings, with a kernel two-sample test (MMD² and its permutation p-value): it catches a
 //! window of a few classes, or of transformed images, whose Q-Scores look like the reference's.
 //!
+//! Replicas each keep their own window. The PSI, the flagged share and the mean
+//! `p_misclassified` also come out as [`WindowCounts`], whose sum over replicas is the counts of
+//! the union of their windows: Prometheus sums them and computes the fleet's figures with the
+//! same formulas (deploy/prometheus/alerts.yml). KS and the embedding test need the samples
+//! themselves and stay per replica.
+//!
 //! The statistics are pure functions of the window and the reference; the window is the only
 //! state, one mutex per model, touched once per answered image. The embedding test is too costly
 //! for a request (O((n + m)² d)), so [`DriftMonitor::refresh`] computes it off the request path,
@@ -156,6 +162,10 @@ pub struct DriftReport {
     pub ks: Option<f64>,
     /// Population stability index over the reference's deciles (10 equal-probability bins).
     pub psi: Option<f64>,
+    /// The window as counts that add up across replicas (null without a reference): summed over
+    /// every replica they give the fleet's PSI, flagged share and mean `p_misclassified`, as
+    /// deploy/prometheus/alerts.yml computes them.
+    pub counts: Option<WindowCounts>,
     /// Share of the window flagged likely misclassified.
     pub flagged_ratio: Option<f64>,
     /// Share flagged on the reference (calibration's held-out images).
@@ -174,6 +184,30 @@ pub struct DriftReport {
     pub features: Vec<FeatureShift>,
     /// The test on the embeddings themselves (multivariate), as last computed.
     pub embedding: EmbeddingDrift,
+}
+
+/// One drift window as counts: the window of several replicas is the sum of theirs.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct WindowCounts {
+    /// The PSI's bins, lowest first: the reference's deciles, a point mass's equal deciles merged.
+    pub score_bins: Vec<ScoreBin>,
+    /// Answers flagged likely misclassified.
+    pub flagged_images: usize,
+    /// Answers with a `p_misclassified`.
+    pub p_misclassified_images: usize,
+    /// Sum of their `p_misclassified`: the expected number of misclassified images among them.
+    pub p_misclassified_sum: f64,
+}
+
+/// One bin of the PSI.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ScoreBin {
+    /// Lowest Q-Score in the bin (inclusive); null for the lowest bin.
+    pub lower: Option<f64>,
+    /// Share of the reference in the bin.
+    pub reference_ratio: f64,
+    /// Window answers in the bin.
+    pub window_images: usize,
 }
 
 /// Whether the embedding test has a result.
@@ -385,31 +419,36 @@ impl DriftMonitor {
                      run `qscore calibrate --model {name}`"
                 ),
                 0,
+                None,
                 embedding,
             );
         };
+        let bins = ScoreBins::new(&cal.reference.q_score);
         let mut window = drift.window.lock().expect("drift window lock");
         self.trim(&mut window);
         let w = &window.seen;
+        let q: Vec<f32> = w.iter().map(|s| s.q_score).collect();
+        let p: Vec<f64> = w.iter().filter_map(|s| s.p_misclassified.map(f64::from)).collect();
+        let flagged_images = w.iter().filter(|s| s.flagged).count();
+        let window_counts = bins.as_ref().map(|b| b.window_counts(&q, flagged_images, &p));
         if w.is_empty() {
             return DriftReport::empty(
                 name,
                 DriftStatus::EmptyWindow,
                 "no image answered in the window yet".into(),
                 cal.reference.images,
+                window_counts,
                 embedding,
             );
         }
-        let q: Vec<f32> = w.iter().map(|s| s.q_score).collect();
         let n = w.len() as f64;
-        let flagged = w.iter().filter(|s| s.flagged).count() as f64 / n;
+        let flagged = flagged_images as f64 / n;
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
         for s in w.iter() {
             for &j in &s.active {
                 *counts.entry(j).or_default() += 1;
             }
         }
-        let p: Vec<f64> = w.iter().filter_map(|s| s.p_misclassified.map(f64::from)).collect();
         let oldest = w.front().map_or(0.0, |s| s.at.elapsed().as_secs_f64());
         drop(window);
         DriftReport {
@@ -420,7 +459,8 @@ impl DriftMonitor {
             window_seconds: oldest,
             reference_images: cal.reference.images,
             ks: Some(ks(&q, &cal.reference.q_score)),
-            psi: Some(psi(&q, &cal.reference.q_score)),
+            psi: window_counts.as_ref().map(WindowCounts::psi),
+            counts: window_counts,
             flagged_ratio: Some(flagged),
             expected_flagged_ratio: Some(cal.reference.flagged_rate),
             mean_p_misclassified: (!p.is_empty()).then(|| p.iter().sum::<f64>() / p.len() as f64),
@@ -439,6 +479,7 @@ impl DriftReport {
         status: DriftStatus,
         message: String,
         reference_images: usize,
+        counts: Option<WindowCounts>,
         embedding: EmbeddingDrift,
     ) -> Self {
         Self {
@@ -450,6 +491,7 @@ impl DriftReport {
             reference_images,
             ks: None,
             psi: None,
+            counts,
             flagged_ratio: None,
             expected_flagged_ratio: None,
             mean_p_misclassified: None,
@@ -554,48 +596,107 @@ pub fn ks(window: &[f32], reference: &Distribution) -> f64 {
 
 /// Bins of the PSI: the reference's deciles, so that each bin holds a tenth of the reference
 /// and a window of 100 images expects 10 in each.
-const PSI_BINS: usize = 10;
+pub const PSI_BINS: usize = 10;
+
+/// The PSI's bins of one reference distribution: edges at its deciles, and its share in each.
+#[derive(Debug, Clone)]
+pub struct ScoreBins {
+    /// Inner edges at the deciles, each once; bin b is [edge b-1, edge b), the ends open.
+    edges: Vec<f64>,
+    /// The reference's share in each bin.
+    reference_share: Vec<f64>,
+}
+
+impl ScoreBins {
+    /// The bins of `reference`; None without percentiles.
+    ///
+    /// Equal-probability bins keep every reference share near 1/10, where equal-width bins over
+    /// a skewed Q-Score distribution leave most bins nearly empty and turn sampling noise into
+    /// PSI. A point mass (several equal deciles) becomes one bin holding its whole mass, so the
+    /// shares are not equal by construction and travel with the counts.
+    pub fn new(reference: &Distribution) -> Option<Self> {
+        let p = &reference.percentiles;
+        if p.len() < 2 {
+            return None;
+        }
+        let last = p.len() - 1;
+        let mut edges: Vec<f64> = (1..PSI_BINS).map(|b| f64::from(p[b * last / PSI_BINS])).collect();
+        edges.dedup();
+        let mut reference_share = Vec::with_capacity(edges.len() + 1);
+        let mut below = 0.0;
+        for &e in &edges {
+            let upto = reference_cdf_below(p, e);
+            reference_share.push(upto - below);
+            below = upto;
+        }
+        reference_share.push(1.0 - below);
+        Some(Self { edges, reference_share })
+    }
+
+    /// The bin `q` falls in.
+    pub fn bin(&self, q: f32) -> usize {
+        self.edges.partition_point(|&e| e <= f64::from(q))
+    }
+
+    /// The window's counts: `q` its Q-Scores, `p` its `p_misclassified` values.
+    fn window_counts(&self, q: &[f32], flagged_images: usize, p: &[f64]) -> WindowCounts {
+        let mut seen = vec![0_usize; self.reference_share.len()];
+        for &v in q {
+            seen[self.bin(v)] += 1;
+        }
+        let score_bins = seen
+            .into_iter()
+            .zip(&self.reference_share)
+            .enumerate()
+            .map(|(b, (window_images, &reference_ratio))| ScoreBin {
+                lower: b.checked_sub(1).map(|e| self.edges[e]),
+                reference_ratio,
+                window_images,
+            })
+            .collect();
+        WindowCounts {
+            score_bins,
+            flagged_images,
+            p_misclassified_images: p.len(),
+            p_misclassified_sum: p.iter().sum(),
+        }
+    }
+}
+
+impl WindowCounts {
+    /// Population stability index of the window against the reference: sum over bins of
+    /// (w - r) ln(w / r), with w and r the window's and the reference's shares and empty shares
+    /// smoothed to [`PSI_FLOOR`]. Summed counts of several windows give their union's PSI; the
+    /// fleet rule in deploy/prometheus/alerts.yml is this formula in PromQL, and
+    /// tests/fleet_drift.rs checks that the two agree.
+    ///
+    /// Under no drift and a large reference, n * PSI is approximately chi-squared with
+    /// (bins - 1) degrees of freedom, so the shipped alert at 0.25 from 100 images is a 0.3%
+    /// false-alarm rate; the unit test `undrifted_windows_stay_under_the_alerts` measures it on
+    /// simulated windows.
+    pub fn psi(&self) -> f64 {
+        let n: usize = self.score_bins.iter().map(|b| b.window_images).sum();
+        if n == 0 {
+            return 0.0;
+        }
+        self.score_bins
+            .iter()
+            .map(|b| {
+                let r = b.reference_ratio.max(PSI_FLOOR);
+                let w = (b.window_images as f64 / n as f64).max(PSI_FLOOR);
+                (w - r) * (w / r).ln()
+            })
+            .sum()
+    }
+}
+
+/// Smallest share the PSI reads for a bin, so that an empty bin does not make it infinite.
+pub const PSI_FLOOR: f64 = 1e-4;
 
 /// Population stability index of `window` against the reference, over bins at the reference's
-/// deciles: sum over bins of (w - r) ln(w / r), with w and r the window's and the reference's
-/// shares and empty shares smoothed to 1e-4.
-///
-/// Equal-probability bins keep every reference share near 1/10, where equal-width bins over a
-/// skewed Q-Score distribution leave most bins nearly empty and turn sampling noise into PSI.
-/// A point mass (several equal deciles) becomes one bin holding its whole mass. Under no drift
-/// and a large reference, n * PSI is approximately chi-squared with (bins - 1) degrees of
-/// freedom, so the shipped alert at 0.25 from 100 images is a 0.3% false-alarm rate; the unit
-/// test `undrifted_windows_stay_under_the_alerts` measures it on simulated windows.
+/// deciles ([`ScoreBins`], [`WindowCounts::psi`]).
 pub fn psi(window: &[f32], reference: &Distribution) -> f64 {
-    let p = &reference.percentiles;
-    if window.is_empty() || p.len() < 2 {
-        return 0.0;
-    }
-    let last = p.len() - 1;
-    // Inner edges at the deciles, each once; bin b is [edge b-1, edge b), the ends open.
-    let mut edges: Vec<f64> = (1..PSI_BINS).map(|b| f64::from(p[b * last / PSI_BINS])).collect();
-    edges.dedup();
-    let bins = edges.len() + 1;
-    let mut reference_share = Vec::with_capacity(bins);
-    let mut below = 0.0;
-    for &e in &edges {
-        let upto = reference_cdf_below(p, e);
-        reference_share.push(upto - below);
-        below = upto;
-    }
-    reference_share.push(1.0 - below);
-    let mut seen = vec![0_usize; bins];
-    for &v in window {
-        seen[edges.partition_point(|&e| e <= f64::from(v))] += 1;
-    }
-    const FLOOR: f64 = 1e-4;
-    (0..bins)
-        .map(|b| {
-            let r = reference_share[b].max(FLOOR);
-            let w = (seen[b] as f64 / window.len() as f64).max(FLOOR);
-            (w - r) * (w / r).ln()
-        })
-        .sum()
+    ScoreBins::new(reference).map_or(0.0, |b| b.window_counts(window, 0, &[]).psi())
 }
 
 #[cfg(test)]

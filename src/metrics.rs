@@ -69,7 +69,94 @@ pub struct Metrics {
     pub drift_embedding_window_images: GaugeVec,
     /// Flagged-webhook events by outcome (sent, failed, dropped).
     pub webhook_events: IntCounterVec,
+    /// The drift window as counts that add up across replicas (the fleet-wide drift rules).
+    pub drift_counts: DriftCounts,
 }
+
+/// The drift window of each calibrated model as counts: summed over replicas they give the
+/// fleet's PSI, flagged share and mean p_misclassified (deploy/prometheus/alerts.yml).
+#[derive(Clone)]
+pub struct DriftCounts {
+    /// Window answers per PSI bin (`bin` 0..9, lowest Q-Scores first).
+    pub score_bin_images: IntGaugeVec,
+    /// The reference's share per PSI bin.
+    pub reference_score_bin_ratio: GaugeVec,
+    /// Window answers flagged likely misclassified.
+    pub flagged_images: IntGaugeVec,
+    /// Window answers with a p_misclassified.
+    pub p_misclassified_images: IntGaugeVec,
+    /// Sum of their p_misclassified.
+    pub expected_misclassified_images: GaugeVec,
+}
+
+impl DriftCounts {
+    fn new() -> Self {
+        let int = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let float = |name: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        Self {
+            score_bin_images: int(
+                "qscore_drift_window_score_bin_images",
+                "Answers in the drift window per PSI bin (the reference's deciles, lowest Q-Scores in bin 0); sum over replicas for the fleet's PSI.",
+                &["model", "bin"],
+            ),
+            reference_score_bin_ratio: float(
+                "qscore_drift_reference_score_bin_ratio",
+                "Share of the calibration reference in each PSI bin.",
+                &["model", "bin"],
+            ),
+            flagged_images: int(
+                "qscore_drift_window_flagged_images",
+                "Answers in the drift window flagged likely misclassified.",
+                &["model"],
+            ),
+            p_misclassified_images: int(
+                "qscore_drift_window_p_misclassified_images",
+                "Answers in the drift window that have a p_misclassified.",
+                &["model"],
+            ),
+            expected_misclassified_images: float(
+                "qscore_drift_window_expected_misclassified_images",
+                "Sum of p_misclassified over the drift window: the expected number of misclassified images in it.",
+                &["model"],
+            ),
+        }
+    }
+
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 5] {
+        [
+            Box::new(self.score_bin_images.clone()),
+            Box::new(self.reference_score_bin_ratio.clone()),
+            Box::new(self.flagged_images.clone()),
+            Box::new(self.p_misclassified_images.clone()),
+            Box::new(self.expected_misclassified_images.clone()),
+        ]
+    }
+
+    /// Exports one model's counts (an empty window's zeros too, so the fleet sums see every
+    /// replica).
+    fn observe(&self, model: &str, counts: &crate::drift::WindowCounts) {
+        for (b, bin) in counts.score_bins.iter().enumerate() {
+            let labels = [model, BIN_LABELS[b]];
+            self.score_bin_images.with_label_values(&labels).set(bin.window_images as i64);
+            self.reference_score_bin_ratio.with_label_values(&labels).set(bin.reference_ratio);
+        }
+        // A reloaded calibration may have fewer bins; stale ones would skew the fleet's sums.
+        for bin in &BIN_LABELS[counts.score_bins.len().min(BIN_LABELS.len())..] {
+            let _ = self.score_bin_images.remove_label_values(&[model, bin]);
+            let _ = self.reference_score_bin_ratio.remove_label_values(&[model, bin]);
+        }
+        self.flagged_images.with_label_values(&[model]).set(counts.flagged_images as i64);
+        self.p_misclassified_images.with_label_values(&[model]).set(counts.p_misclassified_images as i64);
+        self.expected_misclassified_images.with_label_values(&[model]).set(counts.p_misclassified_sum);
+    }
+}
+
+/// `bin` label values: the PSI has at most one bin per decile of its reference.
+const BIN_LABELS: [&str; crate::drift::PSI_BINS] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 /// Why an image never reached inference (`reason` label of `qscore_rejected_images_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +345,7 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let drift_counts = DriftCounts::new();
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -287,7 +375,10 @@ impl Metrics {
             Box::new(drift_embedding_p_value.clone()),
             Box::new(drift_embedding_window_images.clone()),
             Box::new(webhook_events.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(drift_counts.collectors())
+        {
             registry.register(c).expect("metric names are unique");
         }
         Self {
@@ -320,6 +411,7 @@ impl Metrics {
             drift_embedding_p_value,
             drift_embedding_window_images,
             webhook_events,
+            drift_counts,
         }
     }
 
@@ -337,6 +429,9 @@ impl Metrics {
                 continue;
             }
             self.drift_window_images.with_label_values(&m).set(r.window_images as f64);
+            if let Some(counts) = &r.counts {
+                self.drift_counts.observe(&r.model, counts);
+            }
             if r.embedding.status == crate::drift::EmbeddingDriftStatus::NoSample {
                 let _ = self.drift_embedding_window_images.remove_label_values(&m);
             } else {

@@ -127,7 +127,8 @@ fn figures(d: &Value) -> (f64, f64, f64, f64) {
     (d["ks"].as_f64().unwrap(), d["psi"].as_f64().unwrap(), e["mmd2"].as_f64().unwrap(), e["p_value"].as_f64().unwrap())
 }
 
-/// The shipped alert thresholds: (KS, embedding p-value).
+/// The shipped alert thresholds: (KS, read fleet-wide at the reference's deciles; embedding
+/// p-value).
 fn alert_thresholds() -> (f64, f64) {
     let rules = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
     let after = |metric: &str, op: &str| -> f64 {
@@ -135,7 +136,7 @@ fn alert_thresholds() -> (f64, f64) {
         let at = rules.find(&key).unwrap_or_else(|| panic!("no rule `{key}`"));
         rules[at + key.len()..].split_whitespace().next().unwrap().parse().unwrap()
     };
-    (after("qscore_drift_ks", ">"), after("qscore_drift_embedding_p_value", "<="))
+    (after("model:qscore_drift_ks_binned:fleet", ">"), after("qscore_drift_embedding_p_value", "<="))
 }
 
 fn gauge(metrics: &str, name: &str) -> f64 {

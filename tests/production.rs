@@ -322,14 +322,15 @@ fn concurrent_requests_are_batched_together() {
     assert!(runs < 17.0, "16 requests (+1 warm-up) took {runs} runs: nothing was batched");
 }
 
-/// The alert thresholds shipped in deploy/prometheus/alerts.yml, as `(psi, ks)`.
+/// The alert thresholds shipped in deploy/prometheus/alerts.yml, as `(psi, ks)` (the alerts
+/// read the fleet-wide series; one server is a fleet of one).
 fn alert_thresholds() -> (f64, f64) {
     let rules = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).unwrap();
     let after = |metric: &str| -> f64 {
         let at = rules.find(&format!("{metric} > ")).unwrap_or_else(|| panic!("no rule on {metric}"));
         rules[at + metric.len() + 3..].split_whitespace().next().unwrap().parse().unwrap()
     };
-    (after("qscore_drift_psi"), after("qscore_drift_ks"))
+    (after("model:qscore_drift_psi:fleet"), after("model:qscore_drift_ks_binned:fleet"))
 }
 
 /// The committed Fashion-MNIST fixtures (t10k images, like the calibration's held-out data),
