@@ -155,6 +155,20 @@ impl DriftCounts {
     }
 }
 
+impl DriftCounts {
+    /// Drops a model's counts: it is gone, or its new version has no reference.
+    fn forget(&self, model: &str) {
+        for bin in BIN_LABELS {
+            let _ = self.score_bin_images.remove_label_values(&[model, bin]);
+            let _ = self.reference_score_bin_ratio.remove_label_values(&[model, bin]);
+        }
+        for gauge in [&self.flagged_images, &self.p_misclassified_images] {
+            let _ = gauge.remove_label_values(&[model]);
+        }
+        let _ = self.expected_misclassified_images.remove_label_values(&[model]);
+    }
+}
+
 /// `bin` label values: the PSI has at most one bin per decile of its reference.
 const BIN_LABELS: [&str; crate::drift::PSI_BINS] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
@@ -482,6 +496,7 @@ impl Metrics {
         ] {
             let _ = gauge.remove_label_values(m);
         }
+        self.drift_counts.forget(m[0]);
     }
 
     /// Counts one image refused or dropped for `reason`.

@@ -261,12 +261,25 @@ fn a_broken_folder_keeps_the_old_version_and_sighup_adds_and_removes_at_once() {
     wait_for(&s, Duration::from_secs(5), "the failure again", |l| !l["load_failures"].as_array().unwrap().is_empty());
 
     // A new folder and a removed one, in one SIGHUP.
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(metrics.contains("qscore_drift_window_score_bin_images{bin=\"0\",model=\"fmnist-vicreg\"}"), "{metrics}");
     copy_model("fmnist-byol", &dir.0.join("fmnist-new"), "fmnist-new", None);
     std::fs::remove_dir_all(dir.0.join("fmnist-vicreg")).unwrap();
     s.signal("HUP");
     wait_for(&s, Duration::from_secs(5), "fmnist-new in, fmnist-vicreg out", |l| {
         model(l, "fmnist-new").is_some() && model(l, "fmnist-vicreg").is_none()
     });
+    // A removed model's gauges go (a fleet sum must not count it); counters keep their totals.
+    let metrics = s.get("/metrics").text().unwrap();
+    let stale: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("model=\"fmnist-vicreg\"") && !l.starts_with('#'))
+        .filter(|l| {
+            let family = l.split('{').next().unwrap();
+            !["_total", "_bucket", "_sum", "_count"].iter().any(|s| family.ends_with(s))
+        })
+        .collect();
+    assert!(stale.is_empty(), "gauges of a removed model: {stale:?}");
     let (status, body) = score_batch(&s.client(), &s.url, "fmnist-new", &image, 1);
     assert!(status == 200 && body["results"][0]["q_score"].is_number(), "{status} {body}");
     assert_error(s.get("/v1/drift?model=fmnist-vicreg"), 404, "unknown_model");
