@@ -32,6 +32,10 @@ pub const FORMAT_VERSION: u32 = 2;
 pub struct Calibration {
     /// Format of the file; see [`FORMAT_VERSION`].
     pub format_version: u32,
+    /// SHA-256 of the text it was parsed from, lowercase hex; empty for one built in memory.
+    /// Backfills record it, so scores from different calibrations are never mixed.
+    #[serde(skip)]
+    pub sha256: String,
     /// The model it was made for.
     pub model: String,
     /// eps used to find D; the server scores with the same value.
@@ -439,9 +443,10 @@ impl Calibration {
                 version.format_version
             ));
         }
-        let cal: Self = serde_json::from_str(text)
+        let mut cal: Self = serde_json::from_str(text)
             .map_err(|e| format!("not a calibration this build reads: {e}; re-run `qscore calibrate`"))?;
         cal.validate(dim)?;
+        cal.sha256 = crate::backfill::sha256_hex(text.as_bytes());
         Ok(cal)
     }
 
