@@ -7,8 +7,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::TypedValueParser};
 
-pub use crate::model::encoder::{Device, GraphOptimization};
 pub use crate::backfill::{fetch::AllowedHost, manifest::Shard};
+pub use crate::model::encoder::{Device, GraphOptimization};
 use crate::{
     engine::{BatchSettings, EngineConfig},
     image::ImageLimits,

@@ -423,7 +423,13 @@ pub struct Tally {
 
 impl Tally {
     /// Adds one answered image: its Q-Score, p_misclassified, flag and the features of L ∩ D.
-    pub fn add(&mut self, q_score: f32, p_misclassified: Option<f32>, flagged: bool, active: impl IntoIterator<Item = u32>) {
+    pub fn add(
+        &mut self,
+        q_score: f32,
+        p_misclassified: Option<f32>,
+        flagged: bool,
+        active: impl IntoIterator<Item = u32>,
+    ) {
         self.q.push(q_score);
         self.flagged += usize::from(flagged);
         if let Some(p) = p_misclassified {
@@ -449,7 +455,13 @@ impl Tally {
     /// `GET /v1/drift` and `qscore drift`. `window_seconds` is the age of the oldest answer (0
     /// for a backfill, which has no age); `embedding` is the embedding test's result. Call it
     /// on a non-empty tally; an empty one is answered `empty_window`.
-    pub fn report(self, model: String, cal: &Calibration, window_seconds: f64, embedding: EmbeddingDrift) -> DriftReport {
+    pub fn report(
+        self,
+        model: String,
+        cal: &Calibration,
+        window_seconds: f64,
+        embedding: EmbeddingDrift,
+    ) -> DriftReport {
         if self.is_empty() {
             return DriftReport::empty(
                 model,

@@ -200,7 +200,9 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("--format parquet needs --manifest FILE: the file records which manifest it answers");
         }
         if args.sort == SortOrder::Risk {
-            anyhow::bail!("--format parquet keeps the manifest's order; sort the table when reading it, or drop --sort");
+            anyhow::bail!(
+                "--format parquet keeps the manifest's order; sort the table when reading it, or drop --sort"
+            );
         }
     } else if args.out.is_some() {
         anyhow::bail!("--out is for --format parquet; jsonl and csv go to stdout (redirect it)");

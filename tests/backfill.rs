@@ -200,7 +200,11 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
     // The same --out for another shard is refused, saying what to do; nothing is written.
     let other = score_shard(&models, &manifest, "0/2", &out(0), &[]);
     assert!(!other.status.success());
-    assert!(stderr(&other).contains("shard 0/3 (wanted 0/2)") && stderr(&other).contains("--force"), "{}", stderr(&other));
+    assert!(
+        stderr(&other).contains("shard 0/3 (wanted 0/2)") && stderr(&other).contains("--force"),
+        "{}",
+        stderr(&other)
+    );
     assert_eq!(std::fs::read(out(0)).unwrap(), before.0);
 
     // A truncated file is not finished: the shard is scored again and the file whole again.
@@ -224,8 +228,15 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
 
     // The same manifest as JSON lines: one line per entry of the shard, failures included.
     let jsonl = qscore(&[
-        "score", "--models-dir", models.to_str().unwrap(), "--model", MODEL,
-        "--manifest", manifest.to_str().unwrap(), "--shard", "1/3",
+        "score",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--shard",
+        "1/3",
     ]);
     assert!(!jsonl.status.success(), "an entry failed, so the exit status says so");
     let lines: Vec<Value> =
@@ -376,7 +387,12 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     }
     assert!(offline["ks"].as_f64().unwrap() > 0.0, "the statistics were computed, not defaulted");
     let features = |r: &Value| -> Vec<(u64, f64)> {
-        r["features"].as_array().unwrap().iter().map(|f| (f["index"].as_u64().unwrap(), f["window_frequency"].as_f64().unwrap())).collect()
+        r["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["index"].as_u64().unwrap(), f["window_frequency"].as_f64().unwrap()))
+            .collect()
     };
     assert_eq!(features(offline), features(live));
     assert!(!features(offline).is_empty());
@@ -395,7 +411,11 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     args.push(shards[1].to_str().unwrap());
     let refused = qscore(&args);
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("part-1.parquet") && stderr(&refused).contains("calibration sha256"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("part-1.parquet") && stderr(&refused).contains("calibration sha256"),
+        "{}",
+        stderr(&refused)
+    );
     let byol = "fmnist-byol";
     let to = other.join(byol);
     std::fs::create_dir_all(&to).unwrap();
@@ -406,6 +426,10 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     args.push(shards[0].to_str().unwrap());
     let refused = qscore(&args);
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("part-0.parquet") && stderr(&refused).contains("not the reference"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("part-0.parquet") && stderr(&refused).contains("not the reference"),
+        "{}",
+        stderr(&refused)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

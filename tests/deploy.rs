@@ -21,8 +21,10 @@ fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
 #[test]
 fn kubernetes_manifests_validate_against_the_schemas() {
     let validate = tool("kubernetes-validate");
-    let manifests: Vec<String> =
-        ["deployment", "service", "hpa", "pdb", "backfill-job"].iter().map(|m| format!("deploy/k8s/{m}.yaml")).collect();
+    let manifests: Vec<String> = ["deployment", "service", "hpa", "pdb", "backfill-job"]
+        .iter()
+        .map(|m| format!("deploy/k8s/{m}.yaml"))
+        .collect();
     let mut args = vec!["--strict"];
     args.extend(manifests.iter().map(String::as_str));
     let (ok, report) = run(&validate, &args);

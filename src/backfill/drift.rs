@@ -43,8 +43,9 @@ pub struct Counts {
 /// The drift of the rows in `scores` from the calibration of `reference` under `models_dir`.
 pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow::Result<BackfillDrift> {
     let dir = models_dir.join(reference);
-    let manifest = Manifest::load(&dir)
-        .with_context(|| format!("no model `{reference}` under {}; check --reference and --models-dir", models_dir.display()))?;
+    let manifest = Manifest::load(&dir).with_context(|| {
+        format!("no model `{reference}` under {}; check --reference and --models-dir", models_dir.display())
+    })?;
     let Some(cal) = Calibration::load(&dir, manifest.output.dim)? else {
         bail!(
             "model `{reference}` has no calibration.json, so there is no reference distribution to compare with; run \
@@ -102,4 +103,3 @@ pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow
     };
     Ok(BackfillDrift { models: vec![report], backfill: counts })
 }
-

@@ -38,12 +38,14 @@ impl std::str::FromStr for AllowedHost {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim().to_ascii_lowercase();
-        let err = || format!("`{s}` is not a host; write HOST or HOST:PORT (no scheme or path), e.g. images.example.com or 127.0.0.1:8000");
+        let err = || {
+            format!(
+                "`{s}` is not a host; write HOST or HOST:PORT (no scheme or path), e.g. images.example.com or 127.0.0.1:8000"
+            )
+        };
         let (host, port) = match s.rsplit_once(':') {
             // A colon inside an unbracketed IPv6 address is not a port.
-            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-                (h, Some(p.parse::<u16>().map_err(|_| err())?))
-            }
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p.parse::<u16>().map_err(|_| err())?)),
             _ => (s.as_str(), None),
         };
         let host_like = !host.is_empty()

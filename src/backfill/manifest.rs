@@ -49,7 +49,8 @@ impl FromStr for Shard {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let err = |why: &str| format!("`{s}` is not a shard: {why}; write INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4");
+        let err =
+            |why: &str| format!("`{s}` is not a shard: {why}; write INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4");
         let (index, count) = s.trim().split_once('/').ok_or_else(|| err("no `/`"))?;
         let index: u32 = index.trim().parse().map_err(|_| err("INDEX is not a whole number"))?;
         let count: u32 = count.trim().parse().map_err(|_| err("COUNT is not a whole number"))?;

@@ -281,9 +281,7 @@ impl ShardWriter {
         c.likely_misclassified.push(s.and_then(|s| s.likely_misclassified));
         c.p_misclassified.push(s.and_then(|s| s.p_misclassified));
         c.risk_source.push(
-            s.and_then(|s| s.risk_source)
-                .and_then(|r| serde_json::to_value(r).ok())
-                .and_then(|v| v.as_str().map(text)),
+            s.and_then(|s| s.risk_source).and_then(|r| serde_json::to_value(r).ok()).and_then(|v| v.as_str().map(text)),
         );
         c.predicted_class.push(s.and_then(|s| s.predicted_class.as_deref()).map(text));
         c.class_probability.push(s.and_then(|s| s.class_probability));
@@ -361,7 +359,8 @@ fn write<T: parquet::data_type::DataType>(
     values: &[T::T],
     defs: Option<&[i16]>,
 ) -> anyhow::Result<()> {
-    let mut col = rg.next_column()?.context("internal error: the backfill schema has fewer columns than are written")?;
+    let mut col =
+        rg.next_column()?.context("internal error: the backfill schema has fewer columns than are written")?;
     col.typed::<T>().write_batch(values, defs, None)?;
     col.close()?;
     Ok(())
@@ -394,10 +393,14 @@ pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<
         index: u32,
     }
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .with_context(|| format!("{} is not a readable Parquet file (truncated, or still being written?)", path.display()))?;
+    let reader = SerializedFileReader::new(file).with_context(|| {
+        format!("{} is not a readable Parquet file (truncated, or still being written?)", path.display())
+    })?;
     if Identity::from_key_values(&key_values(&reader)).is_none() {
-        bail!("{} is not a qscore backfill file ({FORMAT}); give --scores the files `qscore score --format parquet` wrote", path.display());
+        bail!(
+            "{} is not a qscore backfill file ({FORMAT}); give --scores the files `qscore score --format parquet` wrote",
+            path.display()
+        );
     }
     for row in reader.get_row_iter(None)? {
         let row = row?;
@@ -411,8 +414,9 @@ pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<
                 ("likely_misclassified", Field::Bool(v)) => r.likely_misclassified = Some(*v),
                 ("error_code", Field::Str(s)) => r.error_code = Some(s.clone()),
                 ("discriminative_features", Field::Str(s)) => {
-                    let features: Vec<Feature> = serde_json::from_str(s)
-                        .with_context(|| format!("{}: a discriminative_features cell is not the JSON qscore writes", path.display()))?;
+                    let features: Vec<Feature> = serde_json::from_str(s).with_context(|| {
+                        format!("{}: a discriminative_features cell is not the JSON qscore writes", path.display())
+                    })?;
                     r.features = features.into_iter().map(|f| f.index).collect();
                 }
                 _ => {}
