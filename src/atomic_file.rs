@@ -4,7 +4,7 @@
 //! A rename within one file system is atomic, so a reader (or a resumed backfill deciding
 //! whether a shard is done) sees the old file or the complete new one, never half of either;
 //! the fsyncs make the same true after a crash or a node losing power, not only after a killed
-//! process. A temporary file left by a killed process is named `.NAME.PID.tmp` and is never
+//! process. A temporary file left by a killed process is named `.NAME.PID.RANDOM.tmp` and is never
 //! taken for the real file.
 
 use std::{
@@ -40,9 +40,11 @@ impl AtomicFile {
             path.file_name().with_context(|| format!("{} names no file; give --out a file path", path.display()))?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        // The process id alone is not unique: in containers it is often 1 in every pod, and two
+        // pods of one Job index may overlap while one is being replaced.
+        tmp_name.push(format!(".{}.{:08x}.tmp", std::process::id(), rand::random::<u32>()));
         let tmp = path.with_file_name(tmp_name);
-        let file = File::create(&tmp).with_context(|| {
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).with_context(|| {
             format!("cannot create {}; check that its folder exists and is writable", tmp.display())
         })?;
         Ok(Self { path: path.to_owned(), tmp, file: Some(file) })

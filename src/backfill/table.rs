@@ -441,7 +441,7 @@ mod tests {
             model: "m".into(),
             q_score: i as f32 / 10.0,
             calibrated: true,
-            likely_misclassified: Some(i % 3 == 0),
+            likely_misclassified: Some(i.is_multiple_of(3)),
             p_misclassified: Some((i % 10) as f32 / 10.0),
             risk_source: Some(RiskSource::QScore),
             predicted_class: Some("coat".into()),
@@ -495,14 +495,14 @@ mod tests {
             Existing::Finished(found) => assert_eq!(found, identity),
             other => panic!("{other:?}"),
         }
-        let mut i = 0;
+        let mut i: usize = 0;
         read_rows(&path, |r| {
             if i % 5 == 4 {
                 assert_eq!(r.error_code.as_deref(), Some("unreadable_file"));
                 assert_eq!(r.q_score, None);
             } else {
                 assert_eq!(r.q_score, Some(i as f32 / 10.0));
-                assert_eq!(r.likely_misclassified, Some(i % 3 == 0));
+                assert_eq!(r.likely_misclassified, Some(i.is_multiple_of(3)));
                 assert_eq!(r.features, (0..i % 4).map(|j| 7 * j as u32).collect::<Vec<_>>());
             }
             assert_eq!(r.calibration_sha256, identity.calibration_sha256);
