@@ -228,7 +228,7 @@ pub struct ScoreArgs {
     /// Score only shard INDEX of COUNT: the manifest's entries (lines naming an image, counted
     /// from 0) whose position modulo COUNT is INDEX. Shards are disjoint, cover the manifest,
     /// and are the same on every run.
-    #[arg(long, value_name = "INDEX/COUNT", requires = "manifest")]
+    #[arg(long, value_name = "INDEX/COUNT", requires = "manifest", conflicts_with = "files")]
     pub shard: Option<Shard>,
     /// Hosts the manifest's URLs may be fetched from (repeatable, or comma-separated): HOST for
     /// any port, HOST:PORT for that one (a URL without a port has its scheme's). Redirects are

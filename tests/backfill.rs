@@ -251,6 +251,10 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
         assert_eq!(refused.status.code(), Some(2), "{bad}");
         assert!(stderr(&refused).contains(says), "{bad}: {}", stderr(&refused));
     }
+    // clap lets `requires` pass when the required flag conflicts with a present one: a shard
+    // of plain files must still be refused.
+    let files_shard = qscore(&["score", "--shard", "1/2", manifest.to_str().unwrap()]);
+    assert_eq!(files_shard.status.code(), Some(2), "{}", stderr(&files_shard));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
