@@ -7,6 +7,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::TypedValueParser};
 
+pub use crate::backfill::{fetch::AllowedHost, manifest::Shard};
 pub use crate::model::encoder::{Device, GraphOptimization};
 use crate::{
     engine::{BatchSettings, EngineConfig},
@@ -36,6 +37,9 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Print the held-out evaluation stored in calibrated models' calibration.json, as tables.
     Evaluate(EvaluateArgs),
+    /// Print the drift of a finished backfill (`qscore score --format parquet` shards) from a
+    /// model's calibration reference, as JSON in /v1/drift's shape.
+    Drift(DriftArgs),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -219,8 +223,26 @@ pub struct ScoreArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Image files, or folders to walk (recursively, image extensions only, sorted).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "manifest", conflicts_with = "manifest")]
     pub files: Vec<PathBuf>,
+    /// A manifest: one image per line, a local path (a relative one is read from the
+    /// manifest's folder) or an http(s) URL. Blank lines and `#` comments are skipped; a UTF-8
+    /// BOM and CRLF line ends are accepted. Every line becomes one output line or row.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Score only shard INDEX of COUNT: the manifest's entries (lines naming an image, counted
+    /// from 0) whose position modulo COUNT is INDEX. Shards are disjoint, cover the manifest,
+    /// and are the same on every run.
+    #[arg(long, value_name = "INDEX/COUNT", requires = "manifest", conflicts_with = "files")]
+    pub shard: Option<Shard>,
+    /// Hosts the manifest's URLs may be fetched from (repeatable, or comma-separated): HOST for
+    /// any port, HOST:PORT for that one (a URL without a port has its scheme's). Redirects are
+    /// followed only to allowed hosts. Without it every URL is refused.
+    #[arg(long, env = "QSCORE_ALLOW_HOST", value_delimiter = ',', value_name = "HOST[:PORT]")]
+    pub allow_host: Vec<AllowedHost>,
+    /// Timeout of one URL fetch, from connecting to the last byte, in milliseconds.
+    #[arg(long, env = "QSCORE_FETCH_TIMEOUT_MS", default_value_t = 30_000)]
+    pub fetch_timeout_ms: u64,
     /// `risk`: riskiest first (highest p_misclassified for a calibrated model, lowest Q-Score
     /// otherwise; files that failed last), ready to import into a labelling queue. `none`: input
     /// order, streamed.
@@ -229,6 +251,30 @@ pub struct ScoreArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Jsonl)]
     pub format: OutputFormat,
+    /// The Parquet file to write (only with --format parquet, which needs it). Written whole
+    /// or not at all; when it already holds this manifest's shard, scored by the same model
+    /// version and calibration, the shard is skipped.
+    #[arg(long, value_name = "FILE", required_if_eq("format", "parquet"))]
+    pub out: Option<PathBuf>,
+    /// Overwrite an --out that holds something else (another manifest, shard, model or
+    /// calibration's scores, or a foreign Parquet file) instead of stopping.
+    #[arg(long, requires = "out")]
+    pub force: bool,
+}
+
+/// Settings of `qscore drift`.
+#[derive(Debug, Clone, Args)]
+pub struct DriftArgs {
+    /// Folder holding one sub-folder per model.
+    #[arg(long, env = "QSCORE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// The model whose calibration.json is the reference; the rows must have been scored by it,
+    /// with that calibration.
+    #[arg(long, value_name = "MODEL")]
+    pub reference: String,
+    /// The backfill's Parquet files (every shard, or any subset).
+    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+    pub scores: Vec<PathBuf>,
 }
 
 /// Order of `qscore score`'s lines.
@@ -247,6 +293,9 @@ pub enum OutputFormat {
     Jsonl,
     /// file, risk, q_score, p_misclassified, likely_misclassified, predicted_class, class_probability, error.
     Csv,
+    /// One Parquet row per manifest entry, in the file --out (needs --manifest); see the
+    /// README's Backfills section for the columns.
+    Parquet,
 }
 
 /// Settings of `qscore calibrate`.

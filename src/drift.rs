@@ -223,6 +223,9 @@ pub enum EmbeddingDriftStatus {
     TooFewImages,
     /// Not computed yet: it runs in the background every few seconds.
     Pending,
+    /// The answers compared hold no embeddings (`qscore drift` over a backfill's scores): the
+    /// test needs the representations, which only a server's window keeps.
+    NotStored,
 }
 
 /// The embedding test: unbiased MMD² between the window's most recent embeddings and the
@@ -230,7 +233,7 @@ pub enum EmbeddingDriftStatus {
 /// p-value. Computed off the request path every few seconds; this is the last result.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmbeddingDrift {
-    /// `ok`, `no_sample`, `too_few_images` or `pending`.
+    /// `ok`, `no_sample`, `too_few_images`, `pending` or `not_stored`.
     pub status: EmbeddingDriftStatus,
     /// What the status means.
     pub message: String,
@@ -253,6 +256,27 @@ pub struct EmbeddingDrift {
     pub bandwidth: Option<f64>,
     /// Seconds since the test ran.
     pub age_seconds: Option<f64>,
+}
+
+impl EmbeddingDrift {
+    /// The embedding test's answer for answers that kept no embeddings (a backfill's scores).
+    pub fn not_stored(calibration: &Calibration) -> Self {
+        let sample = calibration.reference.embedding.as_ref();
+        Self {
+            status: EmbeddingDriftStatus::NotStored,
+            message: "the scores hold no embeddings, so the embedding test cannot run on them; POST the images to \
+                      `qscore serve` and read its /v1/drift for it"
+                .into(),
+            window_images: 0,
+            reference_images: sample.map_or(0, |s| s.len()),
+            min_window_images: MIN_EMBEDDING_WINDOW,
+            mmd2: None,
+            p_value: None,
+            permutations: EMBEDDING_PERMUTATIONS,
+            bandwidth: sample.map(|s| f64::from(s.bandwidth)),
+            age_seconds: None,
+        }
+    }
 }
 
 /// One discriminative feature's activation frequency, reference against window.
@@ -423,17 +447,79 @@ impl DriftMonitor {
                 embedding,
             );
         };
-        let bins = ScoreBins::new(&cal.reference.q_score);
         let mut window = drift.window.lock().expect("drift window lock");
         self.trim(&mut window);
         let w = &window.seen;
-        let q: Vec<f32> = w.iter().map(|s| s.q_score).collect();
-        let p: Vec<f64> = w.iter().filter_map(|s| s.p_misclassified.map(f64::from)).collect();
-        let flagged_images = w.iter().filter(|s| s.flagged).count();
-        let window_counts = bins.as_ref().map(|b| b.window_counts(&q, flagged_images, &p));
-        if w.is_empty() {
+        let mut tally = Tally::default();
+        for s in w {
+            tally.add(s.q_score, s.p_misclassified, s.flagged, s.active.iter().copied());
+        }
+        let oldest = w.front().map_or(0.0, |s| s.at.elapsed().as_secs_f64());
+        drop(window);
+        tally.report(name, cal, oldest, embedding)
+    }
+}
+
+/// The answers one comparison with the reference reads: a live window's, or a finished
+/// backfill's rows. What the statistics need and no more (the Q-Scores for KS and PSI, counts
+/// and sums for the rest), so a backfill of millions of rows is read in one pass holding 4 bytes
+/// per image.
+#[derive(Debug, Default)]
+pub struct Tally {
+    q: Vec<f32>,
+    flagged: usize,
+    p_sum: f64,
+    p_count: usize,
+    /// Images with each feature in L ∩ D.
+    counts: BTreeMap<u32, usize>,
+}
+
+impl Tally {
+    /// Adds one answered image: its Q-Score, p_misclassified, flag and the features of L ∩ D.
+    pub fn add(
+        &mut self,
+        q_score: f32,
+        p_misclassified: Option<f32>,
+        flagged: bool,
+        active: impl IntoIterator<Item = u32>,
+    ) {
+        self.q.push(q_score);
+        self.flagged += usize::from(flagged);
+        if let Some(p) = p_misclassified {
+            self.p_sum += f64::from(p);
+            self.p_count += 1;
+        }
+        for j in active {
+            *self.counts.entry(j).or_default() += 1;
+        }
+    }
+
+    /// Images added.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Whether no image was added.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// The drift of these answers from `cal`'s reference: the one computation behind both
+    /// `GET /v1/drift` and `qscore drift`. `window_seconds` is the age of the oldest answer (0
+    /// for a backfill, which has no age); `embedding` is the embedding test's result. Call it
+    /// on a non-empty tally; an empty one is answered `empty_window`.
+    pub fn report(
+        self,
+        model: String,
+        cal: &Calibration,
+        window_seconds: f64,
+        embedding: EmbeddingDrift,
+    ) -> DriftReport {
+        let window_counts = ScoreBins::new(&cal.reference.q_score)
+            .map(|b| b.window_counts(&self.q, self.flagged, self.p_count, self.p_sum));
+        if self.is_empty() {
             return DriftReport::empty(
-                name,
+                model,
                 DriftStatus::EmptyWindow,
                 "no image answered in the window yet".into(),
                 cal.reference.images,
@@ -441,40 +527,33 @@ impl DriftMonitor {
                 embedding,
             );
         }
-        let n = w.len() as f64;
-        let flagged = flagged_images as f64 / n;
-        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-        for s in w.iter() {
-            for &j in &s.active {
-                *counts.entry(j).or_default() += 1;
-            }
-        }
-        let oldest = w.front().map_or(0.0, |s| s.at.elapsed().as_secs_f64());
-        drop(window);
+        let q = self.q;
+        let n = q.len() as f64;
         DriftReport {
-            model: name,
+            model,
             status: DriftStatus::Ok,
             message: "window compared with the calibration reference".into(),
             window_images: q.len(),
-            window_seconds: oldest,
+            window_seconds,
             reference_images: cal.reference.images,
             ks: Some(ks(&q, &cal.reference.q_score)),
             psi: window_counts.as_ref().map(WindowCounts::psi),
             counts: window_counts,
-            flagged_ratio: Some(flagged),
+            flagged_ratio: Some(self.flagged as f64 / n),
             expected_flagged_ratio: Some(cal.reference.flagged_rate),
-            mean_p_misclassified: (!p.is_empty()).then(|| p.iter().sum::<f64>() / p.len() as f64),
+            mean_p_misclassified: (self.p_count > 0).then(|| self.p_sum / self.p_count as f64),
             reference_mean_p_misclassified: distribution_mean(&cal.reference.p_misclassified),
             mean_q_score: Some(q.iter().map(|&v| f64::from(v)).sum::<f64>() / n),
             reference_median_q_score: cal.reference.q_score.percentiles.get(50).map(|&v| f64::from(v)),
-            features: feature_shifts(cal, &counts, n),
+            features: feature_shifts(cal, &self.counts, n),
             embedding,
         }
     }
 }
 
 impl DriftReport {
-    fn empty(
+    /// A report that compares nothing, saying why.
+    pub fn empty(
         model: String,
         status: DriftStatus,
         message: String,
@@ -639,7 +718,7 @@ impl ScoreBins {
     }
 
     /// The window's counts: `q` its Q-Scores, `p` its `p_misclassified` values.
-    fn window_counts(&self, q: &[f32], flagged_images: usize, p: &[f64]) -> WindowCounts {
+    fn window_counts(&self, q: &[f32], flagged_images: usize, p_count: usize, p_sum: f64) -> WindowCounts {
         let mut seen = vec![0_usize; self.reference_share.len()];
         for &v in q {
             seen[self.bin(v)] += 1;
@@ -657,8 +736,8 @@ impl ScoreBins {
         WindowCounts {
             score_bins,
             flagged_images,
-            p_misclassified_images: p.len(),
-            p_misclassified_sum: p.iter().sum(),
+            p_misclassified_images: p_count,
+            p_misclassified_sum: p_sum,
         }
     }
 }
@@ -696,7 +775,7 @@ pub const PSI_FLOOR: f64 = 1e-4;
 /// Population stability index of `window` against the reference, over bins at the reference's
 /// deciles ([`ScoreBins`], [`WindowCounts::psi`]).
 pub fn psi(window: &[f32], reference: &Distribution) -> f64 {
-    ScoreBins::new(reference).map_or(0.0, |b| b.window_counts(window, 0, &[]).psi())
+    ScoreBins::new(reference).map_or(0.0, |b| b.window_counts(window, 0, 0, 0.0).psi())
 }
 
 #[cfg(test)]

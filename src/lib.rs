@@ -37,15 +37,21 @@
 //! - [`http`]: the axum router, one module per protocol edge, connections, error mapping and
 //!   the OpenAPI document.
 //! - [`calibrate`]: `qscore calibrate` and `qscore evaluate`, offline.
+//! - [`backfill`]: `qscore score --manifest` (sharded, resumable, Parquet) and `qscore drift`
+//!   over its output: the same engine and the same drift statistics, offline.
+//! - [`atomic_file`]: files that appear whole or not at all (calibration.json, Parquet shards).
 //! - [`metrics`]: the Prometheus families.
 //! - [`error`]: the one error type, its stable codes and `{code, message}` shape.
 //! - [`server`]: start-up and shutdown of `qscore serve`.
 
 #![warn(missing_docs)]
 
+pub mod atomic_file;
+pub mod backfill;
 pub mod calibrate;
 pub mod config;
 pub mod drift;
+pub mod digest;
 pub mod engine;
 pub mod error;
 pub mod http;

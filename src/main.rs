@@ -1,11 +1,12 @@
-//! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate` and `openapi`.
+//! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate`, `drift` and `openapi`.
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use bytes::Bytes;
 use clap::Parser;
 use qscore::{
-    config::{Cli, Command, LogFormat, OutputFormat, ScoreArgs, SortOrder},
+    backfill::{self, ShardOutcome, fetch::Sources, manifest::Manifest},
+    config::{Cli, Command, DriftArgs, LogFormat, OutputFormat, ScoreArgs, Shard, SortOrder},
     engine::{Capacity, EmbeddingMode, Engine, ImageScore, Input, Selection, answer::sort_riskiest_first},
     error::{Error, ErrorDetail},
     server,
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(qscore::calibrate::run(args))).map(|()| ExitCode::SUCCESS)
         }
         Command::Evaluate(args) => qscore::calibrate::evaluate(args).map(|()| ExitCode::SUCCESS),
+        Command::Drift(args) => print_backfill_drift(args),
     };
     match result {
         Ok(code) => code,
@@ -65,15 +67,24 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn print_backfill_drift(args: DriftArgs) -> anyhow::Result<ExitCode> {
+    let drift = qscore::backfill::drift::compare(&args.models_dir, &args.reference, &args.scores)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&drift)?)?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_openapi() -> anyhow::Result<ExitCode> {
     println!("{}", qscore::http::api_doc().to_pretty_json()?);
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line of `qscore score`: the file, its risk, then the /v1/score answer or the error.
+/// One line of `qscore score`: the file (or manifest entry), its risk, then the /v1/score
+/// answer or the error.
 #[derive(serde::Serialize)]
 struct FileLine {
-    file: PathBuf,
+    file: String,
     /// [`ImageScore::risk`]: p_misclassified for a calibrated model, 1 / (1 + Q) otherwise;
     /// higher is riskier.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,7 +96,7 @@ struct FileLine {
 }
 
 impl FileLine {
-    fn new(file: PathBuf, answer: Result<ImageScore, ErrorDetail>) -> Self {
+    fn new(file: String, answer: Result<ImageScore, ErrorDetail>) -> Self {
         match answer {
             Ok(s) => Self { file, risk: Some(s.risk()), score: Some(s), error: None },
             Err(e) => Self { file, risk: None, score: None, error: Some(e) },
@@ -104,6 +115,7 @@ impl Writer {
         let out = std::io::stdout().lock();
         Ok(match format {
             OutputFormat::Jsonl => Self::Jsonl(out),
+            OutputFormat::Parquet => anyhow::bail!("internal error: Parquet is written by the backfill, not by lines"),
             OutputFormat::Csv => {
                 let mut w = csv::Writer::from_writer(out);
                 w.write_record([
@@ -128,7 +140,7 @@ impl Writer {
                 let opt = |v: Option<String>| v.unwrap_or_default();
                 let s = line.score.as_ref();
                 w.write_record([
-                    line.file.display().to_string(),
+                    line.file.clone(),
                     opt(line.risk.map(|r| r.to_string())),
                     opt(s.map(|s| s.q_score.to_string())),
                     opt(s.and_then(|s| s.p_misclassified).map(|p| p.to_string())),
@@ -180,12 +192,28 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Scores files through the same pipeline as the server. Exits 1 when any file failed, after
-/// writing every line.
+/// writing every line; a Parquet backfill writes failures as rows and exits 0 once its file is
+/// written (a retry of the shard would only skip it).
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    if args.format == OutputFormat::Parquet {
+        if args.manifest.is_none() {
+            anyhow::bail!("--format parquet needs --manifest FILE: the file records which manifest it answers");
+        }
+        if args.sort == SortOrder::Risk {
+            anyhow::bail!(
+                "--format parquet keeps the manifest's order; sort the table when reading it, or drop --sort"
+            );
+        }
+    } else if args.out.is_some() {
+        anyhow::bail!("--out is for --format parquet; jsonl and csv go to stdout (redirect it)");
+    }
     let config = args.engine.config();
     let engine =
         tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, Capacity::OFFLINE)).await??;
     let model = engine.registry().get(args.engine.model.as_deref())?;
+    if let Some(path) = &args.manifest {
+        return score_manifest(&args, path, &engine, &model).await;
+    }
     let files = expand(&args.files)?;
     let mut writer = Writer::new(args.format)?;
     let mut held = Vec::new();
@@ -200,13 +228,56 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
             .collect();
         for (file, out) in chunk.iter().zip(engine.score(&model, inputs, EmbeddingMode::Omit).await?) {
             failed |= out.answer.is_err();
-            let line = FileLine::new(file.clone(), out.answer.map_err(|e| ErrorDetail::from(&e)));
+            let line = FileLine::new(file.display().to_string(), out.answer.map_err(|e| ErrorDetail::from(&e)));
             match args.sort {
                 SortOrder::None => writer.write(&line)?,
                 SortOrder::Risk => held.push(line),
             }
         }
     }
+    sort_riskiest_first(&mut held, |line| line.score.as_ref());
+    for line in &held {
+        writer.write(line)?;
+    }
+    writer.finish()?;
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `qscore score --manifest`: one shard of the manifest, as a Parquet file or as lines.
+async fn score_manifest(
+    args: &ScoreArgs,
+    path: &std::path::Path,
+    engine: &Engine,
+    model: &std::sync::Arc<qscore::engine::Model>,
+) -> anyhow::Result<ExitCode> {
+    let manifest = Manifest::read(path)?;
+    let shard = args.shard.unwrap_or(Shard::WHOLE);
+    let base = path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let timeout = std::time::Duration::from_millis(args.fetch_timeout_ms);
+    let sources = Sources::new(base, args.allow_host.clone(), engine.limits.max_bytes, timeout)?;
+    if let (OutputFormat::Parquet, Some(out)) = (args.format, &args.out) {
+        if let ShardOutcome::Written { rows, failed } =
+            backfill::write_shard(engine, model, &manifest, shard, &sources, out, args.force).await?
+        {
+            eprintln!("qscore: wrote shard {shard} to {}: {rows} rows, {failed} failed", out.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut writer = Writer::new(args.format)?;
+    let mut held = Vec::new();
+    let mut failed = false;
+    backfill::score_entries(engine, model, &manifest.shard(shard), &sources, |entry, answer| {
+        failed |= answer.is_err();
+        let line = FileLine::new(entry.text.clone(), answer);
+        match args.sort {
+            SortOrder::None => writer.write(&line),
+            SortOrder::Risk => {
+                held.push(line);
+                Ok(())
+            }
+        }
+    })
+    .await?;
     sort_riskiest_first(&mut held, |line| line.score.as_ref());
     for line in &held {
         writer.write(line)?;

@@ -24,12 +24,14 @@ fn run(cmd: &std::path::Path, args: &[&str]) -> (bool, String) {
 #[test]
 fn kubernetes_manifests_validate_against_the_schemas() {
     let validate = tool("kubernetes-validate");
-    let manifests: Vec<String> =
-        ["deployment", "service", "hpa", "pdb"].iter().map(|m| format!("deploy/k8s/{m}.yaml")).collect();
+    let manifests: Vec<String> = ["deployment", "service", "hpa", "pdb", "backfill-job"]
+        .iter()
+        .map(|m| format!("deploy/k8s/{m}.yaml"))
+        .collect();
     let mut args = vec!["--strict"];
     args.extend(manifests.iter().map(String::as_str));
     let (ok, report) = run(&validate, &args);
-    assert!(ok && report.matches("passed").count() == 4, "{report}");
+    assert!(ok && report.matches("passed").count() == 5, "{report}");
 
     // The validator does reject a broken manifest, so the pass above means something.
     let broken = std::env::temp_dir().join(format!("qscore-broken-{}.yaml", std::process::id()));
@@ -57,6 +59,30 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         assert!(text.contains(want), "deployment.yaml lacks {want}");
     }
     assert!(text.contains("QSCORE_SHUTDOWN_GRACE_S, value: \"30\""), "grace 45 s must cover preStop 10 s + drain 30 s");
+}
+
+/// The backfill Job's shard count is written three times (completions, --shard, the file name):
+/// they must agree, or some shards are never scored or two pods write one file.
+#[test]
+fn the_backfill_job_runs_one_shard_per_index() {
+    let job = std::fs::read_to_string(root().join("deploy/k8s/backfill-job.yaml")).unwrap();
+    let completions: u32 = job
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("completions: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("completions: N");
+    for want in [
+        "completionMode: Indexed".to_owned(),
+        "restartPolicy: Never".to_owned(),
+        "backoffLimitPerIndex:".to_owned(),
+        format!("--shard=$(JOB_COMPLETION_INDEX)/{completions}"),
+        format!("shard-$(JOB_COMPLETION_INDEX)-of-{completions}.parquet"),
+        "persistentVolumeClaim:".to_owned(),
+        "requests:".to_owned(),
+        "limits:".to_owned(),
+    ] {
+        assert!(job.contains(&want), "backfill-job.yaml lacks {want}");
+    }
 }
 
 #[test]

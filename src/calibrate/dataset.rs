@@ -188,7 +188,7 @@ impl Dataset {
         lines.sort();
         let mut hash = Sha256::new();
         lines.iter().for_each(|l| hash.update(l.as_bytes()));
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::digest::hex(&hash.finalize())
     }
 }
 

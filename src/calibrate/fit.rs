@@ -379,6 +379,7 @@ pub fn calibrate(
 
     Ok(Calibration {
         format_version: FORMAT_VERSION,
+        sha256: String::new(),
         model: model.to_owned(),
         epsilon: settings.epsilon,
         percentiles: settings.percentiles,

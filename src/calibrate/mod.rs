@@ -157,7 +157,7 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     calibration.target = target;
 
     let out = args.out.clone().unwrap_or_else(|| args.engine.models_dir.join(&name).join("calibration.json"));
-    write_atomically(&out, &serde_json::to_string_pretty(&calibration)?)?;
+    crate::atomic_file::write_atomically(&out, &serde_json::to_string_pretty(&calibration)?)?;
     tracing::info!(path = %out.display(), risk_source = %calibration.risk_source, "calibration written");
     println!("{}", report::markdown(&[&calibration]));
     Ok(())
@@ -235,33 +235,6 @@ async fn embed(engine: &Engine, model: &std::sync::Arc<Model>, dataset: &Dataset
     bar.finish_and_clear();
     let h = Array2::from_shape_vec((kept.len(), dim), rows)?;
     Ok(Embeddings { h, kept, skipped, head_predictions })
-}
-
-/// Writes `text` next to `path` and renames it into place, so a reader never sees half a file.
-/// Only a regular file (or nothing) is replaced: `--out` naming a device, a folder or a link
-/// is refused before anything is written, and the temporary file never outlives a failure.
-fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_file() => {
-            bail!("{} exists and is not a regular file; give --out a file path", path.display())
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => bail!("cannot check {}: {e}", path.display()),
-    }
-    let name = path.file_name().with_context(|| format!("{} names no file; give --out a file path", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let written =
-        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display())).and_then(|()| {
-            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Runs `qscore evaluate`: prints the stored evaluation of calibrated models.

@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use sha2::{Digest, Sha256};
 
 use super::dataset::Dataset;
 
@@ -34,7 +33,7 @@ pub struct Predictions {
 /// Reads `file` and matches its rows to `dataset`'s images.
 pub fn read(file: &Path, dataset: &Dataset) -> anyhow::Result<Predictions> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read --predictions {}", file.display()))?;
-    let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = crate::digest::sha256_hex(&bytes);
     let (predicted, confidence) = parse(&bytes, dataset).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Predictions { predicted, confidence, sha256 })
 }

@@ -46,8 +46,6 @@ pub struct Model {
     pub preprocess: Preprocess,
     /// Its calibration, when `calibration.json` is present.
     pub calibration: Option<Calibration>,
-    /// SHA-256 (lowercase hex) of the calibration.json bytes loaded; `None` when uncalibrated.
-    pub calibration_sha256: Option<String>,
     /// D: every feature when uncalibrated, calibration's set otherwise.
     pub discriminative: Discriminative,
     /// The Q-Score parameters in force: calibration's when calibrated (D was found with them),
@@ -84,7 +82,6 @@ impl Model {
             preprocess: manifest.preprocess(),
             manifest,
             calibration,
-            calibration_sha256: None,
             discriminative,
             qscore,
             device,
@@ -420,7 +417,7 @@ impl Loader {
             self.retire(old);
         }
         let device = self.opts.device.to_string();
-        let sha = model.calibration_sha256.as_deref().unwrap_or("");
+        let sha = model.calibration.as_ref().map_or("", |c| c.sha256.as_str());
         self.metrics.model_info.with_label_values(&[model.name(), &model.manifest.version, &device, sha]).set(1);
         self.metrics.model_load_failing.with_label_values(&[model.name()]).set(0);
         tracing::info!(
@@ -435,7 +432,7 @@ impl Loader {
 
     fn retire(&self, model: &Model) {
         let device = self.opts.device.to_string();
-        let sha = model.calibration_sha256.as_deref().unwrap_or("");
+        let sha = model.calibration.as_ref().map_or("", |c| c.sha256.as_str());
         // Absent labels (never published) are not an error worth reporting.
         let _ = self.metrics.model_info.remove_label_values(&[model.name(), &model.manifest.version, &device, sha]);
     }
@@ -447,10 +444,7 @@ impl Loader {
             bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
         }
         let dim = manifest.output.dim;
-        let (calibration, calibration_sha256) = match with_calibration {
-            true => Calibration::load_with_digest(dir, dim)?.unzip(),
-            false => (None, None),
-        };
+        let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
         let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
         let io = (manifest.input.name.as_str(), manifest.output.name.as_str(), dim);
         let mut encoder = Encoder::load(&self.env, &dir.join("model.onnx"), io, head, self.opts)?;
@@ -464,10 +458,7 @@ impl Loader {
 
         let worker = Worker::spawn(manifest.name.clone(), encoder, self.batching, self.metrics.clone())
             .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
-        let mut model = Model::new(manifest, calibration, self.opts.device, worker)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        model.calibration_sha256 = calibration_sha256;
-        Ok(model)
+        Model::new(manifest, calibration, self.opts.device, worker).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
     }
 }
 

@@ -222,7 +222,7 @@ impl From<&Model> for ModelInfo {
                 target: c.target.clone(),
                 needs_confidence: c.needs_user_confidence() && man.classifier.is_none(),
                 risk_source: c.risk_source,
-                sha256: m.calibration_sha256.clone().unwrap_or_default(),
+                sha256: c.sha256.clone(),
                 threshold: c.threshold,
                 threshold_rule: c.threshold_rule,
                 discriminative_features: c.discriminative_features.clone(),

@@ -32,6 +32,11 @@ pub const FORMAT_VERSION: u32 = 2;
 pub struct Calibration {
     /// Format of the file; see [`FORMAT_VERSION`].
     pub format_version: u32,
+    /// SHA-256 of the text it was parsed from, lowercase hex; empty for one built in memory.
+    /// It names the calibration in force (`qscore_model_info`, `GET /v1/models`), and backfills
+    /// record it, so scores from different calibrations are never mixed.
+    #[serde(skip)]
+    pub sha256: String,
     /// The model it was made for.
     pub model: String,
     /// eps used to find D; the server scores with the same value.
@@ -415,14 +420,6 @@ pub struct Assessment {
 impl Calibration {
     /// Reads `dir/calibration.json` when it exists; `Ok(None)` when it does not.
     pub fn load(dir: &Path, dim: usize) -> anyhow::Result<Option<Self>> {
-        Ok(Self::load_with_digest(dir, dim)?.map(|(c, _)| c))
-    }
-
-    /// [`Calibration::load`], with the SHA-256 (lowercase hex) of the very bytes parsed: the
-    /// identity `qscore_model_info` and `GET /v1/models` give the calibration in force, which a
-    /// second read could not promise while the file is being replaced.
-    pub fn load_with_digest(dir: &Path, dim: usize) -> anyhow::Result<Option<(Self, String)>> {
-        use sha2::{Digest, Sha256};
         let path = dir.join("calibration.json");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -430,8 +427,7 @@ impl Calibration {
             Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
         };
         let cal = Self::parse(&text, dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let digest = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Some((cal, digest)))
+        Ok(Some(cal))
     }
 
     /// Parses and checks a calibration for a model with `dim` features.
@@ -448,9 +444,10 @@ impl Calibration {
                 version.format_version
             ));
         }
-        let cal: Self = serde_json::from_str(text)
+        let mut cal: Self = serde_json::from_str(text)
             .map_err(|e| format!("not a calibration this build reads: {e}; re-run `qscore calibrate`"))?;
         cal.validate(dim)?;
+        cal.sha256 = crate::digest::sha256_hex(text.as_bytes());
         Ok(cal)
     }
 

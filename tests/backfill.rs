@@ -1,0 +1,439 @@
+//! Backfills with the real binary, the real calibrated Fashion-MNIST encoder and real files:
+//! `qscore score --manifest` in shards written as Parquet, resumed, fed from a local HTTP server,
+//! and `qscore drift` over the shards against a live server's `/v1/drift` on the same images.
+//! The Parquet files are read back with the parquet crate's own reader, not with qscore's.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use common::{Server, fixture, root};
+use parquet::{
+    file::reader::{FileReader, SerializedFileReader},
+    record::Field,
+};
+use serde_json::Value;
+
+const MODEL: &str = "fmnist-simclr";
+
+/// A scratch folder, emptied first.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qscore-backfill-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A models folder holding only the calibrated SimCLR encoder (links to the bundled files), so
+/// each run loads one small model.
+fn models(dir: &Path) -> PathBuf {
+    let to = dir.join("models").join(MODEL);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["model.onnx", "model.toml", "calibration.json"] {
+        std::os::unix::fs::symlink(root().join("models").join(MODEL).join(f), to.join(f)).unwrap();
+    }
+    dir.join("models")
+}
+
+fn qscore(args: &[&str]) -> Output {
+    common::qscore_bin().env_remove("QSCORE_MODEL").args(args).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The first `per_class` fixture images of each class, sorted.
+fn images(per_class: usize) -> Vec<PathBuf> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(fixture("fmnist")).unwrap().map(|d| d.unwrap().path()).collect();
+    classes.sort();
+    let mut out = Vec::new();
+    for class in classes {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(class).unwrap().map(|f| f.unwrap().path()).collect();
+        files.sort();
+        out.extend(files.into_iter().take(per_class));
+    }
+    out
+}
+
+/// One row as the parquet crate reads it: column name to value.
+type Row = BTreeMap<String, Field>;
+
+fn read_parquet(path: &Path) -> (Vec<Row>, BTreeMap<String, String>) {
+    let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not readable Parquet: {e}", path.display()));
+    let kv = reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let rows = reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|r| r.unwrap().get_column_iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .collect();
+    (rows, kv)
+}
+
+fn text(row: &Row, col: &str) -> Option<String> {
+    match &row[col] {
+        Field::Str(s) => Some(s.clone()),
+        Field::Null => None,
+        other => panic!("{col} is {other:?}"),
+    }
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 60 fixture images (6 per class, half as paths relative to the manifest's folder), three bad
+/// lines, and what a hand-written manifest has: a BOM, CRLF, a comment, a blank line. Answers
+/// the manifest and (line, entry) of every entry.
+fn write_manifest(dir: &Path) -> (PathBuf, Vec<(i64, String)>) {
+    std::os::unix::fs::symlink(fixture("fmnist"), dir.join("img")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not an image\n").unwrap();
+    let mut entries = Vec::new();
+    for (i, f) in images(6).iter().enumerate() {
+        entries.push(if i % 2 == 0 {
+            f.display().to_string()
+        } else {
+            let rel = f.strip_prefix(fixture("fmnist")).unwrap();
+            format!("img/{}", rel.display())
+        });
+    }
+    entries.insert(7, "missing/nope.png".into());
+    entries.insert(31, "notes.txt".into());
+    entries.insert(50, "http://images.invalid:8080/a.png".into());
+    let mut text = String::from("\u{feff}# a Fashion-MNIST backfill\r\n\r\n");
+    let mut numbered = Vec::new();
+    for (k, e) in entries.iter().enumerate() {
+        numbered.push((k as i64 + 3, e.clone()));
+        text.push_str(&format!("{e}\r\n"));
+    }
+    let path = dir.join("manifest.txt");
+    std::fs::write(&path, text).unwrap();
+    (path, numbered)
+}
+
+fn score_shard(models: &Path, manifest: &Path, shard: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["score", "--models-dir", models.to_str().unwrap(), "--model", MODEL];
+    args.extend(["--manifest", manifest.to_str().unwrap(), "--shard", shard, "--format", "parquet"]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    qscore(&args)
+}
+
+#[test]
+fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done() {
+    let dir = scratch("shards");
+    let models = models(&dir);
+    let (manifest, entries) = write_manifest(&dir);
+    let out = |i: usize| dir.join(format!("shard-{i}.parquet"));
+
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let run = score_shard(&models, &manifest, &format!("{i}/3"), &out(i), &[]);
+        assert!(run.status.success(), "shard {i}: {}", stderr(&run));
+        assert!(stderr(&run).contains(&format!("wrote shard {i}/3")), "{}", stderr(&run));
+    }
+    println!("3 shards of {} entries scored and written in {:.2?}", entries.len(), started.elapsed());
+
+    let calibration = sha256_of(&root().join("models").join(MODEL).join("calibration.json"));
+    let manifest_sha = sha256_of(&manifest);
+    let mut seen: Vec<(i64, String)> = Vec::new();
+    let mut errors = BTreeMap::new();
+    for i in 0..3 {
+        let (rows, kv) = read_parquet(&out(i));
+        assert_eq!(kv["qscore.shard"], format!("{i}/3"));
+        assert_eq!(kv["qscore.manifest_sha256"], manifest_sha);
+        assert_eq!(kv["qscore.model"], MODEL);
+        assert_eq!(kv["qscore.calibration_sha256"], calibration);
+        assert_eq!(kv["qscore.rows"], rows.len().to_string());
+        for row in &rows {
+            let Field::Long(line) = row["line"] else { panic!("line is {:?}", row["line"]) };
+            let input = text(row, "input").unwrap();
+            assert_eq!(text(row, "model").as_deref(), Some(MODEL));
+            assert_eq!(text(row, "calibration_sha256"), Some(calibration.clone()));
+            assert!(!text(row, "model_version").unwrap().is_empty());
+            match text(row, "error_code") {
+                Some(code) => {
+                    assert!(matches!(row["q_score"], Field::Null), "{input}: a failed row has no score");
+                    assert!(text(row, "error_message").is_some_and(|m| !m.is_empty()));
+                    errors.insert(input.clone(), code);
+                }
+                None => {
+                    assert!(matches!(row["q_score"], Field::Float(q) if q >= 0.0), "{input}: {:?}", row["q_score"]);
+                    assert!(matches!(row["p_misclassified"], Field::Float(p) if (0.0..=1.0).contains(&p)));
+                    assert!(matches!(row["likely_misclassified"], Field::Bool(_)));
+                    assert!(text(row, "predicted_class").is_some());
+                    let features: Value = serde_json::from_str(&text(row, "discriminative_features").unwrap()).unwrap();
+                    let Field::Int(active) = row["active_discriminative"] else { panic!() };
+                    assert_eq!(features.as_array().unwrap().len(), active as usize, "{input}");
+                }
+            }
+            seen.push((line, input));
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, entries, "the shards' union is the manifest, each entry once");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(errors["missing/nope.png"], "unreadable_file");
+    assert_eq!(errors["notes.txt"], "unsupported_image_format");
+    assert_eq!(errors["http://images.invalid:8080/a.png"], "url_refused");
+
+    // A rerun skips a finished shard and leaves the file alone.
+    let before = (std::fs::read(out(0)).unwrap(), std::fs::metadata(out(0)).unwrap().modified().unwrap());
+    let rerun = score_shard(&models, &manifest, "0/3", &out(0), &[]);
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    assert!(stderr(&rerun).contains("skipped shard 0/3"), "{}", stderr(&rerun));
+    assert_eq!((std::fs::read(out(0)).unwrap(), std::fs::metadata(out(0)).unwrap().modified().unwrap()), before);
+
+    // The same --out for another shard is refused, saying what to do; nothing is written.
+    let other = score_shard(&models, &manifest, "0/2", &out(0), &[]);
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("shard 0/3 (wanted 0/2)") && stderr(&other).contains("--force"),
+        "{}",
+        stderr(&other)
+    );
+    assert_eq!(std::fs::read(out(0)).unwrap(), before.0);
+
+    // A truncated file is not finished: the shard is scored again and the file whole again.
+    let whole = std::fs::read(out(1)).unwrap();
+    std::fs::write(out(1), &whole[..whole.len() / 2]).unwrap();
+    let again = score_shard(&models, &manifest, "1/3", &out(1), &[]);
+    assert!(again.status.success() && stderr(&again).contains("not a finished shard"), "{}", stderr(&again));
+    assert_eq!(read_parquet(&out(1)).0.len(), 21, "63 entries in 3 shards");
+
+    // A temporary file left by a killed run (even a complete one) is not the shard.
+    let tmp = dir.join(".shard-2.parquet.4242.tmp");
+    std::fs::rename(out(2), &tmp).unwrap();
+    let after_kill = score_shard(&models, &manifest, "2/3", &out(2), &[]);
+    assert!(after_kill.status.success() && stderr(&after_kill).contains("wrote shard 2/3"), "{}", stderr(&after_kill));
+    assert_eq!(read_parquet(&out(2)).0.len(), read_parquet(&tmp).0.len());
+
+    // --force replaces another backfill's file.
+    let forced = score_shard(&models, &manifest, "0/2", &out(0), &["--force"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert_eq!(read_parquet(&out(0)).1["qscore.shard"], "0/2");
+
+    // The same manifest as JSON lines: one line per entry of the shard, failures included.
+    let jsonl = qscore(&[
+        "score",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--model",
+        MODEL,
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--shard",
+        "1/3",
+    ]);
+    assert!(!jsonl.status.success(), "an entry failed, so the exit status says so");
+    let lines: Vec<Value> =
+        String::from_utf8(jsonl.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 21);
+    assert!(lines.iter().any(|l| l["file"] == "notes.txt" && l["error"]["code"] == "unsupported_image_format"));
+
+    // Shards are checked when the command line is parsed.
+    for (bad, says) in [("3/3", "INDEX must be below COUNT"), ("0/0", "COUNT must be at least 1"), ("x", "INDEX/COUNT")]
+    {
+        let refused = score_shard(&models, &manifest, bad, &out(9), &[]);
+        assert_eq!(refused.status.code(), Some(2), "{bad}");
+        assert!(stderr(&refused).contains(says), "{bad}: {}", stderr(&refused));
+    }
+    // clap lets `requires` pass when the required flag conflicts with a present one: a shard
+    // of plain files must still be refused.
+    let files_shard = qscore(&["score", "--shard", "1/2", manifest.to_str().unwrap()]);
+    assert_eq!(files_shard.status.code(), Some(2), "{}", stderr(&files_shard));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: `/img/NAME` answers the fixture image, `/big` declares
+/// more bytes than the limit, `/stream` sends them without a length, `/hop` redirects to a port
+/// nobody allowed, anything else is 404.
+fn serve_images(files: Vec<PathBuf>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let found = path.strip_prefix("/img/").and_then(|n| files.iter().find(|f| f.file_name().unwrap() == n));
+            let reply = |status: &str, headers: &str, body: &[u8]| -> Vec<u8> {
+                let mut r = format!("HTTP/1.1 {status}\r\nconnection: close\r\n{headers}\r\n").into_bytes();
+                r.extend_from_slice(body);
+                r
+            };
+            let response = match (path.as_str(), found) {
+                (_, Some(f)) => {
+                    let body = std::fs::read(f).unwrap();
+                    reply("200 OK", &format!("content-type: image/png\r\ncontent-length: {}\r\n", body.len()), &body)
+                }
+                ("/big", _) => reply("200 OK", "content-length: 50000\r\n", &[0u8; 50000]),
+                ("/stream", _) => reply("200 OK", "", &[0u8; 50000]),
+                ("/hop", _) => reply("302 Found", "location: http://127.0.0.1:9/a.png\r\ncontent-length: 0\r\n", b""),
+                _ => reply("404 Not Found", "content-length: 9\r\n", b"not found"),
+            };
+            let _ = conn.write_all(&response);
+        }
+    });
+    port
+}
+
+#[test]
+fn urls_are_fetched_from_allowed_hosts_only_and_every_failure_is_a_row() {
+    let dir = scratch("urls");
+    let models = models(&dir);
+    let files = images(1);
+    let port = serve_images(files.clone());
+    let base = format!("http://127.0.0.1:{port}");
+    let mut lines: Vec<String> =
+        files.iter().map(|f| format!("{base}/img/{}", f.file_name().unwrap().to_string_lossy())).collect();
+    for bad in ["/nothing.png", "/big", "/stream", "/hop"] {
+        lines.push(format!("{base}{bad}"));
+    }
+    let manifest = dir.join("urls.txt");
+    std::fs::write(&manifest, lines.join("\n")).unwrap();
+    let out = dir.join("urls.parquet");
+    let allow = format!("127.0.0.1:{port}");
+    let run = score_shard(&models, &manifest, "0/1", &out, &["--allow-host", &allow, "--max-image-bytes", "20000"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (rows, _) = read_parquet(&out);
+    assert_eq!(rows.len(), lines.len());
+    let by_input: BTreeMap<String, Option<String>> =
+        rows.iter().map(|r| (text(r, "input").unwrap(), text(r, "error_code"))).collect();
+    for line in &lines[..files.len()] {
+        assert_eq!(by_input[line], None, "{line} was fetched and scored");
+    }
+    assert_eq!(by_input[&format!("{base}/nothing.png")].as_deref(), Some("fetch_failed"), "404");
+    assert_eq!(by_input[&format!("{base}/big")].as_deref(), Some("image_too_large"), "declared over the limit");
+    assert_eq!(by_input[&format!("{base}/stream")].as_deref(), Some("image_too_large"), "streamed over the limit");
+    assert_eq!(by_input[&format!("{base}/hop")].as_deref(), Some("url_refused"), "a redirect to a host not allowed");
+    let messages: Vec<String> = rows.iter().filter_map(|r| text(r, "error_message")).collect();
+    assert!(messages.iter().any(|m| m.contains("404")), "{messages:?}");
+
+    // Without --allow-host every URL is a row saying which flag fetches it; the port matters.
+    for extra in [vec![], vec!["--allow-host", "127.0.0.1:1"]] {
+        let mut args = vec!["score", "--models-dir", models.to_str().unwrap(), "--model", MODEL];
+        args.extend(["--manifest", manifest.to_str().unwrap()]);
+        args.extend(extra.iter().copied());
+        let refused = qscore(&args);
+        let answers: Vec<Value> =
+            String::from_utf8(refused.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(answers.len(), lines.len());
+        for a in &answers {
+            assert_eq!(a["error"]["code"], "url_refused", "{a}");
+            assert!(a["error"]["message"].as_str().unwrap().contains(&format!("--allow-host {allow}")), "{a}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
+    let dir = scratch("drift");
+    let models = models(&dir);
+    let (manifest, _) = write_manifest(&dir);
+    let shards: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("part-{i}.parquet"))).collect();
+    for (i, out) in shards.iter().enumerate() {
+        let run = score_shard(&models, &manifest, &format!("{i}/2"), out, &[]);
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+    let mut args = vec!["drift", "--models-dir", models.to_str().unwrap(), "--reference", MODEL, "--scores"];
+    args.extend(shards.iter().map(|s| s.to_str().unwrap()));
+    let drift = qscore(&args);
+    assert!(drift.status.success(), "{}", stderr(&drift));
+    let offline: Value = serde_json::from_slice(&drift.stdout).unwrap();
+    assert_eq!(offline["backfill"]["rows"], 63);
+    assert_eq!(offline["backfill"]["failed"], 3, "failed rows are counted, not used");
+    let offline = &offline["models"][0];
+
+    let server = Server::start_with_models(&models, &["--model", MODEL]);
+    for f in images(6) {
+        let r = server.post_raw(&format!("/v1/score?model={MODEL}"), "image/png", std::fs::read(f).unwrap());
+        assert_eq!(r.status(), 200);
+    }
+    let live: Value = server.get(&format!("/v1/drift?model={MODEL}")).json().unwrap();
+    let live = &live["models"][0];
+    assert_eq!(live["status"], "ok");
+    assert_eq!(offline["status"], "ok");
+    assert_eq!(offline["window_images"], 60);
+    assert_eq!(offline["window_images"], live["window_images"]);
+    for key in [
+        "ks",
+        "psi",
+        "flagged_ratio",
+        "expected_flagged_ratio",
+        "mean_p_misclassified",
+        "reference_mean_p_misclassified",
+        "mean_q_score",
+        "reference_median_q_score",
+        "reference_images",
+    ] {
+        let (a, b) = (offline[key].as_f64().unwrap(), live[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{key}: backfill {a}, live {b}");
+    }
+    assert!(offline["ks"].as_f64().unwrap() > 0.0, "the statistics were computed, not defaulted");
+    let features = |r: &Value| -> Vec<(u64, f64)> {
+        r["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["index"].as_u64().unwrap(), f["window_frequency"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(features(offline), features(live));
+    assert!(!features(offline).is_empty());
+    assert_eq!(offline["embedding"]["status"], "not_stored");
+
+    // Rows from another calibration, or another model, are an error naming the file.
+    let other = dir.join("other");
+    let to = other.join(MODEL);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["model.onnx", "model.toml"] {
+        std::os::unix::fs::symlink(root().join("models").join(MODEL).join(f), to.join(f)).unwrap();
+    }
+    let cal = std::fs::read_to_string(root().join("models").join(MODEL).join("calibration.json")).unwrap();
+    std::fs::write(to.join("calibration.json"), format!("{cal}\n")).unwrap();
+    let mut args = vec!["drift", "--models-dir", other.to_str().unwrap(), "--reference", MODEL, "--scores"];
+    args.push(shards[1].to_str().unwrap());
+    let refused = qscore(&args);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("part-1.parquet") && stderr(&refused).contains("calibration sha256"),
+        "{}",
+        stderr(&refused)
+    );
+    let byol = "fmnist-byol";
+    let to = other.join(byol);
+    std::fs::create_dir_all(&to).unwrap();
+    for f in ["model.onnx", "model.toml", "calibration.json"] {
+        std::os::unix::fs::symlink(root().join("models").join(byol).join(f), to.join(f)).unwrap();
+    }
+    let mut args = vec!["drift", "--models-dir", other.to_str().unwrap(), "--reference", byol, "--scores"];
+    args.push(shards[0].to_str().unwrap());
+    let refused = qscore(&args);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("part-0.parquet") && stderr(&refused).contains("not the reference"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
