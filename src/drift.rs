@@ -733,12 +733,7 @@ impl ScoreBins {
                 window_images,
             })
             .collect();
-        WindowCounts {
-            score_bins,
-            flagged_images,
-            p_misclassified_images: p_count,
-            p_misclassified_sum: p_sum,
-        }
+        WindowCounts { score_bins, flagged_images, p_misclassified_images: p_count, p_misclassified_sum: p_sum }
     }
 }
 

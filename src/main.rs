@@ -208,8 +208,11 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--out is for --format parquet; jsonl and csv go to stdout (redirect it)");
     }
     let config = args.engine.config();
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, Capacity::OFFLINE)).await??;
+    let engine = tokio::task::spawn_blocking(move || {
+        let selection = config.default_model.clone().map_or(Selection::All, Selection::One);
+        Engine::open(&config, &selection, Capacity::OFFLINE)
+    })
+    .await??;
     let model = engine.registry().get(args.engine.model.as_deref())?;
     if let Some(path) = &args.manifest {
         return score_manifest(&args, path, &engine, &model).await;

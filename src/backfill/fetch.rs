@@ -14,7 +14,10 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::error::Error;
+use crate::{
+    error::Error,
+    fetch::{self, shown},
+};
 
 /// Redirects followed at most per URL.
 pub const MAX_REDIRECTS: usize = 5;
@@ -138,56 +141,21 @@ impl Sources {
     }
 
     async fn fetch(&self, text: &str) -> Result<Bytes, Error> {
-        let mut url =
+        let url =
             reqwest::Url::parse(text).map_err(|e| Error::UrlRefused(format!("`{text}` is not a valid URL: {e}")))?;
         self.check(&url)?;
-        for hop in 0..=MAX_REDIRECTS {
-            let shown = shown(&url);
-            let failed = |e: reqwest::Error| {
-                let why = if e.is_timeout() {
-                    format!("timed out after {} ms (--fetch-timeout-ms)", self.timeout.as_millis())
-                } else {
-                    e.without_url().to_string()
-                };
-                Error::FetchFailed(format!("cannot fetch {shown}: {why}"))
-            };
-            let mut resp = self.client.get(url.clone()).send().await.map_err(failed)?;
-            let status = resp.status();
-            if status.is_redirection() {
-                let location = resp
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .filter(|_| matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308))
-                    .ok_or_else(|| Error::FetchFailed(format!("fetching {shown} answered {status}")))?;
-                if hop == MAX_REDIRECTS {
-                    return Err(Error::FetchFailed(format!("fetching {shown}: more than {MAX_REDIRECTS} redirects")));
-                }
-                url = url
-                    .join(location)
-                    .map_err(|e| Error::FetchFailed(format!("{shown} redirected to a bad URL: {e}")))?;
-                self.check(&url)?;
-                continue;
+        let describe = |e: reqwest::Error| {
+            if e.is_timeout() {
+                format!("timed out after {} ms (--fetch-timeout-ms)", self.timeout.as_millis())
+            } else {
+                e.without_url().to_string()
             }
-            if !status.is_success() {
-                return Err(Error::FetchFailed(format!("fetching {shown} answered {status}")));
-            }
-            let too_large = |size: usize| Error::ImageTooLarge { size, limit: self.max_bytes };
-            let declared = resp.content_length().unwrap_or(0);
-            if declared > self.max_bytes as u64 {
-                return Err(too_large(usize::try_from(declared).unwrap_or(usize::MAX)));
-            }
-            let mut buf = Vec::with_capacity(declared as usize);
-            while let Some(chunk) = resp.chunk().await.map_err(failed)? {
-                if buf.len() + chunk.len() > self.max_bytes {
-                    // The body's real size is unknown: it stopped being read here.
-                    return Err(too_large(buf.len() + chunk.len()));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            return Ok(Bytes::from(buf));
-        }
-        unreachable!("the loop returns by its last hop")
+        };
+        let bounds = fetch::Bounds { max_bytes: self.max_bytes, max_redirects: MAX_REDIRECTS, describe: &describe };
+        let mut body = Vec::new();
+        let follow = |next: reqwest::Url| self.check(&next).map(|()| next);
+        fetch::get(url, &bounds, |u| self.client.get(u.clone()), follow, &mut body).await?;
+        Ok(Bytes::from(body))
     }
 }
 
@@ -209,14 +177,6 @@ fn read_file(path: &Path, max: usize) -> Result<Bytes, Error> {
         return Err(Error::ImageTooLarge { size: buf.len(), limit: max });
     }
     Ok(Bytes::from(buf))
-}
-
-/// A URL as it may appear in a row: without its query, which for a presigned storage URL holds
-/// the signature.
-fn shown(url: &reqwest::Url) -> String {
-    let mut url = url.clone();
-    url.set_query(None);
-    url.to_string()
 }
 
 #[cfg(test)]

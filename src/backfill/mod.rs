@@ -44,7 +44,6 @@ use crate::{
 /// next one is being read), so the most held is `2 × CHUNK × --max-image-bytes`.
 pub const CHUNK: usize = 32;
 
-
 /// Scores `entries` with `model`, in order, calling `emit` with each entry's answer or error.
 /// The next chunk's files and URLs are read while this one is scored.
 pub async fn score_entries(

@@ -78,15 +78,7 @@ impl Model {
         let qscore = calibration
             .as_ref()
             .map_or(manifest.qscore, |c| QScoreParams { epsilon: c.epsilon, percentiles: c.percentiles });
-        Ok(Self {
-            preprocess: manifest.preprocess(),
-            manifest,
-            calibration,
-            discriminative,
-            qscore,
-            device,
-            worker,
-        })
+        Ok(Self { preprocess: manifest.preprocess(), manifest, calibration, discriminative, qscore, device, worker })
     }
 
     /// The model's name.
@@ -100,6 +92,9 @@ impl Model {
 pub enum Selection {
     /// Every model folder, each with its calibration when it has one: what the server runs.
     All,
+    /// One model with its calibration: what `qscore score --model NAME` runs, so a backfill pod
+    /// loads and holds only the model it scores with.
+    One(String),
     /// One model without its calibration: what `qscore calibrate` embeds with, so that a stale
     /// or broken calibration.json never stands in the way of writing a new one.
     Uncalibrated(String),
@@ -274,14 +269,14 @@ impl Loader {
     /// fatal.
     pub fn load(&self, selection: &Selection) -> anyhow::Result<Registry> {
         let mut dirs = model_dirs(&self.models_dir)?;
-        if let Selection::Uncalibrated(name) = selection {
+        if let Selection::Uncalibrated(name) | Selection::One(name) = selection {
             let all: Vec<String> = dirs.iter().filter_map(|d| d.file_name()?.to_str().map(str::to_owned)).collect();
             dirs.retain(|d| d.file_name().is_some_and(|n| n == name.as_str()));
             if dirs.is_empty() {
                 bail!("no model `{name}` under {}; found: {}", self.models_dir.display(), all.join(", "));
             }
         }
-        let with_calibration = *selection == Selection::All;
+        let with_calibration = !matches!(selection, Selection::Uncalibrated(_));
         let (mut models, mut loaded_from) = (BTreeMap::new(), BTreeMap::new());
         for dir in dirs {
             let fingerprint = Fingerprint::of(&dir);
@@ -458,7 +453,8 @@ impl Loader {
 
         let worker = Worker::spawn(manifest.name.clone(), encoder, self.batching, self.metrics.clone())
             .with_context(|| format!("cannot start the inference thread of {}", dir.display()))?;
-        Model::new(manifest, calibration, self.opts.device, worker).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
+        Model::new(manifest, calibration, self.opts.device, worker)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
     }
 }
 

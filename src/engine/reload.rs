@@ -43,8 +43,8 @@ impl Engine {
             let mut unreadable: Option<String> = None;
             loop {
                 let forced = tokio::select! {
-                    () = async { match tick.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => false,
-                    Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                    () = next_poll(tick.as_mut()) => false,
+                    Some(()) = next_hangup(hangup.as_mut()) => true,
                 };
                 let e = Arc::clone(&engine);
                 let now = match tokio::task::spawn_blocking(move || e.scan_models()).await {
@@ -105,3 +105,21 @@ impl Engine {
 }
 
 type Folders = BTreeMap<String, Fingerprint>;
+
+/// The next poll; never, when polling is off.
+async fn next_poll(tick: Option<&mut tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next SIGHUP; never, when it cannot be listened for.
+async fn next_hangup(hangup: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match hangup {
+        Some(h) => h.recv().await,
+        None => std::future::pending().await,
+    }
+}

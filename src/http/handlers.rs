@@ -11,7 +11,10 @@ use axum::{
 use super::{
     AppState,
     error::ErrorBody,
-    types::{BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery, ServerLimits},
+    types::{
+        BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery,
+        ServerLimits,
+    },
     upload::{JsonBatch, Uploads},
 };
 use crate::{

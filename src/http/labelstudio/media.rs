@@ -27,6 +27,7 @@ use super::label_config::ImageField;
 use crate::{
     engine::budget::{HeldBuffer, MemoryBudget, Reservation},
     error::Error,
+    fetch::{self, shown},
 };
 
 /// The paths, below the Label Studio base URL, that the token is sent to: uploads, local files,
@@ -233,54 +234,29 @@ impl LabelStudio {
 
     /// Fetches one image, within the size limit, reserving its bytes from `budget` as they
     /// arrive; follows a redirect only to `--label-studio-storage-hosts`, without the token.
-    pub async fn fetch(&self, mut url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), Error> {
-        let mut with_token = true;
-        for hop in 0..=MAX_REDIRECTS {
-            let mut req = self.client.get(url.clone());
-            if let (true, Some(token)) = (with_token, &self.token) {
-                req = req.header(reqwest::header::AUTHORIZATION, format!("Token {token}"));
+    pub async fn fetch(&self, url: reqwest::Url, budget: &MemoryBudget) -> Result<(Bytes, Reservation), Error> {
+        // The token goes only to Label Studio: once a hop leaves it, no later hop gets it back.
+        let with_token = std::sync::atomic::AtomicBool::new(true);
+        let token_on = || with_token.load(std::sync::atomic::Ordering::Relaxed);
+        let request = |u: &reqwest::Url| {
+            let req = self.client.get(u.clone());
+            match (token_on(), &self.token) {
+                (true, Some(token)) => req.header(reqwest::header::AUTHORIZATION, format!("Token {token}")),
+                _ => req,
             }
-            let shown = shown(&url);
-            let mut resp =
-                req.send().await.map_err(|e| Error::FetchFailed(format!("cannot fetch {shown}: {}", plain(e))))?;
-            let status = resp.status();
-            if status.is_redirection() {
-                let location = resp
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .filter(|_| matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308))
-                    .ok_or_else(|| Error::FetchFailed(format!("fetching {shown} answered {status}")))?;
-                if hop == MAX_REDIRECTS {
-                    return Err(Error::FetchFailed(format!("fetching {shown}: more than {MAX_REDIRECTS} redirects")));
-                }
-                let next = url
-                    .join(location)
-                    .map_err(|e| Error::FetchFailed(format!("{shown} redirected to a bad URL: {e}")))?;
-                url = self.redirect(next, with_token)?;
-                with_token = with_token && self.is_label_studio(&url);
-                continue;
-            }
-            if !status.is_success() {
-                return Err(Error::FetchFailed(format!("fetching {shown} answered {status}")));
-            }
-            let too_large = || Error::ImageTooLarge { size: self.max_bytes + 1, limit: self.max_bytes };
-            let declared = resp.content_length().unwrap_or(0);
-            if declared > self.max_bytes as u64 {
-                return Err(too_large());
-            }
-            let mut buf = HeldBuffer::new(budget, declared as usize, self.max_bytes)?;
-            while let Some(chunk) =
-                resp.chunk().await.map_err(|e| Error::FetchFailed(format!("reading {shown}: {}", plain(e))))?
-            {
-                if buf.len() + chunk.len() > self.max_bytes {
-                    return Err(too_large());
-                }
-                buf.extend(&chunk)?;
-            }
-            return Ok(buf.into_parts());
+        };
+        let follow = |next: reqwest::Url| {
+            let next = self.redirect(next, token_on())?;
+            with_token.store(token_on() && self.is_label_studio(&next), std::sync::atomic::Ordering::Relaxed);
+            Ok(next)
+        };
+        let bounds = fetch::Bounds { max_bytes: self.max_bytes, max_redirects: MAX_REDIRECTS, describe: &plain };
+        let mut body = Held { budget, max_bytes: self.max_bytes, buf: None };
+        fetch::get(url, &bounds, request, follow, &mut body).await?;
+        match body.buf {
+            Some(buf) => Ok(buf.into_parts()),
+            None => Err(Error::Internal("a fetched body was never begun".into())),
         }
-        unreachable!("the loop returns by its last hop")
     }
 
     /// Checks a redirect target: a Label Studio media path (while the token is still in play),
@@ -305,12 +281,25 @@ impl LabelStudio {
     }
 }
 
-/// A URL as it may appear in an answer: without its query, which for a presigned storage URL
-/// holds the signature.
-fn shown(url: &reqwest::Url) -> String {
-    let mut url = url.clone();
-    url.set_query(None);
-    url.to_string()
+/// A fetched body held in the memory budget as it arrives.
+struct Held<'a> {
+    budget: &'a MemoryBudget,
+    max_bytes: usize,
+    buf: Option<HeldBuffer>,
+}
+
+impl fetch::Sink for Held<'_> {
+    fn begin(&mut self, declared: usize) -> Result<(), Error> {
+        self.buf = Some(HeldBuffer::new(self.budget, declared, self.max_bytes)?);
+        Ok(())
+    }
+
+    fn extend(&mut self, chunk: &[u8]) -> Result<(), Error> {
+        match &mut self.buf {
+            Some(buf) => buf.extend(chunk),
+            None => Err(Error::Internal("a fetched body was extended before it began".into())),
+        }
+    }
 }
 
 /// A reqwest error as it may appear in an answer: without the URL its `Display` would carry
