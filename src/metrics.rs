@@ -472,12 +472,22 @@ impl Metrics {
         }
     }
 
-    /// Drops every gauge series of a model no longer served (counters and histograms keep
-    /// their totals, as Prometheus expects of counters).
+    /// Drops every series of a model no longer served, counters and histograms too: folders
+    /// renamed again and again must not grow /metrics without bound, and Prometheus reads a
+    /// counter that disappears as ended. `qscore_model_reloads_total` stays, to count the removal.
     pub fn forget_model(&self, model: &str) {
         let m = [model];
         let _ = self.queue_depth.remove_label_values(&m);
         let _ = self.model_load_failing.remove_label_values(&m);
+        for histogram in [&self.inference_duration, &self.batch_size, &self.score, &self.queue_wait, &self.preprocess_duration] {
+            let _ = histogram.remove_label_values(&m);
+        }
+        for outcome in [Outcome::Scored, Outcome::Rejected, Outcome::Failed] {
+            let _ = self.images.remove_label_values(&[model, outcome.label()]);
+        }
+        for reason in [Rejection::Overloaded, Rejection::Timeout, Rejection::Cancelled, Rejection::Invalid] {
+            let _ = self.rejected.remove_label_values(&[model, reason.label()]);
+        }
         self.forget_drift(&m);
     }
 

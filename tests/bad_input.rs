@@ -72,6 +72,13 @@ fn malformed_requests_are_refused() {
         404,
         "unknown_model",
     );
+    // A misspelt parameter is refused, naming it, rather than answered by the default model.
+    for path in ["/v1/score?modle=fmnist-simclr", "/v1/embed?model=fmnist-simclr&compresed=true"] {
+        let body = assert_error(s.post_raw(path, "image/jpeg", read("photos/china.jpg")), 400, "bad_request");
+        let misspelt = path.rsplit('&').next().unwrap().rsplit('?').next().unwrap().split('=').next().unwrap();
+        assert!(body.to_string().contains(misspelt), "{path}: {body}");
+    }
+    assert_error(s.get("/v1/drift?modle=x"), 400, "bad_request");
     // Under /v2 the answer is the KServe protocol's `{"error": "message"}`.
     let r = s.get("/v2/nothing");
     assert_eq!(r.status(), 404);

@@ -44,9 +44,12 @@ impl Drop for ModelsDir {
 fn copy_model(from: &str, to: &Path, name: &str, version: Option<&str>) {
     std::fs::create_dir_all(to).unwrap();
     let src = root().join("models").join(from);
-    for f in ["model.onnx", "calibration.json"] {
-        std::fs::copy(src.join(f), to.join(f)).unwrap();
-    }
+    std::fs::copy(src.join("model.onnx"), to.join("model.onnx")).unwrap();
+    // A calibration names the model it was made for; a copy under another name is recalibrated
+    // in real life, relabelled here.
+    let calibration = std::fs::read_to_string(src.join("calibration.json")).unwrap();
+    let relabelled = calibration.replacen(&format!("\"model\": \"{from}\""), &format!("\"model\": \"{name}\""), 1);
+    std::fs::write(to.join("calibration.json"), relabelled).unwrap();
     let mut toml = std::fs::read_to_string(src.join("model.toml")).unwrap();
     toml = toml.replace(&format!("name = \"{from}\""), &format!("name = \"{name}\""));
     if let Some(v) = version {
@@ -298,4 +301,97 @@ fn a_broken_folder_keeps_the_old_version_and_sighup_adds_and_removes_at_once() {
     assert!(metrics.contains("qscore_model_load_failing{model=\"fmnist-simclr\"} 0"), "{metrics}");
     let (_, fixed) = score_batch(&s.client(), &s.url, "fmnist-simclr", &image, 1);
     assert_eq!(fixed["results"][0]["q_score"], q_first, "the same weights answer the same");
+}
+
+/// Waits until `/metrics` holds `line`, at most `limit`.
+fn wait_metric(s: &Server, limit: Duration, line: &str) {
+    let start = Instant::now();
+    loop {
+        let metrics = s.get("/metrics").text().unwrap();
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(start.elapsed() < limit, "`{line}` not seen within {limit:?}:\n{metrics}\nlog:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Contents, not file times, decide what reloads; a calibration made for another model is
+/// refused; a folder broken at start-up is reported like one broken later; and the default
+/// model never moves: its folder gone, it keeps answering requests that name no model.
+#[test]
+fn contents_decide_what_reloads_and_the_default_never_moves() {
+    let dir = ModelsDir::new("content", &["fmnist-simclr", "fmnist-vicreg"]);
+    std::fs::create_dir_all(dir.0.join("broken")).unwrap();
+    std::fs::write(dir.0.join("broken/model.toml"), "name = \"broken\"\n").unwrap();
+    let s = Server::start_with_models(&dir.0, &["--model", "fmnist-simclr", "--reload-poll-ms", "200"]);
+    s.assert_ready();
+    let list = models(&s);
+    let broken = &list["load_failures"][0];
+    assert!(broken["model"] == "broken" && broken["serving_version"].is_null(), "{list}");
+    assert!(model(&list, "fmnist-simclr").is_some() && model(&list, "fmnist-vicreg").is_some());
+    wait_metric(&s, Duration::from_secs(1), "qscore_model_load_failing{model=\"broken\"} 1");
+
+    let simclr = dir.0.join("fmnist-simclr");
+    let (onnx, calibration) = (simclr.join("model.onnx"), simclr.join("calibration.json"));
+    let image = common::read("fmnist/bag/t10k-00030.png");
+    let q = |s: &Server| -> f64 {
+        let r: Value = s.post_raw("/v1/score", "image/png", image.clone()).json().unwrap();
+        assert_eq!(r["model"], "fmnist-simclr", "the default answers: {r}");
+        r["q_score"].as_f64().unwrap()
+    };
+    let q_simclr = q(&s);
+
+    // `touch`: new times, same bytes; nothing is loaded again.
+    let set_time = |p: &Path, t: std::time::SystemTime| {
+        std::fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
+    };
+    set_time(&onnx, std::time::SystemTime::now());
+    std::thread::sleep(Duration::from_millis(1000));
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(!metrics.contains("outcome=\"loaded\""), "a touch reloaded: {metrics}");
+
+    // Other weights of the same size written in place with the old time (as `rsync -a` or `tar`
+    // would leave them): SIGHUP compares contents and loads them.
+    let vicreg = std::fs::read(root().join("models/fmnist-vicreg/model.onnx")).unwrap();
+    let (before, kept_time) = (std::fs::read(&onnx).unwrap(), std::fs::metadata(&onnx).unwrap().modified().unwrap());
+    assert_eq!(before.len(), vicreg.len(), "the test needs two encoders of one size");
+    std::fs::write(&onnx, &vicreg).unwrap();
+    set_time(&onnx, kept_time);
+    s.signal("HUP");
+    wait_metric(&s, Duration::from_secs(5), "qscore_model_reloads_total{model=\"fmnist-simclr\",outcome=\"loaded\"} 1");
+    assert_ne!(q(&s), q_simclr, "the new weights answer");
+
+    // A calibration made for another model: refused, the version before serves on.
+    let own = std::fs::read(&calibration).unwrap();
+    std::fs::copy(root().join("models/fmnist-vicreg/calibration.json"), &calibration).unwrap();
+    let took = wait_for(&s, Duration::from_secs(5), "the foreign calibration refused", |l| {
+        l["load_failures"].as_array().unwrap().iter().any(|f| {
+            f["model"] == "fmnist-simclr" && f["error"].as_str().unwrap().contains("made for model `fmnist-vicreg`")
+        })
+    });
+    eprintln!("foreign calibration refused after {took:?}");
+    std::fs::write(&calibration, &own).unwrap();
+    wait_for(&s, Duration::from_secs(5), "the own calibration back", |l| {
+        !l["load_failures"].as_array().unwrap().iter().any(|f| f["model"] == "fmnist-simclr")
+    });
+
+    // The default's folder gone: it keeps answering requests that name no model, and says so.
+    let q_now = q(&s);
+    let away = dir.0.join(".away");
+    std::fs::rename(&simclr, &away).unwrap();
+    wait_for(&s, Duration::from_secs(5), "the default's folder reported gone", |l| {
+        l["load_failures"].as_array().unwrap().iter().any(|f| {
+            f["model"] == "fmnist-simclr" && f["error"].as_str().unwrap().contains("as the default model it keeps serving")
+        })
+    });
+    assert_eq!(models(&s)["default"], "fmnist-simclr");
+    assert_eq!(q(&s), q_now);
+    wait_metric(&s, Duration::from_secs(1), "qscore_model_load_failing{model=\"fmnist-simclr\"} 1");
+    std::fs::rename(&away, &simclr).unwrap();
+    wait_for(&s, Duration::from_secs(5), "the default's folder back", |l| {
+        !l["load_failures"].as_array().unwrap().iter().any(|f| f["model"] == "fmnist-simclr")
+    });
+    let metrics = s.get("/metrics").text().unwrap();
+    assert!(metrics.contains("qscore_model_reloads_total{model=\"fmnist-simclr\",outcome=\"loaded\"} 1"), "put back, not reloaded: {metrics}");
 }

@@ -70,6 +70,13 @@ impl Model {
         let dim = manifest.output.dim;
         if let Some(c) = &calibration {
             c.check_head(manifest.classifier.as_ref())?;
+            if c.model != manifest.name {
+                return Err(format!(
+                    "calibration.json was made for model `{}`, not `{}`: its D, probe and thresholds belong to \
+                     that model's features; run `qscore calibrate --model {}`, or put back this model's calibration",
+                    c.model, manifest.name, manifest.name
+                ));
+            }
         }
         let discriminative = match &calibration {
             Some(c) => c.discriminative_set(dim)?,
@@ -115,14 +122,44 @@ pub struct LoadFailure {
     #[serde(skip)]
     #[schema(ignore)]
     fingerprint: Fingerprint,
+    #[serde(skip)]
+    #[schema(ignore)]
+    digest: Option<String>,
+}
+
+impl LoadFailure {
+    fn new(model: &str, error: String, serving_version: Option<String>, source: Source) -> Self {
+        Self {
+            model: model.to_owned(),
+            error,
+            failed_at_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            serving_version,
+            fingerprint: source.fingerprint,
+            digest: source.digest,
+        }
+    }
+}
+
+/// What a folder held when it was loaded (or failed to): its cheap fingerprint, and the digest
+/// of its files' contents, which says whether a changed fingerprint changed anything.
+#[derive(Debug, Clone, Default)]
+struct Source {
+    fingerprint: Fingerprint,
+    digest: Option<String>,
+}
+
+impl Source {
+    fn of(dir: &Path, fingerprint: Fingerprint) -> Self {
+        Self { fingerprint, digest: content_digest(dir) }
+    }
 }
 
 /// Every loaded model, by name: one immutable version of what is served.
 pub struct Registry {
     models: BTreeMap<String, Arc<Model>>,
     default: String,
-    /// What each model's folder looked like when it was loaded.
-    loaded_from: BTreeMap<String, Fingerprint>,
+    /// What each model's folder held when it was loaded.
+    loaded_from: BTreeMap<String, Source>,
     failures: BTreeMap<String, LoadFailure>,
 }
 
@@ -192,6 +229,28 @@ impl Fingerprint {
     }
 }
 
+/// SHA-256 over a folder's regular files (names, sizes and bytes, in name order); `None` when a
+/// file cannot be read. Computed only when a fingerprint changed or on SIGHUP, so that `touch`
+/// or a copy that keeps the bytes does not reload a model, and a replacement that keeps sizes and
+/// times (`rsync -a`, `tar`, normalised build times) is still seen on SIGHUP.
+fn content_digest(dir: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<_> = std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|e| e.path()).collect();
+    files.sort();
+    let mut hash = Sha256::new();
+    for path in files {
+        let meta = std::fs::metadata(&path).ok()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let mut file = std::fs::File::open(&path).ok()?;
+        hash.update(path.file_name()?.as_encoded_bytes());
+        hash.update(meta.len().to_le_bytes());
+        std::io::copy(&mut file, &mut hash).ok()?;
+    }
+    Some(crate::digest::hex(&hash.finalize()))
+}
+
 /// Every model folder under the models folder (a sub-folder with a model.toml whose name does
 /// not start with `.`, so staging folders and a volume's `..data` are left out), by name, with
 /// its fingerprint.
@@ -214,6 +273,8 @@ pub struct Reloaded {
     pub failed: Vec<String>,
     /// Models no longer served because their folder is gone.
     pub removed: Vec<String>,
+    /// Folders that had never loaded and are gone.
+    pub forgotten: Vec<String>,
     /// Folders that had failed and now hold again exactly what serves.
     pub restored: Vec<String>,
 }
@@ -221,7 +282,7 @@ pub struct Reloaded {
 impl Reloaded {
     /// Whether anything changed in what is served or reported.
     pub fn changed(&self) -> bool {
-        !(self.loaded.is_empty() && self.failed.is_empty() && self.removed.is_empty() && self.restored.is_empty())
+        [&self.loaded, &self.failed, &self.removed, &self.forgotten, &self.restored].iter().any(|v| !v.is_empty())
     }
 }
 
@@ -265,8 +326,10 @@ impl Loader {
         &self.env
     }
 
-    /// Loads, checks and warms up the selected model folders: start-up, where any failure is
-    /// fatal.
+    /// Loads, checks and warms up the selected model folders at start-up. Serving every folder,
+    /// one that fails is reported as a reload's failure would be (the others serve; an operator
+    /// sees the same state whether the folder broke before or after start-up); the `--model`
+    /// default failing, or every folder, stops start-up. A selected single model must load.
     pub fn load(&self, selection: &Selection) -> anyhow::Result<Registry> {
         let mut dirs = model_dirs(&self.models_dir)?;
         if let Selection::Uncalibrated(name) | Selection::One(name) = selection {
@@ -277,15 +340,35 @@ impl Loader {
             }
         }
         let with_calibration = !matches!(selection, Selection::Uncalibrated(_));
-        let (mut models, mut loaded_from) = (BTreeMap::new(), BTreeMap::new());
-        for dir in dirs {
-            let fingerprint = Fingerprint::of(&dir);
-            let model = self.load_dir(&dir, with_calibration)?;
-            self.announce(&model, None);
-            loaded_from.insert(model.manifest.name.clone(), fingerprint);
-            models.insert(model.manifest.name.clone(), Arc::new(model));
+        let (mut models, mut loaded_from, mut failures) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let tolerant = *selection == Selection::All;
+        for dir in &dirs {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let source = Source::of(dir, Fingerprint::of(dir));
+            match self.load_dir(dir, with_calibration) {
+                Ok(model) => {
+                    self.announce(&model, None);
+                    loaded_from.insert(name.clone(), source);
+                    models.insert(name, Arc::new(model));
+                }
+                Err(e) if tolerant && self.default_model.as_deref() != Some(name.as_str()) => {
+                    let error = format!("{e:#}");
+                    tracing::error!(
+                        model = %name,
+                        "cannot load {}: {error}; the other models serve, and this folder is tried again when it \
+                         changes, or on SIGHUP",
+                        dir.display()
+                    );
+                    self.metrics.model_load_failing.with_label_values(&[&name]).set(1);
+                    failures.insert(name.clone(), LoadFailure::new(&name, error, None, source));
+                }
+                Err(e) => return Err(e),
+            }
         }
         if models.is_empty() {
+            if let Some(f) = failures.values().next() {
+                bail!("no model under {} loads; {}: {}", self.models_dir.display(), f.model, f.error);
+            }
             bail!(
                 "no model found under {}: each model is a folder with model.onnx and model.toml",
                 self.models_dir.display()
@@ -298,40 +381,59 @@ impl Loader {
             );
         }
         let default = self.default_for(&models);
-        Ok(Registry { models, default, loaded_from, failures: BTreeMap::new() })
+        Ok(Registry { models, default, loaded_from, failures })
     }
 
-    /// The registry that serves `folders` (what [`scan`] found, settled), built from `current`:
-    /// a folder whose fingerprint differs from the one loaded (and from the one that last
-    /// failed) is loaded and warmed up beside the version serving; a folder gone from `folders`
-    /// is dropped. A folder that fails keeps its old version serving and is reported. `None`
-    /// when nothing changed. Blocking: loading runs ONNX Runtime.
-    pub fn reload(&self, current: &Registry, folders: &BTreeMap<String, Fingerprint>) -> (Option<Registry>, Reloaded) {
+    /// The registry that serves `folders` (what [`scan`] found, settled), built from `current`.
+    /// A folder whose fingerprint differs from the one loaded (every folder when `recheck`: a
+    /// SIGHUP) has its contents compared with what was loaded: the same bytes change nothing
+    /// (and end a failure in between), new bytes are loaded and warmed up beside the version
+    /// serving, unless they are the very bytes that last failed. A folder gone from `folders` is
+    /// dropped, except the default model's, which keeps serving (requests that name no model
+    /// must not silently move to another). A folder that fails keeps its old version serving
+    /// and is reported. `None` when nothing changed. Blocking: loading runs ONNX Runtime.
+    pub fn reload(
+        &self,
+        current: &Registry,
+        folders: &BTreeMap<String, Fingerprint>,
+        recheck: bool,
+    ) -> (Option<Registry>, Reloaded) {
         let mut done = Reloaded::default();
         let mut models = current.models.clone();
         let mut loaded_from = current.loaded_from.clone();
         let mut failures = current.failures.clone();
 
         for (name, fingerprint) in folders {
-            if loaded_from.get(name) == Some(fingerprint) {
-                // Put back exactly as it was loaded (`cp -p` of the old files): what serves is
-                // what the folder holds, so a failure of the contents in between is over.
+            let same = |s: Option<&Fingerprint>| s == Some(fingerprint);
+            let failing = failures.contains_key(name);
+            if !recheck
+                && ((same(loaded_from.get(name).map(|s| &s.fingerprint)) && !failing)
+                    || same(failures.get(name).map(|f| &f.fingerprint)))
+            {
+                continue;
+            }
+            let dir = self.models_dir.join(name);
+            let source = Source::of(&dir, fingerprint.clone());
+            let unchanged = |digest: Option<&Option<String>>| source.digest.is_some() && digest == Some(&source.digest);
+            if unchanged(loaded_from.get(name).map(|s| &s.digest)) {
+                // The bytes that serve (touched, or put back as they were): a failure of other
+                // contents in between is over.
                 if failures.remove(name).is_some() {
                     self.metrics.model_load_failing.with_label_values(&[name]).set(0);
                     done.restored.push(name.clone());
                 }
+                loaded_from.insert(name.clone(), source);
                 continue;
             }
-            if failures.get(name).is_some_and(|f| &f.fingerprint == fingerprint) {
+            if unchanged(failures.get(name).map(|f| &f.digest)) {
                 continue;
             }
-            let dir = self.models_dir.join(name);
             match self.load_dir(&dir, true) {
                 Ok(model) => {
                     self.announce(&model, models.get(name).map(AsRef::as_ref));
                     self.metrics.model_reloads.with_label_values(&[name, "loaded"]).inc();
                     failures.remove(name);
-                    loaded_from.insert(name.clone(), fingerprint.clone());
+                    loaded_from.insert(name.clone(), source);
                     models.insert(name.clone(), Arc::new(model));
                     done.loaded.push(name.clone());
                 }
@@ -347,15 +449,7 @@ impl Loader {
                     );
                     self.metrics.model_reloads.with_label_values(&[name, "failed"]).inc();
                     self.metrics.model_load_failing.with_label_values(&[name]).set(1);
-                    let failed_at_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                    let failure = LoadFailure {
-                        model: name.clone(),
-                        error,
-                        failed_at_unix_s,
-                        serving_version,
-                        fingerprint: fingerprint.clone(),
-                    };
-                    failures.insert(name.clone(), failure);
+                    failures.insert(name.clone(), LoadFailure::new(name, error, serving_version, source));
                     done.failed.push(name.clone());
                 }
             }
@@ -364,20 +458,29 @@ impl Loader {
         let gone: Vec<String> =
             models.keys().chain(failures.keys()).filter(|n| !folders.contains_key(*n)).cloned().collect();
         for name in gone {
-            failures.remove(&name);
             let Some(model) = models.get(&name) else {
+                // A folder that never loaded: nothing served, nothing to say any more.
+                failures.remove(&name);
                 self.metrics.forget_model(&name);
-                done.removed.push(name);
+                done.forgotten.push(name);
                 continue;
             };
-            if models.len() == 1 {
-                tracing::error!(
-                    model = %name,
-                    "the folder of the last model was removed from {}; it keeps serving until another model is added",
-                    self.models_dir.display()
-                );
+            if name == current.default {
+                if !failures.get(&name).is_some_and(|f| f.serving_version.is_some() && f.digest.is_none()) {
+                    let error = format!(
+                        "the folder is gone from {}; as the default model it keeps serving (requests that name no \
+                         model must not move to another one), until it is put back or the server restarts",
+                        self.models_dir.display()
+                    );
+                    tracing::error!(model = %name, "{error}");
+                    self.metrics.model_load_failing.with_label_values(&[&name]).set(1);
+                    let version = Some(model.manifest.version.clone());
+                    failures.insert(name.clone(), LoadFailure::new(&name, error, version, Source::default()));
+                    done.failed.push(name);
+                }
                 continue;
             }
+            failures.remove(&name);
             self.retire(model);
             self.metrics.forget_model(&name);
             self.metrics.model_reloads.with_label_values(&[&name, "removed"]).inc();
@@ -390,11 +493,7 @@ impl Loader {
         if !done.changed() {
             return (None, done);
         }
-        let default = self.default_for(&models);
-        if default != current.default {
-            tracing::warn!(default = %default, was = %current.default, "the default model changed");
-        }
-        (Some(Registry { models, default, loaded_from, failures }), done)
+        (Some(Registry { models, default: current.default.clone(), loaded_from, failures }), done)
     }
 
     /// `--model` when it is loaded, else the first model by name.

@@ -3,8 +3,10 @@
 //!
 //! One task owns the watching, so reloads never overlap. Every `--reload-poll-ms` it takes the
 //! folders' fingerprints ([`registry::scan`]); a change is acted on once two polls in a row
-//! agree, so a model still being copied in is not loaded half-written. SIGHUP acts at once,
-//! settled or not. The new version is loaded and warmed up beside the old one on a blocking
+//! agree, so a model still being copied in is not loaded half-written; a folder whose files
+//! changed only in their times (`touch`) is compared by content and not reloaded. SIGHUP acts at
+//! once, settled or not, and compares every folder's contents, so a replacement that kept the
+//! files' sizes and times (`rsync -a`, `tar`) is seen too. The new version is loaded and warmed up beside the old one on a blocking
 //! thread, then the registry is swapped whole: a request holds the model it started with (its
 //! `Arc`, and with it the old worker thread) until it is answered, so nothing in flight fails,
 //! and readiness never drops. A folder that fails to load leaves its old version serving; the
@@ -67,11 +69,12 @@ impl Engine {
                 }
                 acted = Some(now.clone());
                 let e = Arc::clone(&engine);
-                match tokio::task::spawn_blocking(move || e.reload(&now)).await {
+                match tokio::task::spawn_blocking(move || e.reload(&now, forced)).await {
                     Ok(done) if done.changed() || forced => tracing::info!(
                         loaded = ?done.loaded,
                         failed = ?done.failed,
                         removed = ?done.removed,
+                        forgotten = ?done.forgotten,
                         restored = ?done.restored,
                         trigger = if forced { "SIGHUP" } else { "poll" },
                         "model folders reloaded"
@@ -89,10 +92,10 @@ impl Engine {
 
     /// Loads what changed in `folders` and swaps the new registry in. Blocking. Only the
     /// watching task calls it, so two reloads never race.
-    fn reload(&self, folders: &Folders) -> Reloaded {
+    fn reload(&self, folders: &Folders, recheck: bool) -> Reloaded {
         let Some(loader) = &self.loader else { return Reloaded::default() };
         let current = self.registry();
-        let (next, done) = loader.reload(&current, folders);
+        let (next, done) = loader.reload(&current, folders, recheck);
         if let Some(next) = next {
             for name in done.loaded.iter().chain(&done.removed) {
                 let calibration = next.get(Some(name)).ok();

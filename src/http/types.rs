@@ -16,6 +16,8 @@ use crate::{
 /// `?model=NAME`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter (`?modle=`) is a 400 naming it, never a silent answer from the default.
+#[serde(deny_unknown_fields)]
 pub struct ModelQuery {
     /// Model to use; the server's default when absent.
     pub model: Option<String>,
@@ -24,6 +26,8 @@ pub struct ModelQuery {
 /// `?model=NAME&confidence=P` of `/v1/score`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter (`?modle=`) is a 400 naming it, never a silent answer from the default.
+#[serde(deny_unknown_fields)]
 pub struct ScoreQuery {
     /// Model to use; the server's default when absent.
     pub model: Option<String>,
@@ -37,6 +41,8 @@ pub struct ScoreQuery {
 /// `?model=NAME&compressed=BOOL&confidence=P` of `/v1/embed`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+// A misspelt parameter (`?modle=`) is a 400 naming it, never a silent answer from the default.
+#[serde(deny_unknown_fields)]
 pub struct EmbedQuery {
     /// Model to use; the server's default when absent.
     pub model: Option<String>,
