@@ -624,8 +624,12 @@ fn reference_cdf(p: &[f32], x: f64) -> f64 {
     if x >= f64::from(p[last]) {
         return 1.0;
     }
-    // The last percentile at or below x: within a run of equal percentiles, its end.
-    let k = p.partition_point(|&v| f64::from(v) <= x) - 1;
+    if x.is_nan() {
+        return 0.0;
+    }
+    // The last percentile at or below x: within a run of equal percentiles, its end. Clamped,
+    // so percentiles out of order (a hand-edited calibration) give a wrong value, not a panic.
+    let k = p.partition_point(|&v| f64::from(v) <= x).saturating_sub(1).min(last - 1);
     let (lo, hi) = (f64::from(p[k]), f64::from(p[k + 1]));
     (k as f64 + (x - lo) / (hi - lo)) / last as f64
 }
@@ -635,7 +639,7 @@ fn reference_cdf_below(p: &[f32], x: f64) -> f64 {
     let last = p.len() - 1;
     // Percentiles strictly below x; the CDF rises linearly from the last of them to the next.
     let k = p.partition_point(|&v| f64::from(v) < x);
-    if k == 0 {
+    if k == 0 || x.is_nan() {
         return 0.0;
     }
     if k > last {
@@ -658,7 +662,11 @@ pub fn ks(window: &[f32], reference: &Distribution) -> f64 {
     if window.is_empty() || p.len() < 2 {
         return 0.0;
     }
-    let mut x: Vec<f64> = window.iter().map(|&v| f64::from(v)).collect();
+    // A value that is not finite has no place on either CDF: it is left out, never a panic.
+    let mut x: Vec<f64> = window.iter().filter(|v| v.is_finite()).map(|&v| f64::from(v)).collect();
+    if x.is_empty() {
+        return 0.0;
+    }
     x.sort_by(f64::total_cmp);
     let n = x.len() as f64;
     let mut d: f64 = 0.0;
@@ -720,7 +728,8 @@ impl ScoreBins {
     /// The window's counts: `q` its Q-Scores, `p` its `p_misclassified` values.
     fn window_counts(&self, q: &[f32], flagged_images: usize, p_count: usize, p_sum: f64) -> WindowCounts {
         let mut seen = vec![0_usize; self.reference_share.len()];
-        for &v in q {
+        // As in `ks`, a value that is not finite is in no bin.
+        for &v in q.iter().filter(|v| v.is_finite()) {
             seen[self.bin(v)] += 1;
         }
         let score_bins = seen
@@ -888,6 +897,18 @@ mod tests {
     }
 
     /// A reference with a point mass at 0 (the Q = 0 images): its CDF at 0 is the mass.
+    #[test]
+    fn values_that_are_not_finite_are_left_out_never_a_panic() {
+        let window = [5.0, 15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0, 85.0, 95.0];
+        let mut odd = window.to_vec();
+        odd.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+        assert_eq!(ks(&odd, &uniform()), ks(&window, &uniform()));
+        assert_eq!(psi(&odd, &uniform()), psi(&window, &uniform()));
+        assert_eq!(ks(&[f32::NAN], &uniform()), 0.0);
+        assert_eq!(reference_cdf(&uniform().percentiles, f64::NAN), 0.0);
+        assert_eq!(reference_cdf_below(&uniform().percentiles, f64::NAN), 0.0);
+    }
+
     #[test]
     fn cdf_handles_point_masses() {
         let mut p = vec![0.0_f32; 11];

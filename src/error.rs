@@ -10,6 +10,28 @@ use serde::Serialize;
 /// Longest error message answered, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 
+/// Codes of the errors a rerun may change, where the image itself is not at fault: a fetch that
+/// failed or timed out (a 404 included: the server may get the file), a refused URL (the next
+/// run may pass `--allow-host`), a missing or unreadable file (it may appear), and the engine
+/// being busy, out of memory budget, timed out or unavailable. Every other code says the image is
+/// bad (undecodable, unsupported, too large, too many pixels) and is answered the same each run.
+pub const RETRYABLE_CODES: &[&str] = &[
+    "fetch_failed",
+    "url_refused",
+    "unreadable_file",
+    "timeout",
+    "unavailable",
+    "overloaded",
+    "memory_budget_exhausted",
+    "body_timeout",
+    "internal",
+];
+
+/// Whether an error with `code` may go away on a rerun ([`RETRYABLE_CODES`]).
+pub fn is_retryable(code: &str) -> bool {
+    RETRYABLE_CODES.contains(&code)
+}
+
 /// A machine-readable code and a sentence for a human: how every error is answered.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
@@ -127,6 +149,15 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// A body of unknown length passed the per-image byte limit while being read: its size is
+    /// unknown, only where reading stopped. Same code as [`Error::ImageTooLarge`].
+    #[error("the image is over the limit of {limit} bytes (--max-image-bytes); reading stopped at {read} bytes")]
+    ImageOverLimit {
+        /// Bytes read when reading stopped.
+        read: usize,
+        /// The configured limit.
+        limit: usize,
+    },
     /// The whole request body is over the limit.
     #[error("the request body is over the {limit}-byte limit (--max-body-bytes)")]
     BodyTooLarge {
@@ -225,7 +256,7 @@ impl Error {
             Self::UnsupportedFormat | Self::UnsupportedVariant { .. } => "unsupported_image_format",
             Self::UndecodableImage(_) => "undecodable_image",
             Self::TooManyPixels { .. } => "too_many_pixels",
-            Self::ImageTooLarge { .. } => "image_too_large",
+            Self::ImageTooLarge { .. } | Self::ImageOverLimit { .. } => "image_too_large",
             Self::AspectRatioTooLarge { .. } => "aspect_ratio_too_large",
             Self::ImageNeedsTooMuchMemory { .. } => "image_needs_too_much_memory",
             Self::MemoryBudgetExhausted { .. } => "memory_budget_exhausted",

@@ -91,7 +91,7 @@ pub async fn get(
             read += chunk.len();
             if read > bounds.max_bytes {
                 // Its real size is unknown: it stopped being read here.
-                return Err(too_large(read as u64));
+                return Err(Error::ImageOverLimit { read, limit: bounds.max_bytes });
             }
             sink.extend(&chunk)?;
         }

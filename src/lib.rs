@@ -60,5 +60,6 @@ pub mod image;
 pub mod metrics;
 pub mod model;
 pub mod qscore;
+pub mod regular_file;
 pub mod risk;
 pub mod server;

@@ -2,13 +2,12 @@
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
-use bytes::Bytes;
 use clap::Parser;
 use qscore::{
-    backfill::{self, ShardOutcome, fetch::Sources, manifest::Manifest},
+    backfill::{self, fetch::Sources, manifest::Manifest},
     config::{Cli, Command, DriftArgs, LogFormat, OutputFormat, ScoreArgs, Shard, SortOrder},
     engine::{Capacity, EmbeddingMode, Engine, ImageScore, Input, Selection, answer::sort_riskiest_first},
-    error::{Error, ErrorDetail},
+    error::ErrorDetail,
     server,
 };
 
@@ -41,6 +40,14 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // `qscore drift | head`: the reader has what it wanted; nothing went wrong.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("qscore: error: {e:#}");
             ExitCode::FAILURE
@@ -192,8 +199,8 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Scores files through the same pipeline as the server. Exits 1 when any file failed, after
-/// writing every line; a Parquet backfill writes failures as rows and exits 0 once its file is
-/// written (a retry of the shard would only skip it).
+/// writing every line; a Parquet backfill writes failures as rows and exits 1 only while a row
+/// failed for a reason a rerun may change (see [`qscore::backfill`]).
 async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     if args.format == OutputFormat::Parquet {
         if args.manifest.is_none() {
@@ -225,7 +232,7 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         let inputs = chunk
             .iter()
             .map(|f| {
-                let bytes = std::fs::read(f).map(Bytes::from).map_err(|e| Error::UnreadableFile(e.to_string()));
+                let bytes = backfill::fetch::read_file(f, engine.limits.max_bytes);
                 Input::new(f.display().to_string(), bytes)
             })
             .collect();
@@ -255,14 +262,37 @@ async fn score_manifest(
 ) -> anyhow::Result<ExitCode> {
     let manifest = Manifest::read(path)?;
     let shard = args.shard.unwrap_or(Shard::WHOLE);
-    let base = path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    // Absolute, so a message about a relative entry names a folder even for `--manifest m.txt`.
+    let base = std::path::absolute(path)?.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
     let timeout = std::time::Duration::from_millis(args.fetch_timeout_ms);
     let sources = Sources::new(base, args.allow_host.clone(), engine.limits.max_bytes, timeout)?;
     if let (OutputFormat::Parquet, Some(out)) = (args.format, &args.out) {
-        if let ShardOutcome::Written { rows, failed } =
-            backfill::write_shard(engine, model, &manifest, shard, &sources, out, args.force).await?
-        {
-            eprintln!("qscore: wrote shard {shard} to {}: {rows} rows, {failed} failed", out.display());
+        if qscore::regular_file::same(path, out) {
+            anyhow::bail!(
+                "--out {} is the manifest itself, which writing would replace; give --out another path",
+                out.display()
+            );
+        }
+        let outcome = backfill::write_shard(engine, model, &manifest, shard, &sources, out, args.force).await?;
+        let retryable = outcome.retryable_rows();
+        let permanent = outcome.failed - retryable;
+        if !outcome.skipped {
+            eprintln!(
+                "qscore: wrote shard {shard} to {}: {} rows, {} scored, {permanent} failed for good (the image \
+                 itself), {retryable} failed for reasons a rerun may change",
+                out.display(),
+                outcome.rows,
+                outcome.rows - outcome.failed,
+            );
+        }
+        if retryable > 0 {
+            // Exit 1 so a Job retries the index; the rerun scores the shard again.
+            eprintln!(
+                "qscore: shard {shard} is not done: {retryable} rows failed for reasons a rerun may change ({}); fix \
+                 the cause (--allow-host, the files, the server) and run the same command again",
+                backfill::by_code(&outcome.retryable)
+            );
+            return Ok(ExitCode::FAILURE);
         }
         return Ok(ExitCode::SUCCESS);
     }

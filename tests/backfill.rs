@@ -142,9 +142,13 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
     let started = std::time::Instant::now();
     for i in 0..3 {
         let run = score_shard(&models, &manifest, &format!("{i}/3"), &out(i), &[]);
-        assert!(run.status.success(), "shard {i}: {}", stderr(&run));
+        // Shard 1 holds a missing file and shard 2 a refused URL: a rerun may change those, so
+        // the shard is not done (exit 1, for the Job to retry); shard 0 has no failure.
+        assert_eq!(run.status.code(), Some(if i == 0 { 0 } else { 1 }), "shard {i}: {}", stderr(&run));
         assert!(stderr(&run).contains(&format!("wrote shard {i}/3")), "{}", stderr(&run));
     }
+    let (_, kv) = read_parquet(&out(1));
+    assert_eq!(kv["qscore.retryable_failures"], "1", "missing/nope.png; notes.txt is the image's own fault");
     println!("3 shards of {} entries scored and written in {:.2?}", entries.len(), started.elapsed());
 
     let calibration = sha256_of(&root().join("models").join(MODEL).join("calibration.json"));
@@ -197,6 +201,19 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
     assert!(stderr(&rerun).contains("skipped shard 0/3"), "{}", stderr(&rerun));
     assert_eq!((std::fs::read(out(0)).unwrap(), std::fs::metadata(out(0)).unwrap().modified().unwrap()), before);
 
+    // A shard whose data pages were overwritten is read back before it is trusted: not skipped.
+    let mut damaged = before.0.clone();
+    damaged[100..108].copy_from_slice(&[0x7f; 8]);
+    std::fs::write(out(0), &damaged).unwrap();
+    let checked = score_shard(&models, &manifest, "0/3", &out(0), &[]);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    assert!(!stderr(&checked).contains("skipped"), "{}", stderr(&checked));
+    let lines: Vec<i64> =
+        read_parquet(&out(0)).0.iter().map(|r| if let Field::Long(l) = r["line"] { l } else { panic!() }).collect();
+    let want: Vec<i64> = entries.iter().step_by(3).map(|(l, _)| *l).collect();
+    assert_eq!(lines, want);
+    let before = (std::fs::read(out(0)).unwrap(), std::fs::metadata(out(0)).unwrap().modified().unwrap());
+
     // The same --out for another shard is refused, saying what to do; nothing is written.
     let other = score_shard(&models, &manifest, "0/2", &out(0), &[]);
     assert!(!other.status.success());
@@ -211,20 +228,35 @@ fn shards_cover_the_manifest_once_resume_and_never_take_a_partial_file_for_done(
     let whole = std::fs::read(out(1)).unwrap();
     std::fs::write(out(1), &whole[..whole.len() / 2]).unwrap();
     let again = score_shard(&models, &manifest, "1/3", &out(1), &[]);
-    assert!(again.status.success() && stderr(&again).contains("not a finished shard"), "{}", stderr(&again));
+    assert!(stderr(&again).contains("not a finished shard"), "{}", stderr(&again));
     assert_eq!(read_parquet(&out(1)).0.len(), 21, "63 entries in 3 shards");
 
     // A temporary file left by a killed run (even a complete one) is not the shard.
     let tmp = dir.join(".shard-2.parquet.4242.tmp");
     std::fs::rename(out(2), &tmp).unwrap();
     let after_kill = score_shard(&models, &manifest, "2/3", &out(2), &[]);
-    assert!(after_kill.status.success() && stderr(&after_kill).contains("wrote shard 2/3"), "{}", stderr(&after_kill));
+    assert!(stderr(&after_kill).contains("wrote shard 2/3"), "{}", stderr(&after_kill));
     assert_eq!(read_parquet(&out(2)).0.len(), read_parquet(&tmp).0.len());
 
     // --force replaces another backfill's file.
     let forced = score_shard(&models, &manifest, "0/2", &out(0), &["--force"]);
-    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert!(stderr(&forced).contains("wrote shard 0/2"), "{}", stderr(&forced));
     assert_eq!(read_parquet(&out(0)).1["qscore.shard"], "0/2");
+
+    // drift takes distinct shards of one backfill only.
+    let drift = |files: &[&Path]| {
+        let mut args = vec!["drift", "--models-dir", models.to_str().unwrap(), "--reference", MODEL, "--scores"];
+        args.extend(files.iter().map(|f| f.to_str().unwrap()));
+        qscore(&args)
+    };
+    let twice = drift(&[&out(1), &out(1)]);
+    assert!(!twice.status.success() && stderr(&twice).contains("are the same file"), "{}", stderr(&twice));
+    let copy = dir.join("copy-of-1.parquet");
+    std::fs::copy(out(1), &copy).unwrap();
+    let same_shard = drift(&[&out(1), &copy]);
+    assert!(stderr(&same_shard).contains("both hold shard 1/3"), "{}", stderr(&same_shard));
+    let mixed = drift(&[&out(0), &out(1)]);
+    assert!(stderr(&mixed).contains("different backfills"), "{}", stderr(&mixed));
 
     // The same manifest as JSON lines: one line per entry of the shard, failures included.
     let jsonl = qscore(&[
@@ -313,7 +345,8 @@ fn urls_are_fetched_from_allowed_hosts_only_and_every_failure_is_a_row() {
     let out = dir.join("urls.parquet");
     let allow = format!("127.0.0.1:{port}");
     let run = score_shard(&models, &manifest, "0/1", &out, &["--allow-host", &allow, "--max-image-bytes", "20000"]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(run.status.code(), Some(1), "the 404 may be fixed by a rerun: {}", stderr(&run));
+    assert!(stderr(&run).contains("fetch_failed: 1"), "{}", stderr(&run));
     let (rows, _) = read_parquet(&out);
     assert_eq!(rows.len(), lines.len());
     let by_input: BTreeMap<String, Option<String>> =
@@ -327,6 +360,10 @@ fn urls_are_fetched_from_allowed_hosts_only_and_every_failure_is_a_row() {
     assert_eq!(by_input[&format!("{base}/hop")].as_deref(), Some("url_refused"), "a redirect to a host not allowed");
     let messages: Vec<String> = rows.iter().filter_map(|r| text(r, "error_message")).collect();
     assert!(messages.iter().any(|m| m.contains("404")), "{messages:?}");
+    assert!(
+        messages.iter().any(|m| m.contains("over the limit of 20000 bytes") && m.contains("reading stopped at")),
+        "a body of unknown length has no size to report: {messages:?}"
+    );
 
     // Without --allow-host every URL is a row saying which flag fetches it; the port matters.
     for extra in [vec![], vec!["--allow-host", "127.0.0.1:1"]] {
@@ -353,7 +390,7 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     let shards: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("part-{i}.parquet"))).collect();
     for (i, out) in shards.iter().enumerate() {
         let run = score_shard(&models, &manifest, &format!("{i}/2"), out, &[]);
-        assert!(run.status.success(), "{}", stderr(&run));
+        assert!(stderr(&run).contains("wrote shard"), "{}", stderr(&run));
     }
     let mut args = vec!["drift", "--models-dir", models.to_str().unwrap(), "--reference", MODEL, "--scores"];
     args.extend(shards.iter().map(|s| s.to_str().unwrap()));
@@ -435,5 +472,117 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
         "{}",
         stderr(&refused)
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs qscore, killing it after `secs`: a run that would block forever fails the test.
+fn qscore_within(secs: u64, dir: &Path, args: &[&str]) -> Output {
+    let mut child = common::qscore_bin()
+        .env_remove("QSCORE_MODEL")
+        // Run from `dir` (relative paths are the point), so the runtime's relative default is not found.
+        .env("QSCORE_ORT_LIB", root().join(".ort").join("libonnxruntime.so"))
+        .current_dir(dir)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("qscore {args:?} was still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn retryable_failures_are_scored_again_and_files_that_are_not_shards_are_kept() {
+    let dir = scratch("retry");
+    let models = models(&dir);
+    let models_arg = models.to_str().unwrap();
+    let files = images(1);
+    let port = serve_images(files.clone());
+    let urls: Vec<String> = files[..2]
+        .iter()
+        .map(|f| format!("http://localhost:{port}/img/{}", f.file_name().unwrap().to_string_lossy()))
+        .collect();
+    let manifest = dir.join("u2.txt");
+    std::fs::write(&manifest, urls.join("\n")).unwrap();
+    let out = dir.join("u2.parquet");
+
+    // Forgot --allow-host: two refused rows, which a rerun may change: exit 1, not done.
+    let forgot = score_shard(&models, &manifest, "0/1", &out, &[]);
+    assert_eq!(forgot.status.code(), Some(1), "{}", stderr(&forgot));
+    assert!(stderr(&forgot).contains("url_refused: 2"), "{}", stderr(&forgot));
+    assert_eq!(read_parquet(&out).1["qscore.retryable_failures"], "2");
+    let allowed = score_shard(&models, &manifest, "0/1", &out, &["--allow-host", "localhost"]);
+    assert_eq!(allowed.status.code(), Some(0), "{}", stderr(&allowed));
+    assert!(
+        stderr(&allowed)
+            .contains("2 rows failed for reasons a rerun may change (url_refused: 2); scoring shard 0/1 again"),
+        "{}",
+        stderr(&allowed)
+    );
+    assert!(read_parquet(&out).0.iter().all(|r| text(r, "error_code").is_none()));
+    let done = score_shard(&models, &manifest, "0/1", &out, &["--allow-host", "localhost"]);
+    assert!(done.status.success() && stderr(&done).contains("skipped shard 0/1"), "{}", stderr(&done));
+
+    // Permanent failures only (the image itself is bad) are data: exit 0, and a rerun skips.
+    let bad = dir.join("bad.txt");
+    std::fs::write(dir.join("notes.txt"), "not an image\n").unwrap();
+    std::fs::write(&bad, "notes.txt\n").unwrap();
+    let bad_out = dir.join("bad.parquet");
+    let first = score_shard(&models, &bad, "0/1", &bad_out, &[]);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let rerun = score_shard(&models, &bad, "0/1", &bad_out, &[]);
+    assert!(rerun.status.success() && stderr(&rerun).contains("skipped shard 0/1"), "{}", stderr(&rerun));
+
+    // --out that is someone's file is kept unless --force; the manifest itself always is.
+    let text_out = dir.join("text.parquet");
+    std::fs::write(&text_out, "hi\n").unwrap();
+    let refused = score_shard(&models, &bad, "0/1", &text_out, &[]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("not a Parquet file") && stderr(&refused).contains("--force"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(std::fs::read_to_string(&text_out).unwrap(), "hi\n");
+    let forced = score_shard(&models, &bad, "0/1", &text_out, &["--force"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    let before = std::fs::read(&bad).unwrap();
+    for extra in [&[][..], &["--force"][..]] {
+        let onto = score_shard(&models, &bad, "0/1", &bad, extra);
+        assert!(!onto.status.success() && stderr(&onto).contains("is the manifest itself"), "{}", stderr(&onto));
+        assert_eq!(std::fs::read(&bad).unwrap(), before);
+    }
+    // Our unfinished file (Parquet's magic, no footer) is scored again without --force.
+    let cut = dir.join("cut.parquet");
+    std::fs::write(&cut, b"PAR1\x15\x00").unwrap();
+    let resumed = score_shard(&models, &bad, "0/1", &cut, &[]);
+    assert!(resumed.status.success() && stderr(&resumed).contains("not a finished shard"), "{}", stderr(&resumed));
+
+    // A FIFO never blocks: in a manifest it is the entry's error; as the manifest, or as a
+    // --scores file, the command's.
+    assert!(std::process::Command::new("mkfifo").arg(dir.join("fifo")).status().unwrap().success());
+    std::fs::write(dir.join("fifo.txt"), format!("{}\nfifo\nmissing.png\n", files[0].display())).unwrap();
+    let run =
+        qscore_within(60, &dir, &["score", "--models-dir", models_arg, "--model", MODEL, "--manifest", "fifo.txt"]);
+    let lines: Vec<Value> =
+        String::from_utf8(run.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{}", stderr(&run));
+    assert!(lines[0]["error"].is_null(), "{}", lines[0]);
+    assert_eq!(lines[1]["error"]["code"], "unreadable_file");
+    assert!(lines[1]["error"]["message"].as_str().unwrap().contains("FIFO"), "{}", lines[1]);
+    // A relative manifest's folder is named, not left blank.
+    let folder = format!("manifest's folder, {}:", dir.display());
+    assert!(lines[2]["error"]["message"].as_str().unwrap().contains(&folder), "{}", lines[2]);
+    let run = qscore_within(60, &dir, &["score", "--models-dir", models_arg, "--model", MODEL, "--manifest", "fifo"]);
+    assert!(!run.status.success() && stderr(&run).contains("FIFO"), "{}", stderr(&run));
+    let run = qscore_within(60, &dir, &["drift", "--models-dir", models_arg, "--reference", MODEL, "--scores", "fifo"]);
+    assert!(!run.status.success() && stderr(&run).contains("FIFO"), "{}", stderr(&run));
     std::fs::remove_dir_all(&dir).unwrap();
 }

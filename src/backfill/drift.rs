@@ -40,6 +40,37 @@ pub struct Counts {
     pub failed: u64,
 }
 
+/// Refuses `scores` unless they are distinct shards of one backfill: the same file twice, two
+/// files of one shard, or shards of different manifests (or of different shard counts) would
+/// count images twice or mix two collections into one distribution.
+fn check_one_backfill(scores: &[PathBuf]) -> anyhow::Result<()> {
+    let mut seen: Vec<(&PathBuf, table::Identity)> = Vec::new();
+    for path in scores {
+        let id = table::read_identity(path)?;
+        for (other, known) in &seen {
+            let (a, b) = (other.display(), path.display());
+            if crate::regular_file::same(other, path) {
+                bail!("{a} and {b} are the same file; give each shard once");
+            }
+            if known.manifest_sha256 != id.manifest_sha256 || known.shard.count != id.shard.count {
+                bail!(
+                    "{a} is shard {} of manifest sha256 {:.12} but {b} is shard {} of manifest sha256 {:.12}: they are \
+                     different backfills; compare each backfill on its own",
+                    known.shard,
+                    known.manifest_sha256,
+                    id.shard,
+                    id.manifest_sha256
+                );
+            }
+            if known.shard == id.shard {
+                bail!("{a} and {b} both hold shard {} of the same manifest; give each shard once", id.shard);
+            }
+        }
+        seen.push((path, id));
+    }
+    Ok(())
+}
+
 /// The drift of the rows in `scores` from the calibration of `reference` under `models_dir`.
 pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow::Result<BackfillDrift> {
     let dir = models_dir.join(reference);
@@ -52,6 +83,7 @@ pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow
              `qscore calibrate --model {reference}`"
         );
     };
+    check_one_backfill(scores)?;
     let mut tally = Tally::default();
     let mut counts = Counts::default();
     for path in scores {

@@ -159,14 +159,11 @@ impl Sources {
     }
 }
 
-/// Reads a local image, refusing one over `max` bytes before reading it.
-fn read_file(path: &Path, max: usize) -> Result<Bytes, Error> {
+/// Reads a local image, refusing one over `max` bytes before reading it, and anything but a
+/// regular file before opening it ([`crate::regular_file`]): a FIFO in a manifest would block.
+pub fn read_file(path: &Path, max: usize) -> Result<Bytes, Error> {
     let unreadable = |e: std::io::Error| Error::UnreadableFile(format!("{}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let meta = file.metadata().map_err(unreadable)?;
-    if !meta.is_file() {
-        return Err(Error::UnreadableFile(format!("{} is not a regular file", path.display())));
-    }
+    let (file, meta) = crate::regular_file::open(path).map_err(unreadable)?;
     if meta.len() > max as u64 {
         return Err(Error::ImageTooLarge { size: usize::try_from(meta.len()).unwrap_or(usize::MAX), limit: max });
     }
@@ -174,7 +171,7 @@ fn read_file(path: &Path, max: usize) -> Result<Bytes, Error> {
     // The file may grow after the check: never read past the limit.
     file.take(max as u64 + 1).read_to_end(&mut buf).map_err(unreadable)?;
     if buf.len() > max {
-        return Err(Error::ImageTooLarge { size: buf.len(), limit: max });
+        return Err(Error::ImageOverLimit { read: buf.len(), limit: max });
     }
     Ok(Bytes::from(buf))
 }

@@ -15,7 +15,7 @@
 
 use std::{fmt, path::Path, str::FromStr};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 /// Largest manifest read, in bytes: about ten million lines of a hundred characters.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
@@ -52,8 +52,13 @@ impl FromStr for Shard {
         let err =
             |why: &str| format!("`{s}` is not a shard: {why}; write INDEX/COUNT with 0 <= INDEX < COUNT, e.g. 0/4");
         let (index, count) = s.trim().split_once('/').ok_or_else(|| err("no `/`"))?;
-        let index: u32 = index.trim().parse().map_err(|_| err("INDEX is not a whole number"))?;
-        let count: u32 = count.trim().parse().map_err(|_| err("COUNT is not a whole number"))?;
+        let number = |text: &str, name: &str| -> Result<u32, String> {
+            text.trim().parse().map_err(|e: std::num::ParseIntError| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => err(&format!("{name} is too large (at most {})", u32::MAX)),
+                _ => err(&format!("{name} is not a whole number")),
+            })
+        };
+        let (index, count) = (number(index, "INDEX")?, number(count, "COUNT")?);
         if count == 0 {
             return Err(err("COUNT must be at least 1"));
         }
@@ -86,17 +91,17 @@ pub struct Manifest {
 impl Manifest {
     /// Reads and parses `path`.
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let size = std::fs::metadata(path)
-            .with_context(|| format!("cannot read the manifest {}; check --manifest", path.display()))?
-            .len();
-        if size > MAX_MANIFEST_BYTES {
-            bail!(
-                "the manifest {} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit; split it into several \
-                 manifests",
-                path.display()
-            );
-        }
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read the manifest {}", path.display()))?;
+        let bytes = crate::regular_file::read(path, MAX_MANIFEST_BYTES).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                anyhow::anyhow!(
+                    "the manifest {} is over the {MAX_MANIFEST_BYTES}-byte limit ({e}); split it into several \
+                     manifests",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot read the manifest {}: {e}; check --manifest", path.display())
+            }
+        })?;
         Self::parse(&bytes).with_context(|| format!("the manifest {}", path.display()))
     }
 
@@ -135,6 +140,8 @@ mod tests {
             let e = bad.parse::<Shard>().unwrap_err();
             assert!(e.contains("INDEX/COUNT"), "{bad}: {e}");
         }
+        let e = "99999999999999999999/1".parse::<Shard>().unwrap_err();
+        assert!(e.contains("INDEX is too large"), "{e}");
     }
 
     #[test]

@@ -9,12 +9,21 @@
 //!
 //! Resume: the file is written atomically and says in its metadata which manifest (SHA-256),
 //! shard, model, model version and calibration (SHA-256) it answers. A rerun whose `--out`
-//! already answers the same five skips the shard without scoring; one that answers something
-//! else is an error (delete it, choose another `--out`, or pass `--force`), because silently
-//! replacing a finished shard of another model or manifest loses work, and silently keeping it
-//! mixes two backfills. An unreadable or truncated `--out` is not finished and is scored again.
-//! So a Kubernetes Indexed Job can retry any index, or rerun the whole job after a failure, and
-//! only the unfinished shards do work.
+//! already answers the same five reads every row back ([`table::verify`]: each column decodes,
+//! the `line` values are the shard's, in order) and skips the shard without scoring, unless a
+//! row failed for a reason a rerun may change ([`crate::error::RETRYABLE_CODES`]: a fetch
+//! failure, a refused URL, a missing file, the engine busy): then the whole shard is scored
+//! again. Rows that failed because the image itself is bad (undecodable, too large) are data and
+//! stay. One whose `--out` answers something else is an error (delete it, choose another
+//! `--out`, or pass `--force`), because silently replacing a finished shard of another model or
+//! manifest loses work, and silently keeping it mixes two backfills; so is an `--out` that is not
+//! Parquet at all (it does not start with `PAR1`: someone's file). An `--out` that starts with
+//! `PAR1` but is unreadable, or whose rows do not check out, is our unfinished or damaged shard
+//! and is scored again; `--out` naming the manifest itself is always refused.
+//!
+//! Exit status: 1 while any row has a failure a rerun may change, so a Kubernetes Indexed Job
+//! retries the index; 0 when every row is scored or failed for good. So the Job can retry any
+//! index, or be rerun whole after a failure, and only the unfinished shards do work.
 //!
 //! `qscore drift --reference MODEL --scores FILES...` ([`drift`]) reads the shards back and
 //! answers the statistics `GET /v1/drift` answers for live traffic, through the same
@@ -25,7 +34,7 @@ pub mod fetch;
 pub mod manifest;
 pub mod table;
 
-use std::{io::IsTerminal, path::Path, sync::Arc};
+use std::{collections::BTreeMap, io::IsTerminal, path::Path, sync::Arc};
 
 use anyhow::{Context, bail};
 
@@ -90,20 +99,32 @@ pub async fn score_entries(
 
 /// What [`write_shard`] did.
 #[derive(Debug)]
-pub enum ShardOutcome {
-    /// `--out` already held the finished shard; nothing was scored.
-    Skipped,
-    /// The shard was scored and written: its rows, and how many of them failed.
-    Written {
-        /// Rows written.
-        rows: u64,
-        /// Rows that carry an error.
-        failed: u64,
-    },
+pub struct ShardOutcome {
+    /// `--out` already held the finished shard with no failure a rerun may change; nothing was
+    /// scored.
+    pub skipped: bool,
+    /// Rows in the file.
+    pub rows: u64,
+    /// Rows that carry an error.
+    pub failed: u64,
+    /// Failed rows by error code, for the codes a rerun may change.
+    pub retryable: BTreeMap<String, u64>,
+}
+
+impl ShardOutcome {
+    /// Rows whose failure a rerun may change: when not 0, the shard is not done.
+    pub fn retryable_rows(&self) -> u64 {
+        self.retryable.values().sum()
+    }
+}
+
+/// `code: count, ...` for a person.
+pub fn by_code(counts: &BTreeMap<String, u64>) -> String {
+    counts.iter().map(|(code, n)| format!("{code}: {n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Scores `shard` of `manifest` into the Parquet file `out`, unless it already holds exactly
-/// that (see the module docs for resume and `force`).
+/// that with no failure a rerun may change (see the module docs for resume and `force`).
 pub async fn write_shard(
     engine: &Engine,
     model: &Arc<Model>,
@@ -125,27 +146,44 @@ pub async fn write_shard(
     let refuse = |what: String| -> anyhow::Result<ShardOutcome> {
         bail!("{} {what}; delete it, choose another --out, or pass --force to overwrite it", out.display())
     };
+    let shown = out.display();
     match table::inspect(out) {
         Existing::Missing => {}
-        Existing::Unreadable(why) => {
-            eprintln!("qscore: {} is not a finished shard ({why}); scoring shard {shard} again", out.display());
+        Existing::Unfinished(why) => {
+            eprintln!("qscore: {shown} is not a finished shard ({why}); scoring shard {shard} again");
         }
         Existing::Finished(found) if found == identity => {
-            eprintln!(
-                "qscore: skipped shard {shard}: {} already holds its {} rows for manifest sha256 {:.12}, model {} {}",
-                out.display(),
-                found.rows,
-                found.manifest_sha256,
-                found.model,
-                found.model_version
-            );
-            return Ok(ShardOutcome::Skipped);
+            let lines: Vec<u64> = entries.iter().map(|e| e.line).collect();
+            match table::verify(out, &lines) {
+                Ok(v) if v.retryable_rows() == 0 => {
+                    eprintln!(
+                        "qscore: skipped shard {shard}: {shown} already holds its {} rows ({} failed for reasons a \
+                         rerun does not change) for manifest sha256 {:.12}, model {} {}",
+                        found.rows, v.failed, found.manifest_sha256, found.model, found.model_version
+                    );
+                    return Ok(ShardOutcome {
+                        skipped: true,
+                        rows: found.rows,
+                        failed: v.failed,
+                        retryable: v.retryable,
+                    });
+                }
+                Ok(v) => eprintln!(
+                    "qscore: {shown}: {} rows failed for reasons a rerun may change ({}); scoring shard {shard} again",
+                    v.retryable_rows(),
+                    by_code(&v.retryable)
+                ),
+                Err(why) => eprintln!(
+                    "qscore: {shown} claims to be shard {shard} but its rows do not check out ({why}); scoring it again"
+                ),
+            }
         }
-        Existing::Finished(_) | Existing::Foreign if force => {}
+        Existing::Finished(_) | Existing::Foreign | Existing::NotShard(_) if force => {}
         Existing::Finished(found) => {
             return refuse(format!("holds another backfill: {}", found.differences(&identity).join(", ")));
         }
         Existing::Foreign => return refuse("is a Parquet file but not a qscore backfill shard".into()),
+        Existing::NotShard(what) => return refuse(format!("exists and is not a qscore shard: it {what}")),
     }
     // Shards of one Job share a folder that the first of them may have to make.
     if let Some(folder) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -154,14 +192,19 @@ pub async fn write_shard(
     }
     let mut file = AtomicFile::create(out)?;
     let mut writer = ShardWriter::new(file.file().try_clone()?, identity)?;
-    let (mut rows, mut failed) = (0, 0);
+    let mut outcome = ShardOutcome { skipped: false, rows: 0, failed: 0, retryable: BTreeMap::new() };
     score_entries(engine, model, &entries, sources, |entry, answer| {
-        rows += 1;
-        failed += u64::from(answer.is_err());
+        outcome.rows += 1;
+        if let Err(e) = &answer {
+            outcome.failed += 1;
+            if crate::error::is_retryable(&e.code) {
+                *outcome.retryable.entry(e.code.clone()).or_default() += 1;
+            }
+        }
         writer.push(entry.line, &entry.text, answer.as_ref())
     })
     .await?;
     drop(writer.finish()?);
     file.commit()?;
-    Ok(ShardOutcome::Written { rows, failed })
+    Ok(outcome)
 }

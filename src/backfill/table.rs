@@ -157,31 +157,102 @@ impl Identity {
 pub enum Existing {
     /// Nothing there.
     Missing,
-    /// Not a readable Parquet file (truncated, or something else): why.
-    Unreadable(String),
+    /// Our own unfinished file: empty, or starting with Parquet's magic `PAR1` but not readable
+    /// as Parquet (truncated, or the footer lost): why. Scored again.
+    Unfinished(String),
+    /// Something that is not a backfill shard and cannot be one unfinished (not Parquet, or
+    /// unreadable): what it is. Replaced only with `--force`.
+    NotShard(String),
     /// A Parquet file that is not a backfill shard of this version.
     Foreign,
-    /// A finished shard of what `Identity` says.
+    /// A shard of what `Identity` says, as its footer claims: [`verify`] reads its rows.
     Finished(Identity),
 }
 
-/// Reads what `path` is, without reading its rows.
+/// Parquet's magic, at the start and at the end of every Parquet file.
+const MAGIC: &[u8] = b"PAR1";
+
+/// Reads what `path` is from its first bytes and its footer, without reading its rows.
+///
+/// A file that does not start with `PAR1` was never a Parquet file, so it is someone else's (a
+/// manifest, a CSV, notes) and losing it loses work: it is [`Existing::NotShard`]. One that
+/// starts with `PAR1` but has no readable footer is a Parquet file cut short, which is what an
+/// interrupted copy of a shard leaves; an empty file holds nothing to lose. Both are
+/// [`Existing::Unfinished`].
 pub fn inspect(path: &Path) -> Existing {
-    let file = match File::open(path) {
-        Ok(f) => f,
+    let mut file = match crate::regular_file::open(path) {
+        Ok((f, _)) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Existing::Missing,
-        Err(e) => return Existing::Unreadable(e.to_string()),
+        Err(e) => return Existing::NotShard(format!("cannot be read ({e})")),
     };
+    let mut head = Vec::with_capacity(MAGIC.len());
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, MAGIC.len() as u64), &mut head) {
+        return Existing::NotShard(format!("cannot be read ({e})"));
+    }
+    if head.is_empty() {
+        return Existing::Unfinished("it is empty".into());
+    }
+    if head != MAGIC {
+        return Existing::NotShard("is not a Parquet file (it does not start with PAR1)".into());
+    }
     let reader = match SerializedFileReader::new(file) {
         Ok(r) => r,
-        Err(e) => return Existing::Unreadable(e.to_string()),
+        Err(e) => return Existing::Unfinished(e.to_string()),
     };
     let meta = reader.metadata().file_metadata();
     let Some(identity) = Identity::from_key_values(&key_values(&reader)) else { return Existing::Foreign };
     if meta.num_rows() < 0 || meta.num_rows() as u64 != identity.rows {
-        return Existing::Unreadable(format!("it holds {} rows of the {} it claims", meta.num_rows(), identity.rows));
+        return Existing::Unfinished(format!("it holds {} rows of the {} it claims", meta.num_rows(), identity.rows));
     }
     Existing::Finished(identity)
+}
+
+/// What [`verify`] found in a finished shard's rows.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// Rows that carry an error.
+    pub failed: u64,
+    /// Failed rows by error code, for the codes a rerun may change ([`crate::error::RETRYABLE_CODES`]).
+    pub retryable: BTreeMap<String, u64>,
+}
+
+impl Verified {
+    /// Rows whose failure a rerun may change.
+    pub fn retryable_rows(&self) -> u64 {
+        self.retryable.values().sum()
+    }
+}
+
+/// Reads every row and every column of the shard at `path` and checks that its `line` values
+/// are exactly `lines`, in order; answers what failed, or why the file is not the shard.
+///
+/// A page whose bytes were overwritten either fails to decode, fails its CRC (only pages written
+/// with one: the parquet crate writes none, pyarrow can), or decodes to other values: the `line`
+/// column is checked value by value, the other columns only for decoding. A changed score in a
+/// page that still decodes is not detected.
+pub fn verify(path: &Path, lines: &[u64]) -> Result<Verified, String> {
+    let mut out = Verified::default();
+    let mut k = 0_usize;
+    read_rows(path, |row| {
+        match lines.get(k) {
+            Some(&want) if i64::try_from(want).ok() == Some(row.line) => {}
+            Some(want) => bail!("row {} holds line {}, not line {want}", k + 1, row.line),
+            None => bail!("it holds more than the shard's {} rows", lines.len()),
+        }
+        k += 1;
+        if let Some(code) = row.error_code {
+            out.failed += 1;
+            if crate::error::is_retryable(&code) {
+                *out.retryable.entry(code).or_default() += 1;
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("{e:#}"))?;
+    if k != lines.len() {
+        return Err(format!("it holds {k} rows of the shard's {}", lines.len()));
+    }
+    Ok(out)
 }
 
 fn key_values(reader: &SerializedFileReader<File>) -> BTreeMap<String, String> {
@@ -251,6 +322,7 @@ pub struct ShardWriter {
     buffered: Columns,
     pending: usize,
     written: u64,
+    retryable: u64,
 }
 
 impl ShardWriter {
@@ -263,7 +335,7 @@ impl ShardWriter {
             .set_created_by(format!("qscore {}", env!("CARGO_PKG_VERSION")))
             .build();
         let writer = SerializedFileWriter::new(file, schema, Arc::new(props))?;
-        Ok(Self { writer, identity, buffered: Columns::default(), pending: 0, written: 0 })
+        Ok(Self { writer, identity, buffered: Columns::default(), pending: 0, written: 0, retryable: 0 })
     }
 
     /// Adds the row of manifest line `line`, `input`, and its answer.
@@ -297,6 +369,7 @@ impl ShardWriter {
         let features = s.map(|s| serde_json::to_string(&s.discriminative_features)).transpose()?;
         c.discriminative_features.push(features.as_deref().map(text));
         let e = answer.err();
+        self.retryable += u64::from(e.is_some_and(|e| crate::error::is_retryable(&e.code)));
         c.error_code.push(e.map(|e| text(&e.code)));
         c.error_message.push(e.map(|e| text(&e.message)));
         self.pending += 1;
@@ -350,6 +423,11 @@ impl ShardWriter {
         if self.written != self.identity.rows {
             bail!("internal error: {} rows written of the shard's {}", self.written, self.identity.rows);
         }
+        // Known only now: for readers (a person, pyarrow), while a resume counts from the rows.
+        self.writer.append_key_value_metadata(KeyValue::new(
+            "qscore.retryable_failures".to_owned(),
+            self.retryable.to_string(),
+        ));
         Ok(self.writer.into_inner()?)
     }
 }
@@ -369,6 +447,8 @@ fn write<T: parquet::data_type::DataType>(
 /// One row of a shard file, as `qscore drift` reads it.
 #[derive(Debug, Default)]
 pub struct StoredRow {
+    /// The entry's line in the manifest.
+    pub line: i64,
     /// The model that scored it.
     pub model: String,
     /// Its calibration's SHA-256.
@@ -385,28 +465,43 @@ pub struct StoredRow {
     pub error_code: Option<String>,
 }
 
+/// Opens a backfill file: its reader and the identity its footer claims; fails naming `path`
+/// when it is not one.
+fn open_shard(path: &Path) -> anyhow::Result<(SerializedFileReader<File>, Identity)> {
+    let (file, _) = crate::regular_file::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = SerializedFileReader::new(file).with_context(|| {
+        format!("{} is not a readable Parquet file (truncated, or still being written?)", path.display())
+    })?;
+    let Some(identity) = Identity::from_key_values(&key_values(&reader)) else {
+        bail!(
+            "{} is not a qscore backfill file ({FORMAT}); give --scores the files `qscore score --format parquet` wrote",
+            path.display()
+        );
+    };
+    Ok((reader, identity))
+}
+
+/// The identity a backfill file's footer claims, without reading its rows.
+pub fn read_identity(path: &Path) -> anyhow::Result<Identity> {
+    open_shard(path).map(|(_, identity)| identity)
+}
+
 /// Reads every row of a backfill file, in order, calling `each` on it; fails naming `path`
-/// when it is not a backfill file.
+/// when it is not a backfill file, and naming the row's line when a value is one qscore never
+/// writes (a q_score that is not finite, a p_misclassified outside [0, 1]): the file is corrupt
+/// or forged, and its statistics would be meaningless.
 pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<()>) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct Feature {
         index: u32,
     }
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = SerializedFileReader::new(file).with_context(|| {
-        format!("{} is not a readable Parquet file (truncated, or still being written?)", path.display())
-    })?;
-    if Identity::from_key_values(&key_values(&reader)).is_none() {
-        bail!(
-            "{} is not a qscore backfill file ({FORMAT}); give --scores the files `qscore score --format parquet` wrote",
-            path.display()
-        );
-    }
+    let (reader, _) = open_shard(path)?;
     for row in reader.get_row_iter(None)? {
         let row = row?;
         let mut r = StoredRow::default();
         for (name, field) in row.get_column_iter() {
             match (name.as_str(), field) {
+                ("line", Field::Long(v)) => r.line = *v,
                 ("model", Field::Str(s)) => r.model = s.clone(),
                 ("calibration_sha256", Field::Str(s)) => r.calibration_sha256 = Some(s.clone()),
                 ("q_score", Field::Float(v)) => r.q_score = Some(*v),
@@ -421,6 +516,20 @@ pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<
                 }
                 _ => {}
             }
+        }
+        let bad = |what: String| {
+            anyhow::anyhow!(
+                "{}: the row of manifest line {} has {what}, which qscore never writes; the file is corrupt or was \
+                 not written by qscore: delete it and score its shard again",
+                path.display(),
+                r.line
+            )
+        };
+        if let Some(q) = r.q_score.filter(|q| !q.is_finite()) {
+            return Err(bad(format!("q_score {q}")));
+        }
+        if let Some(p) = r.p_misclassified.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(bad(format!("p_misclassified {p}")));
         }
         each(r)?;
     }
@@ -517,5 +626,33 @@ mod tests {
         short.push(1, "a.png", Err(&failure)).unwrap();
         assert!(short.finish().is_err());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A q_score that is not finite, or a p_misclassified outside [0, 1], is an error naming the
+    /// file and the row's line, never a value handed to the drift maths.
+    #[test]
+    fn impossible_values_are_refused_naming_the_line() {
+        for (q, p, says) in [(f32::NAN, 0.5, "q_score NaN"), (1.0, 5.0, "p_misclassified 5"), (1.0, -3.0, "-3")] {
+            let path = std::env::temp_dir().join(format!("qscore-table-bad-{}.parquet", std::process::id()));
+            let identity = Identity {
+                manifest_sha256: "ab".repeat(32),
+                shard: Shard::WHOLE,
+                model: "m".into(),
+                model_version: "1".into(),
+                calibration_sha256: Some("cd".repeat(32)),
+                rows: 2,
+            };
+            let mut bad = answer(1);
+            bad.q_score = q;
+            bad.p_misclassified = Some(p);
+            let mut w = ShardWriter::new(File::create(&path).unwrap(), identity).unwrap();
+            w.push(1, "a.png", Ok(&answer(2))).unwrap();
+            w.push(7, "b.png", Ok(&bad)).unwrap();
+            w.finish().unwrap();
+            let e = format!("{:#}", read_rows(&path, |_| Ok(())).unwrap_err());
+            assert!(e.contains(&path.display().to_string()) && e.contains("line 7") && e.contains(says), "{e}");
+            assert!(verify(&path, &[1, 7]).is_err(), "a resume does not trust it either");
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 }

@@ -30,9 +30,13 @@ pub struct Predictions {
     pub sha256: String,
 }
 
+/// Largest predictions file read, in bytes: far more than one line per calibration image.
+pub const MAX_PREDICTIONS_BYTES: u64 = 1 << 30;
+
 /// Reads `file` and matches its rows to `dataset`'s images.
 pub fn read(file: &Path, dataset: &Dataset) -> anyhow::Result<Predictions> {
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read --predictions {}", file.display()))?;
+    let bytes = crate::regular_file::read(file, MAX_PREDICTIONS_BYTES)
+        .with_context(|| format!("cannot read --predictions {}", file.display()))?;
     let sha256 = crate::digest::sha256_hex(&bytes);
     let (predicted, confidence) = parse(&bytes, dataset).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Predictions { predicted, confidence, sha256 })

@@ -42,6 +42,7 @@ pub fn status(e: &Error) -> StatusCode {
         Error::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::TooManyPixels { .. }
         | Error::ImageTooLarge { .. }
+        | Error::ImageOverLimit { .. }
         | Error::AspectRatioTooLarge { .. }
         | Error::ImageNeedsTooMuchMemory { .. }
         | Error::BodyTooLarge { .. }
