@@ -479,7 +479,9 @@ impl Metrics {
         let m = [model];
         let _ = self.queue_depth.remove_label_values(&m);
         let _ = self.model_load_failing.remove_label_values(&m);
-        for histogram in [&self.inference_duration, &self.batch_size, &self.score, &self.queue_wait, &self.preprocess_duration] {
+        for histogram in
+            [&self.inference_duration, &self.batch_size, &self.score, &self.queue_wait, &self.preprocess_duration]
+        {
             let _ = histogram.remove_label_values(&m);
         }
         for outcome in [Outcome::Scored, Outcome::Rejected, Outcome::Failed] {

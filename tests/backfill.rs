@@ -472,6 +472,31 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
         "{}",
         stderr(&refused)
     );
+
+    // Rewritten by another tool (pyarrow): q_score cast to float64, or rows cut while the footer
+    // still promises them. An error naming the file, never scored rows quietly left out.
+    let python = root().join(".venv-test/bin/python");
+    let q = "t.set_column(t.schema.get_field_index('q_score'), 'q_score', t['q_score'].cast('float64'))";
+    for (name, rewrite) in [("float64", q), ("cut", "t.slice(0, 10)")] {
+        let out = dir.join(format!("{name}.parquet"));
+        let code = format!(
+            "import pyarrow.parquet as pq, sys\nt = pq.read_table(sys.argv[1])\npq.write_table({rewrite}, sys.argv[2])\n"
+        );
+        let done = std::process::Command::new(&python)
+            .args(["-c", &code, shards[0].to_str().unwrap(), out.to_str().unwrap()])
+            .status()
+            .unwrap_or_else(|e| panic!("{} ({e}): run `make tools`", python.display()));
+        assert!(done.success());
+        let args = ["drift", "--models-dir", models.to_str().unwrap(), "--reference", MODEL, "--scores"];
+        let mut args = args.to_vec();
+        args.extend([out.to_str().unwrap(), shards[1].to_str().unwrap()]);
+        let refused = qscore(&args);
+        assert!(
+            !refused.status.success() && stderr(&refused).contains(&format!("{name}.parquet")),
+            "{name}: {}",
+            stderr(&refused)
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

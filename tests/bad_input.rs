@@ -78,7 +78,10 @@ fn malformed_requests_are_refused() {
         let misspelt = path.rsplit('&').next().unwrap().rsplit('?').next().unwrap().split('=').next().unwrap();
         assert!(body.to_string().contains(misspelt), "{path}: {body}");
     }
-    assert_error(s.get("/v1/drift?modle=x"), 400, "bad_request");
+    let form = Form::new().part("image", Part::bytes(read("photos/china.jpg")).file_name("a.jpg"));
+    assert_error(c.post(url("/v1/score/batch?modle=x")).multipart(form).send().unwrap(), 400, "bad_request");
+    // A GET scores nothing: a browser's cache-busting parameter is fine there.
+    assert_eq!(s.get("/v1/drift?_=123").status(), 200);
     // Under /v2 the answer is the KServe protocol's `{"error": "message"}`.
     let r = s.get("/v2/nothing");
     assert_eq!(r.status(), 404);

@@ -382,7 +382,8 @@ fn contents_decide_what_reloads_and_the_default_never_moves() {
     std::fs::rename(&simclr, &away).unwrap();
     wait_for(&s, Duration::from_secs(5), "the default's folder reported gone", |l| {
         l["load_failures"].as_array().unwrap().iter().any(|f| {
-            f["model"] == "fmnist-simclr" && f["error"].as_str().unwrap().contains("as the default model it keeps serving")
+            f["model"] == "fmnist-simclr"
+                && f["error"].as_str().unwrap().contains("as the default model it keeps serving")
         })
     });
     assert_eq!(models(&s)["default"], "fmnist-simclr");
@@ -393,5 +394,8 @@ fn contents_decide_what_reloads_and_the_default_never_moves() {
         !l["load_failures"].as_array().unwrap().iter().any(|f| f["model"] == "fmnist-simclr")
     });
     let metrics = s.get("/metrics").text().unwrap();
-    assert!(metrics.contains("qscore_model_reloads_total{model=\"fmnist-simclr\",outcome=\"loaded\"} 1"), "put back, not reloaded: {metrics}");
+    assert!(
+        metrics.contains("qscore_model_reloads_total{model=\"fmnist-simclr\",outcome=\"loaded\"} 1"),
+        "put back, not reloaded: {metrics}"
+    );
 }

@@ -88,7 +88,10 @@ pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow
     let mut counts = Counts::default();
     for path in scores {
         counts.files += 1;
+        let promised = table::read_identity(path)?.rows;
+        let mut read = 0_u64;
         table::read_rows(path, |row| {
+            read += 1;
             if row.model != manifest.name {
                 bail!(
                     "{}: rows scored by model `{}`, not the reference `{}`; pass --reference {} or leave the file out",
@@ -118,6 +121,13 @@ pub fn compare(models_dir: &Path, reference: &str, scores: &[PathBuf]) -> anyhow
             }
             Ok(())
         })?;
+        if read != promised {
+            bail!(
+                "{}: its footer promises {promised} rows but it holds {read}: the shard was cut or rewritten; delete \
+                 it and score its shard again",
+                path.display()
+            );
+        }
     }
     let report = if tally.is_empty() {
         DriftReport::empty(

@@ -147,6 +147,12 @@ pub async fn write_shard(
         bail!("{} {what}; delete it, choose another --out, or pass --force to overwrite it", out.display())
     };
     let shown = out.display();
+    // Not a file at all (a FIFO, a device, a folder): nothing --force could replace.
+    if std::fs::metadata(out).is_ok_and(|m| !m.is_file()) {
+        bail!(
+            "--out {shown} exists and is not a regular file (a folder, FIFO or device); give --out the path of a new file, or of a shard to resume"
+        );
+    }
     match table::inspect(out) {
         Existing::Missing => {}
         Existing::Unfinished(why) => {

@@ -514,6 +514,32 @@ pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<
                     })?;
                     r.features = features.into_iter().map(|f| f.index).collect();
                 }
+                (
+                    "calibration_sha256"
+                    | "q_score"
+                    | "p_misclassified"
+                    | "likely_misclassified"
+                    | "error_code"
+                    | "discriminative_features",
+                    Field::Null,
+                ) => {}
+                // A column read here in another type (a float64 q_score from a rewrite) would
+                // otherwise leave the row looking unscored, and drop it from every figure.
+                (
+                    "line"
+                    | "model"
+                    | "calibration_sha256"
+                    | "q_score"
+                    | "p_misclassified"
+                    | "likely_misclassified"
+                    | "error_code"
+                    | "discriminative_features",
+                    other,
+                ) => bail!(
+                    "{}: column `{name}` holds {other:?}, not the type qscore writes; the file was rewritten by another \
+                     tool: delete it and score its shard again",
+                    path.display()
+                ),
                 _ => {}
             }
         }
@@ -530,6 +556,10 @@ pub fn read_rows(path: &Path, mut each: impl FnMut(StoredRow) -> anyhow::Result<
         }
         if let Some(p) = r.p_misclassified.filter(|p| !(0.0..=1.0).contains(p)) {
             return Err(bad(format!("p_misclassified {p}")));
+        }
+        // Every row qscore writes is scored or failed, never both or neither.
+        if r.q_score.is_some() == r.error_code.is_some() {
+            return Err(bad("both or neither of a q_score and an error_code".into()));
         }
         each(r)?;
     }

@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Path, Query, State},
+    extract::{Path, Query, State, rejection::QueryRejection},
     http::header,
     response::IntoResponse,
 };
@@ -12,8 +12,8 @@ use super::{
     AppState,
     error::ErrorBody,
     types::{
-        BatchItem, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery, ScoreQuery,
-        ServerLimits,
+        BatchItem, BatchQuery, BatchResponse, BatchSummary, EmbedQuery, Health, ModelInfo, ModelList, ModelQuery,
+        ScoreQuery, ServerLimits,
     },
     upload::{JsonBatch, Uploads},
 };
@@ -108,9 +108,10 @@ async fn single(
 )]
 pub async fn score(
     State(state): State<AppState>,
-    Query(q): Query<ScoreQuery>,
+    query: Result<Query<ScoreQuery>, QueryRejection>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
+    let q = after_body(query)?;
     single(&state, q.model.as_deref(), q.confidence.as_deref(), uploads, EmbeddingMode::Omit).await
 }
 
@@ -129,16 +130,17 @@ pub async fn score(
 )]
 pub async fn embed(
     State(state): State<AppState>,
-    Query(q): Query<EmbedQuery>,
+    query: Result<Query<EmbedQuery>, QueryRejection>,
     uploads: Uploads,
 ) -> Result<Json<ImageScore>, Error> {
+    let q = after_body(query)?;
     let embedding = if q.compressed { EmbeddingMode::Discriminative } else { EmbeddingMode::Full };
     single(&state, q.model.as_deref(), q.confidence.as_deref(), uploads, embedding).await
 }
 
 /// Score many images; each answers on its own.
 #[utoipa::path(
-    post, path = "/v1/score/batch", tag = "scoring", params(ModelQuery),
+    post, path = "/v1/score/batch", tag = "scoring", params(BatchQuery),
     request_body(description = "Repeated multipart `image` parts, or JSON with base64 images.",
         content((BatchUpload = "multipart/form-data"), (JsonBatch = "application/json"))),
     responses(
@@ -149,9 +151,10 @@ pub async fn embed(
 )]
 pub async fn score_batch(
     State(state): State<AppState>,
-    Query(q): Query<ModelQuery>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     Uploads { items: uploads, held: _held }: Uploads,
 ) -> Result<Json<BatchResponse>, Error> {
+    let q = after_body(query)?;
     let answers = score_uploads(&state, q.model.as_deref(), uploads, EmbeddingMode::Omit).await?;
     let scores: Vec<f32> = answers.iter().filter_map(|o| o.answer.as_ref().ok().map(|s| s.q_score)).collect();
     let summary = BatchSummary {
@@ -170,6 +173,13 @@ pub async fn score_batch(
         })
         .collect();
     Ok(Json(BatchResponse { results, summary }))
+}
+
+/// A POST's query string, checked only once its body has been read: refused before, the
+/// connection would close under a client still uploading, which then sees a reset instead of
+/// the 400 that says what was wrong.
+fn after_body<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+    query.map(|Query(q)| q).map_err(|e| Error::BadRequest(e.body_text()))
 }
 
 /// List the loaded models.

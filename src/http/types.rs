@@ -13,12 +13,21 @@ use crate::{
     risk::RiskSource,
 };
 
-/// `?model=NAME`.
+/// `?model=NAME` of a GET (`/v1/drift`): other parameters, such as a browser's cache-busting
+/// `?_=123`, are ignored; nothing is scored, so a misspelt one cannot change an answer's model.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ModelQuery {
+    /// Model to report on; every model when absent.
+    pub model: Option<String>,
+}
+
+/// `?model=NAME` of `/v1/score/batch`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 // A misspelt parameter (`?modle=`) is a 400 naming it, never a silent answer from the default.
 #[serde(deny_unknown_fields)]
-pub struct ModelQuery {
+pub struct BatchQuery {
     /// Model to use; the server's default when absent.
     pub model: Option<String>,
 }

@@ -87,7 +87,22 @@ class BudgetHog:
         return sizes
 
     def __enter__(self) -> "BudgetHog":
-        held = used_budget_bytes()
+        try:
+            self._fill()
+        except BaseException:
+            # A hog that failed to fill must not leave its stalled uploads holding the budget
+            # for the tests after it.
+            self.release()
+            raise
+        return self
+
+    def _fill(self) -> None:
+        # Start from an idle server: the bytes of a request answered a moment ago may still be
+        # on their way back, and would make the sums below wait for bytes that never come.
+        deadline = time.monotonic() + 10
+        while (held := used_budget_bytes()) != 0:
+            assert time.monotonic() < deadline, f"the server still holds {held} bytes with no request in flight"
+            time.sleep(0.02)
         for size in self.sizes():
             s = socket.create_connection(self.addr)
             s.sendall(
@@ -99,11 +114,12 @@ class BudgetHog:
             self.socks.append(s)
             held += size
             deadline = time.monotonic() + 10
-            while used_budget_bytes() < held:
-                assert time.monotonic() < deadline, f"the server never held the stalled upload's {size} bytes"
+            # Exactly, not at least: while a buffer grows it holds its old capacity too, and an
+            # upload sent during that moment would find the share full and be refused.
+            while (used := used_budget_bytes()) != held:
+                assert time.monotonic() < deadline, f"the server holds {used} bytes, not the {held} sent so far"
                 time.sleep(0.02)
         self.wait_until_full()
-        return self
 
     def wait_until_full(self) -> None:
         probe = QScoreClient(URL, api_key=API_KEY, model=MODEL, retry=RetryPolicy(max_attempts=1))
