@@ -6,10 +6,10 @@
 //! agree, so a model still being copied in is not loaded half-written; a folder whose files
 //! changed only in their times (`touch`) is compared by content and not reloaded. SIGHUP acts at
 //! once, settled or not, and compares every folder's contents, so a replacement that kept the
-//! files' sizes and times (`rsync -a`, `tar`) is seen too. The new version is loaded and warmed up beside the old one on a blocking
-//! thread, then the registry is swapped whole: a request holds the model it started with (its
-//! `Arc`, and with it the old worker thread) until it is answered, so nothing in flight fails,
-//! and readiness never drops. A folder that fails to load leaves its old version serving; the
+//! files' sizes and times (`rsync -a`, `tar`) is seen too. The new version is loaded and warmed
+//! up beside the old one on a blocking thread, then the registry is swapped whole: a request
+//! holds the model it started with (its `Arc`, and with it the old worker thread) until it is
+//! answered, so nothing in flight fails, and readiness never drops. A folder that fails to load leaves its old version serving; the
 //! failure is logged with what to fix, listed by `GET /v1/models` and counted in
 //! `qscore_model_reloads_total` and `qscore_model_load_failing`.
 
