@@ -261,12 +261,22 @@ pub struct EmbeddingDrift {
 impl EmbeddingDrift {
     /// The embedding test's answer for answers that kept no embeddings (a backfill's scores).
     pub fn not_stored(calibration: &Calibration) -> Self {
-        let sample = calibration.reference.embedding.as_ref();
-        Self {
-            status: EmbeddingDriftStatus::NotStored,
-            message: "the scores hold no embeddings, so the embedding test cannot run on them; POST the images to \
-                      `qscore serve` and read its /v1/drift for it"
+        Self::untested(
+            EmbeddingDriftStatus::NotStored,
+            "the scores hold no embeddings, so the embedding test cannot run on them; POST the images to \
+             `qscore serve` and read its /v1/drift for it"
                 .into(),
+            Some(calibration),
+        )
+    }
+
+    /// A report with no test result yet, saying why; the reference's size and bandwidth as
+    /// `calibration` has them.
+    fn untested(status: EmbeddingDriftStatus, message: String, calibration: Option<&Calibration>) -> Self {
+        let sample = calibration.and_then(|c| c.reference.embedding.as_ref());
+        Self {
+            status,
+            message,
             window_images: 0,
             reference_images: sample.map_or(0, |s| s.len()),
             min_window_images: MIN_EMBEDDING_WINDOW,
@@ -389,21 +399,14 @@ impl DriftMonitor {
     /// The embedding test's last result for `name`.
     fn embedding_report(&self, name: &str, calibration: Option<&Calibration>) -> EmbeddingDrift {
         let sample = calibration.and_then(|c| c.reference.embedding.as_ref());
-        let mut report = EmbeddingDrift {
-            status: EmbeddingDriftStatus::NoSample,
-            message: format!(
+        let mut report = EmbeddingDrift::untested(
+            EmbeddingDriftStatus::NoSample,
+            format!(
                 "the calibration of `{name}` holds no embedding sample, so the embedding test has no reference; \
                  re-run `qscore calibrate --model {name}` with this version"
             ),
-            window_images: 0,
-            reference_images: sample.map_or(0, |s| s.len()),
-            min_window_images: MIN_EMBEDDING_WINDOW,
-            mmd2: None,
-            p_value: None,
-            permutations: EMBEDDING_PERMUTATIONS,
-            bandwidth: sample.map(|s| f64::from(s.bandwidth)),
-            age_seconds: None,
-        };
+            calibration,
+        );
         let Some(drift) = sample.and(self.window(name)) else { return report };
         let last = drift.embedding.lock().expect("embedding drift lock");
         let Some(c) = last.as_ref() else {

@@ -8,7 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, root};
+use common::{
+    Server,
+    prometheus::{Prometheus, replace, shipped},
+    root,
+};
 use reqwest::blocking::multipart::{Form, Part};
 use serde_json::Value;
 
@@ -66,76 +70,23 @@ fn drift(s: &Server) -> Value {
 }
 
 /// Prometheus on loopback, scraping A and B as `fleet="pair"` and C as `fleet="single"` every
-/// second and evaluating the shipped rules every second; stopped on drop.
-struct Prometheus {
-    child: std::process::Child,
-    url: String,
-    dir: std::path::PathBuf,
-}
+/// second and evaluating the shipped rules every second.
+struct Fleet(Prometheus);
 
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Prometheus {
+impl Fleet {
     fn start(pair: [&str; 2], single: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("qscore-fleet-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let shipped = |f: &str| std::fs::read_to_string(root().join("deploy/prometheus").join(f)).unwrap();
         let targets = format!(
             "- targets: [\"{}\", \"{}\"]\n        labels: {{fleet: pair}}\n      - targets: [\"{single}\"]\n        labels: {{fleet: single}}",
             pair[0], pair[1]
         );
-        let mut config = shipped("prometheus.yml");
-        for (from, to) in [
-            ("- targets: [\"localhost:8080\"]", targets.as_str()),
-            ("scrape_interval: 15s", "scrape_interval: 1s\n  evaluation_interval: 1s"),
-        ] {
-            assert!(config.contains(from), "the shipped prometheus.yml changed: no `{from}`");
-            config = config.replace(from, to);
-        }
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        std::fs::write(dir.join("alerts.yml"), shipped("alerts.yml")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect(
-                "the Prometheus server is needed for this test: `make tools` installs it (Debian package prometheus)",
-            );
-        let p = Self { child, url: format!("http://127.0.0.1:{port}"), dir };
-        let ready = Instant::now();
-        while reqwest::blocking::get(format!("{}/-/ready", p.url)).map_or(true, |r| r.status() != 200) {
-            assert!(ready.elapsed() < Duration::from_secs(30), "Prometheus did not become ready in 30 s");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        p
-    }
-
-    fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let v: Value = reqwest::blocking::Client::new()
-            .get(format!("{}/api/v1/{path}", self.url))
-            .query(query)
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
-        assert_eq!(v["status"], "success", "{v}");
-        v["data"].clone()
+        let config = replace(&shipped("prometheus.yml"), "- targets: [\"localhost:8080\"]", &targets);
+        let config = replace(&config, "scrape_interval: 15s", "scrape_interval: 1s\n  evaluation_interval: 1s");
+        Self(Prometheus::start("fleet", &config, &shipped("alerts.yml")))
     }
 
     /// `expr` now, as (fleet label, value) pairs.
     fn query(&self, expr: &str) -> Vec<(String, f64)> {
-        let data = self.api("query", &[("query", expr)]);
+        let data = self.0.api("query", &[("query", expr)]);
         data["result"]
             .as_array()
             .unwrap()
@@ -172,7 +123,7 @@ fn two_replicas_merge_to_the_single_replica_figures() {
         [(); 3].map(|()| started.next().unwrap())
     });
     let host = |s: &Server| s.url.trim_start_matches("http://").to_owned();
-    let prometheus = Prometheus::start([&host(&a), &host(&b)], &host(&c));
+    let prometheus = Fleet::start([&host(&a), &host(&b)], &host(&c));
 
     // C answers the whole stream; A its first half (all clean), B the rest (mostly degraded).
     let images = stream();
@@ -194,7 +145,7 @@ fn two_replicas_merge_to_the_single_replica_figures() {
         std::thread::sleep(Duration::from_millis(250));
     }
     std::thread::sleep(Duration::from_millis(2500));
-    let rules = prometheus.api("rules", &[]);
+    let rules = prometheus.0.api("rules", &[]);
     let group = rules["groups"].as_array().unwrap().iter().find(|g| g["name"] == "qscore-drift-fleet").unwrap();
     for rule in group["rules"].as_array().unwrap() {
         assert_eq!(rule["health"], "ok", "a fleet rule does not evaluate: {rule}");

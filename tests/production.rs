@@ -11,7 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, read, root};
+use common::{
+    Server,
+    prometheus::{Prometheus, replace, shipped},
+    read, root,
+};
 use reqwest::blocking::multipart::{Form, Part};
 use serde_json::Value;
 
@@ -434,68 +438,26 @@ fn drift_rises_past_the_alert_thresholds_on_a_degraded_stream() {
     assert!(none["embedding"]["p_value"].is_null());
 }
 
-/// A Prometheus server (Debian's, started on loopback) stopped when the test ends.
-struct Prometheus {
-    child: std::process::Child,
-    url: String,
-    dir: std::path::PathBuf,
-}
+/// The shipped deploy/prometheus/prometheus.yml and alerts.yml in a real Prometheus, scraping
+/// one qscore. Only timing changes: scrapes and rule evaluations every second, and every alert's
+/// `for:` set to 0s, so a test sees in seconds what production sees in minutes. The alert
+/// expressions are the shipped ones, byte for byte.
+struct Alerting(Prometheus);
 
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Prometheus {
-    /// Prometheus with the shipped deploy/prometheus/prometheus.yml and alerts.yml, scraping
-    /// `target` (host:port). Only timing changes: scrapes and rule evaluations every second, and
-    /// every alert's `for:` set to 0s, so a test sees in seconds what production sees in
-    /// minutes. The alert expressions are the shipped ones, byte for byte.
+impl Alerting {
     fn start(target: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("qscore-prometheus-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let shipped = |f: &str| std::fs::read_to_string(root().join("deploy/prometheus").join(f)).unwrap();
-        let replace = |text: String, from: &str, to: &str| {
-            assert!(text.contains(from), "the shipped Prometheus files changed: no `{from}`");
-            text.replace(from, to)
-        };
-        let mut config = replace(shipped("prometheus.yml"), "localhost:8080", target);
-        config = replace(config, "scrape_interval: 15s", "scrape_interval: 1s\n  evaluation_interval: 1s");
+        let config = replace(&shipped("prometheus.yml"), "localhost:8080", target);
+        let config = replace(&config, "scrape_interval: 15s", "scrape_interval: 1s\n  evaluation_interval: 1s");
         let mut alerts = shipped("alerts.yml");
         for held in ["for: 10m", "for: 15m", "for: 5m"] {
             alerts = alerts.replace(held, "for: 0s");
         }
         assert!(!alerts.contains("for: 1") && !alerts.contains("for: 5"), "an alert keeps a hold time:\n{alerts}");
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        std::fs::write(dir.join("alerts.yml"), alerts).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect(
-                "the Prometheus server is needed for this test: `make tools` installs it (Debian package prometheus)",
-            );
-        let p = Self { child, url: format!("http://127.0.0.1:{port}"), dir };
-        let ready = Instant::now();
-        while reqwest::blocking::get(format!("{}/-/ready", p.url)).map_or(true, |r| r.status() != 200) {
-            assert!(ready.elapsed() < Duration::from_secs(30), "Prometheus did not become ready in 30 s");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        p
+        Self(Prometheus::start("alerting", &config, &alerts))
     }
 
-    fn api(&self, path: &str) -> Value {
-        let v: Value = reqwest::blocking::get(format!("{}/api/v1/{path}", self.url)).unwrap().json().unwrap();
-        assert_eq!(v["status"], "success", "{v}");
-        v["data"].clone()
+    fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        self.0.api(path, query)
     }
 
     /// Waits until Prometheus has scraped `window` drift images for `model` and evaluated the
@@ -503,7 +465,7 @@ impl Prometheus {
     fn wait_for_window(&self, model: &str, window: usize) {
         let start = Instant::now();
         loop {
-            let q = self.api(&format!("query?query=qscore_drift_window_images%7Bmodel%3D%22{model}%22%7D"));
+            let q = self.api("query", &[("query", &format!("qscore_drift_window_images{{model=\"{model}\"}}"))]);
             if q["result"][0]["value"][1].as_str() == Some(&window.to_string()) {
                 break;
             }
@@ -515,7 +477,7 @@ impl Prometheus {
 
     /// The names of the alerts firing now.
     fn firing(&self) -> Vec<String> {
-        let alerts = self.api("alerts");
+        let alerts = self.api("alerts", &[]);
         alerts["alerts"]
             .as_array()
             .unwrap()
@@ -534,7 +496,7 @@ impl Prometheus {
 fn prometheus_fires_the_shipped_drift_alerts_on_a_degraded_stream_only() {
     let model = "fmnist-simclr";
     let s = Server::start(&["--drift-window", "200"]);
-    let prometheus = Prometheus::start(s.url.trim_start_matches("http://"));
+    let prometheus = Alerting::start(s.url.trim_start_matches("http://"));
     let (clean, degraded) = fmnist_streams();
     let post = |images: &[Vec<u8>]| {
         let form = images
@@ -547,7 +509,7 @@ fn prometheus_fires_the_shipped_drift_alerts_on_a_degraded_stream_only() {
 
     post(&clean);
     prometheus.wait_for_window(model, 200);
-    let rules = prometheus.api("rules");
+    let rules = prometheus.api("rules", &[]);
     let drift_rules = rules["groups"].as_array().unwrap().iter().find(|g| g["name"] == "qscore-drift").unwrap();
     for rule in drift_rules["rules"].as_array().unwrap() {
         assert_eq!(rule["health"], "ok", "a shipped rule does not evaluate: {rule}");
