@@ -29,22 +29,7 @@ fn stream() -> Vec<Vec<u8>> {
     files.sort();
     let clean: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     let mut seed = 12345_u32;
-    let degraded: Vec<Vec<u8>> = clean
-        .iter()
-        .take(100)
-        .map(|bytes| {
-            let img = image::load_from_memory(bytes).unwrap().to_luma8();
-            let mut blurred = image::imageops::blur(&img, 2.0);
-            for p in blurred.pixels_mut() {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                let noise = (seed >> 24) as i32 - 128;
-                p.0[0] = (i32::from(p.0[0]) + noise / 2).clamp(0, 255) as u8;
-            }
-            let mut out = std::io::Cursor::new(Vec::new());
-            blurred.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            out.into_inner()
-        })
-        .collect();
+    let degraded: Vec<Vec<u8>> = clean.iter().take(100).map(|bytes| common::degrade(bytes, &mut seed)).collect();
     [clean, degraded].concat()
 }
 

@@ -350,17 +350,8 @@ fn fmnist_streams() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut seed = 12345_u32;
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
-        let img = image::load_from_memory(&bytes).unwrap().to_luma8();
-        let mut blurred = image::imageops::blur(&img, 2.0);
-        for p in blurred.pixels_mut() {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            let noise = (seed >> 24) as i32 - 128;
-            p.0[0] = (i32::from(p.0[0]) + noise / 2).clamp(0, 255) as u8;
-        }
-        let mut out = std::io::Cursor::new(Vec::new());
-        blurred.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        degraded.push(common::degrade(&bytes, &mut seed));
         clean.push(bytes);
-        degraded.push(out.into_inner());
     }
     (clean, degraded)
 }

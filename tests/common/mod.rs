@@ -180,3 +180,18 @@ pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
 pub fn floats(v: &serde_json::Value) -> Vec<f64> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().unwrap()).collect()
 }
+
+/// `bytes` (an image) blurred and overlaid with deterministic noise from `seed` (advanced), as
+/// a PNG: the degraded images the drift tests feed a server to make it drift.
+pub fn degrade(bytes: &[u8], seed: &mut u32) -> Vec<u8> {
+    let img = image::load_from_memory(bytes).unwrap().to_luma8();
+    let mut blurred = image::imageops::blur(&img, 2.0);
+    for p in blurred.pixels_mut() {
+        *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let noise = (*seed >> 24) as i32 - 128;
+        p.0[0] = (i32::from(p.0[0]) + noise / 2).clamp(0, 255) as u8;
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    blurred.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
