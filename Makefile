@@ -38,7 +38,8 @@ RANDOM_SUBSETS    := 3
 COMPRESSION_CURVE := 0.4,0.6,0.8,1.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
-        fmnist-data calibrate evaluate load-bench bench-env swagger-ui
+        fmnist-data calibrate evaluate load-bench bench-env swagger-ui \
+        photos dct-scaling-bench profile
 
 all: build
 
@@ -117,11 +118,16 @@ bench: build
 # The Python baseline's environment and wrk, for the load benchmark.
 bench-env:
 	@command -v wrk >/dev/null || $$(command -v sudo) apt-get install -y -qq wrk >/dev/null
+	@command -v perf >/dev/null || $$(command -v sudo) apt-get install -y -qq linux-perf >/dev/null
 	test -x .venv-bench/bin/uvicorn || { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -r benches/baseline/requirements.txt; }
 
 # qscore vs the raw ONNX Runtime ceiling vs the Python FastAPI baseline vs --max-batch 1: one table.
 load-bench: build bench-env
 	benches/load/run.sh
+
+# Where a loaded server's CPU goes, per image and per stage (perf, DWARF call stacks).
+profile: build bench-env
+	benches/profile/run.sh
 
 # Rebuild the bundled MobileNetV2 encoder and its golden embeddings (needs Debian's CPU PyTorch).
 model:
@@ -145,6 +151,22 @@ ssl-models: train-env
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:
 	/usr/bin/python3 models/recipes/fmnist_to_imagefolder.py --split t10k --per-class 20 --out tests/fixtures/fmnist
+
+# Large real photos (2560x1600 to 5120x2880 JPEGs, sequential and progressive, colour and grey)
+# from two Debian wallpaper packages, for the benchmarks that need more than the fixtures' 640x427.
+PHOTOS_DIR ?= /tmp/qscore-large-photos
+PHOTO_PACKAGES := plasma-workspace-wallpapers ukui-wallpapers
+photos:
+	@test -d $(PHOTOS_DIR) || { tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp && \
+	  apt-get download $(PHOTO_PACKAGES) >/dev/null && for d in *.deb; do dpkg -x $$d x; done && \
+	  mkdir -p $(PHOTOS_DIR).part && \
+	  find x -name '*.jpg' -size +100k | while read -r f; do cp "$$f" "$(PHOTOS_DIR).part/$$(echo "$${f#x/usr/share/}" | tr / _)"; done && \
+	  mv $(PHOTOS_DIR).part $(PHOTOS_DIR); }
+	@echo "$$(ls $(PHOTOS_DIR) | wc -l) photos in $(PHOTOS_DIR)"
+
+# `[preprocess] jpeg_dct_scaling` on those photos: time and cosine against the exact path.
+dct-scaling-bench: build photos
+	$(CARGO) run --release --locked --quiet --example dct_scaling -- models/mobilenet_v2-imagenet $(PHOTOS_DIR) 7
 
 # Fashion-MNIST as ImageFolder PNGs (train and t10k) from Debian's IDX files.
 fmnist-data:

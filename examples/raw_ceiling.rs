@@ -2,7 +2,7 @@
 //! in advance, and the single-image path (decode + preprocess + one run) that bounds latency at
 //! concurrency 1. Prints one JSON object for `benches/load/run.sh`.
 //!
-//! cargo run --release --example raw_ceiling -- PHOTO.jpg [SECONDS]
+//! cargo run --release --example raw_ceiling -- PHOTO.jpg [SECONDS] [MODEL_DIR]
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let photo = std::fs::read(args.get(1).map_or("tests/fixtures/photos/china.jpg", String::as_str))?;
     let seconds: f64 = args.get(2).map_or(Ok(5.0), |s| s.parse())?;
-    let dir = std::path::Path::new("models/mobilenet_v2-imagenet");
+    let dir = std::path::Path::new(args.get(3).map_or("models/mobilenet_v2-imagenet", String::as_str));
     let manifest = Manifest::load(dir)?;
     let pre = manifest.preprocess();
     let env = runtime::start(&runtime::locate(None)?)?;

@@ -80,6 +80,12 @@ exif = Image.Exif()
 exif[0x0112] = 6
 images["jpeg_exif6.jpg"] = (GREY, encode(small.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=60,
                                          exif=exif.tobytes()))
+# Large enough for a reduced-scale decode (`jpeg_dct_scaling`, selector bit 1): 1/8 of 240x232
+# still covers 28x28. (ImageNet's 256 would need a 2048-pixel JPEG, past a seed's size.)
+REDUCED_GREY = b"\x03"
+images["jpeg_reduced_grey.jpg"] = (REDUCED_GREY, encode(grey.resize((240, 232), Image.BILINEAR), "JPEG", quality=20))
+images["jpeg_reduced_rgb_exif6.jpg"] = (REDUCED_GREY, encode(photo.resize((240, 232), Image.BILINEAR), "JPEG",
+                                                              quality=10, exif=exif.tobytes()))
 for name, (choice, data) in images.items():
     write("image", name, choice + data)
 

@@ -1,8 +1,10 @@
 //! `qscore::image::prepare`: every image format qscore sniffs and decodes (JPEG, PNG, GIF, BMP,
 //! WebP, TIFF), through the header limits, colour conversion, resize, crop and normalisation.
 //!
-//! Input: byte 0 picks the preprocessing (even: ImageNet RGB 224x224 after a shorter-side
-//! resize to 256; odd: greyscale 28x28, plain resize); the rest is the encoded image.
+//! Input: byte 0 picks the preprocessing (its lowest bit: ImageNet RGB 224x224 after a
+//! shorter-side resize to 256, or greyscale 28x28, plain resize; its next bit: a large JPEG
+//! decoded at a reduced scale by jpeg-decoder, `jpeg_dct_scaling`); the rest is the encoded
+//! image.
 //!
 //! Properties: no panic, no allocation past libFuzzer's -malloc_limit_mb / -rss_limit_mb;
 //! when `prepare` succeeds, `inspect` succeeds on the same bytes, its `peak_bytes` (what the
@@ -32,6 +34,7 @@ static IMAGENET: LazyLock<Preprocess> = LazyLock::new(|| Preprocess {
     color: Color::Rgb,
     mean: vec![0.485, 0.456, 0.406],
     std: vec![0.229, 0.224, 0.225],
+    jpeg_dct_scaling: false,
 });
 
 static GREY28: LazyLock<Preprocess> = LazyLock::new(|| Preprocess {
@@ -41,6 +44,12 @@ static GREY28: LazyLock<Preprocess> = LazyLock::new(|| Preprocess {
     color: Color::Grey,
     mean: vec![0.5],
     std: vec![0.5],
+    jpeg_dct_scaling: false,
+});
+
+/// Both again with a large JPEG decoded at a reduced scale (another decoder, jpeg-decoder).
+static REDUCED: LazyLock<[Preprocess; 2]> = LazyLock::new(|| {
+    [&*IMAGENET, &*GREY28].map(|p| Preprocess { jpeg_dct_scaling: true, ..p.clone() })
 });
 
 const GIB: u64 = 1 << 30;
@@ -105,7 +114,11 @@ static ALLOC: Counting = Counting;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&choice, bytes)) = data.split_first() else { return };
-    let p: &Preprocess = if choice & 1 == 0 { &IMAGENET } else { &GREY28 };
+    let p: &Preprocess = match choice & 3 {
+        0 => &IMAGENET,
+        1 => &GREY28,
+        n => &REDUCED[usize::from(n - 2)],
+    };
     let limits = ImageLimits::DEFAULT;
     let (result, held) = measured(|| prepare(bytes, &limits, p));
     let header = match (inspect(bytes, &limits), &result) {

@@ -26,6 +26,9 @@ pub struct Structure {
     /// Its frame: the start-of-frame marker's second byte (C0 baseline ... CF) and the sample
     /// precision in bits; `None` if no frame header comes before the first scan.
     pub frame: Option<(u8, u8)>,
+    /// Bytes in its application and comment segments (APP0-APP15, COM): what a decoder may keep
+    /// as metadata (an ICC profile may span 255 APP2 segments).
+    pub metadata_bytes: u64,
 }
 
 impl Structure {
@@ -54,6 +57,7 @@ pub fn walk(bytes: &[u8]) -> Result<Structure, Incomplete> {
     }
     let mut pos = 2;
     let mut frame = None;
+    let mut metadata_bytes = 0;
     loop {
         // libjpeg skips stray bytes before a marker with a warning, and any marker may be
         // preceded by fill bytes (FF FF ...); both are read past here.
@@ -68,7 +72,7 @@ pub fn walk(bytes: &[u8]) -> Result<Structure, Incomplete> {
         };
         pos += 1;
         match marker {
-            0xD9 => return Ok(Structure { len: pos, frame }),
+            0xD9 => return Ok(Structure { len: pos, frame, metadata_bytes }),
             // Standalone markers without a length: TEM, restarts, a repeated SOI; FF 00 is a
             // stuffed byte in stray data, not a marker.
             0x00 | 0x01 | 0xD0..=0xD8 => {}
@@ -86,6 +90,9 @@ pub fn walk(bytes: &[u8]) -> Result<Structure, Incomplete> {
                 if matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) && frame.is_none() {
                     frame = bytes.get(pos + 2).map(|&precision| (marker, precision));
                 }
+                if matches!(marker, 0xE0..=0xEF | 0xFE) {
+                    metadata_bytes += len as u64;
+                }
                 pos += len;
                 if marker == 0xDA {
                     pos = scan_end(bytes, pos)?;
@@ -99,7 +106,9 @@ pub fn walk(bytes: &[u8]) -> Result<Structure, Incomplete> {
 /// that is neither a stuffed FF 00 nor a restart marker (FF D0-D7), fill bytes skipped.
 fn scan_end(bytes: &[u8], mut pos: usize) -> Result<usize, Incomplete> {
     loop {
-        let Some(ff) = bytes[pos..].iter().position(|&b| b == 0xFF) else {
+        // memchr: the entropy-coded data is most of the file, and a byte-at-a-time search
+        // showed as 1.3% of a loaded server's CPU.
+        let Some(ff) = memchr::memchr(0xFF, &bytes[pos..]) else {
             return Err(Incomplete::Truncated("it ends inside a scan"));
         };
         pos += ff;

@@ -97,6 +97,13 @@ pub struct PreprocessSpec {
     pub mean: Vec<f32>,
     /// Per-channel standard deviation.
     pub std: Vec<f32>,
+    /// Decode a large JPEG at 1/2, 1/4 or 1/8 of its size in the DCT domain (libjpeg's scaled
+    /// decoding) when the reduced image still has at least the pixels the resize needs on both
+    /// sides, instead of decoding every pixel and resizing them away. Off by default: the
+    /// tensor is then no longer bit-for-bit the reference pipeline's (models/README.md gives the
+    /// measured cosine to the exact path).
+    #[serde(default)]
+    pub jpeg_dct_scaling: bool,
 }
 
 /// Colour layout of the input.
@@ -140,6 +147,8 @@ pub struct Preprocess {
     pub mean: Vec<f32>,
     /// Per-channel std.
     pub std: Vec<f32>,
+    /// Whether a large JPEG may be decoded at a reduced scale ([`PreprocessSpec::jpeg_dct_scaling`]).
+    pub jpeg_dct_scaling: bool,
 }
 
 impl Preprocess {
@@ -216,6 +225,7 @@ impl Manifest {
             color: self.preprocess.color,
             mean: self.preprocess.mean.clone(),
             std: self.preprocess.std.clone(),
+            jpeg_dct_scaling: self.preprocess.jpeg_dct_scaling,
         }
     }
 }
