@@ -35,7 +35,12 @@ fn engine() -> EngineConfig {
         models_dir: root().join("models"),
         default_model: Some("mobilenet_v2-imagenet".into()),
         ort_lib: None,
-        session: SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All },
+        session: SessionOptions {
+            device: Device::Cpu,
+            intra_threads: 0,
+            intra_spinning: false,
+            optimization: GraphOptimization::All,
+        },
         batching: BatchSettings { max_batch: 32, max_delay: Duration::from_millis(2) },
         limits: ImageLimits::DEFAULT,
     }
@@ -71,7 +76,12 @@ fn benches(c: &mut Criterion) {
         &root().join("models/mobilenet_v2-imagenet/model.onnx"),
         ("pixel_values", "embedding", 1280),
         None,
-        SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All },
+        SessionOptions {
+            device: Device::Cpu,
+            intra_threads: 0,
+            intra_spinning: true,
+            optimization: GraphOptimization::All,
+        },
     )
     .unwrap();
     let mut raw = c.benchmark_group("ort_raw");

@@ -53,7 +53,12 @@ fn main() -> anyhow::Result<()> {
     let exact = Preprocess { jpeg_dct_scaling: false, ..manifest.preprocess() };
     let reduced = Preprocess { jpeg_dct_scaling: true, ..manifest.preprocess() };
     let env = runtime::start(&runtime::locate(None)?)?;
-    let opts = SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All };
+    let opts = SessionOptions {
+        device: Device::Cpu,
+        intra_threads: 0,
+        intra_spinning: true,
+        optimization: GraphOptimization::All,
+    };
     let mut encoder = Encoder::load(
         &env,
         &dir.join("model.onnx"),

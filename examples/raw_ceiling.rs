@@ -25,7 +25,12 @@ fn main() -> anyhow::Result<()> {
     let manifest = Manifest::load(dir)?;
     let pre = manifest.preprocess();
     let env = runtime::start(&runtime::locate(None)?)?;
-    let opts = SessionOptions { device: Device::Cpu, intra_threads: 0, optimization: GraphOptimization::All };
+    let opts = SessionOptions {
+        device: Device::Cpu,
+        intra_threads: 0,
+        intra_spinning: true,
+        optimization: GraphOptimization::All,
+    };
     let mut encoder = Encoder::load(
         &env,
         &dir.join("model.onnx"),

@@ -64,6 +64,11 @@ pub struct EngineArgs {
     /// ONNX Runtime intra-op threads per model (0: ONNX Runtime's default, one per core).
     #[arg(long, env = "QSCORE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+    /// Let ONNX Runtime's idle intra-op threads spin before they sleep (its own default). Off
+    /// here: the decoders share the cores, and spinning threads took 30% more CPU per image
+    /// under load (README, Benchmarks); turn it on for a model served on cores of its own.
+    #[arg(long, env = "QSCORE_INTRA_OP_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub intra_op_spinning: bool,
     /// ONNX Runtime graph optimisation level: disable, basic, extended or all.
     #[arg(long, env = "QSCORE_GRAPH_OPTIMIZATION", default_value = "all",
           value_parser = clap::builder::PossibleValuesParser::new(["disable", "basic", "extended", "all"])
@@ -100,6 +105,7 @@ impl EngineArgs {
             session: SessionOptions {
                 device: self.device,
                 intra_threads: self.intra_threads,
+                intra_spinning: self.intra_op_spinning,
                 optimization: self.graph_optimization,
             },
             batching: BatchSettings {

@@ -25,9 +25,7 @@ type Answer = (u16, Option<String>, Vec<u8>);
 /// and records every request as `(path_and_query, authorized)`; authorized means it carried
 /// `Authorization: Token ls-secret`, and any other Authorization header is recorded as such too.
 /// Each connection is answered on its own thread, so a slow answer holds only its own.
-fn stand_in(
-    answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static,
-) -> (String, Seen) {
+fn stand_in(answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static) -> (String, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -19,6 +19,10 @@ pub struct SessionOptions {
     pub device: Device,
     /// Intra-op threads (0: ONNX Runtime's default).
     pub intra_threads: usize,
+    /// Whether idle intra-op threads spin before sleeping. ONNX Runtime spins by default, which
+    /// suits a process that only runs inference; qscore decodes on the same cores, and spinning
+    /// threads take their time (README, Benchmarks).
+    pub intra_spinning: bool,
     /// Graph optimisation level.
     pub optimization: GraphOptimization,
 }
@@ -125,6 +129,9 @@ impl Encoder {
                 GraphOptimization::All => GraphOptimizationLevel::Level3,
             })
             .map_err(|e| fail("optimisation level", e.to_string()))?;
+        builder = builder
+            .with_intra_op_spinning(opts.intra_spinning)
+            .map_err(|e| fail("intra-op spinning", e.to_string()))?;
         if opts.intra_threads > 0 {
             builder =
                 builder.with_intra_threads(opts.intra_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
