@@ -100,7 +100,7 @@ pub struct PreprocessSpec {
     /// Decode a large JPEG at 1/2, 1/4 or 1/8 of its size in the DCT domain (libjpeg's scaled
     /// decoding) when the reduced image still has at least the pixels the resize needs on both
     /// sides, instead of decoding every pixel and resizing them away. Off by default: the
-    /// tensor is then no longer bit-for-bit the reference pipeline's (models/README.md gives the
+    /// tensor is then no longer bit-for-bit the reference pipeline's (the README's Benchmarks give the
     /// measured cosine to the exact path).
     #[serde(default)]
     pub jpeg_dct_scaling: bool,
