@@ -97,11 +97,11 @@ pub struct PreprocessSpec {
     pub mean: Vec<f32>,
     /// Per-channel standard deviation.
     pub std: Vec<f32>,
-    /// Decode a large JPEG at 1/2, 1/4 or 1/8 of its size in the DCT domain (libjpeg's scaled
-    /// decoding) when the reduced image still has at least the pixels the resize needs on both
-    /// sides, instead of decoding every pixel and resizing them away. Off by default: the
-    /// tensor is then no longer bit-for-bit the reference pipeline's (the README's Benchmarks give the
-    /// measured cosine to the exact path).
+    /// Decode a large sequential JPEG at 1/4 or 1/8 of its size in the DCT domain (libjpeg's
+    /// scaled decoding) when the reduced image still has at least the pixels the resize needs on
+    /// both sides, instead of decoding every pixel and resizing them away. Off by default: the
+    /// tensor is then not the reference pipeline's, and it pays only for small inputs (the
+    /// README's Benchmarks give the measured cosine and speed).
     #[serde(default)]
     pub jpeg_dct_scaling: bool,
 }
