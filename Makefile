@@ -39,7 +39,7 @@ COMPRESSION_CURVE := 0.4,0.6,0.8,1.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
         fmnist-data calibrate evaluate load-bench bench-env swagger-ui \
-        photos dct-scaling-bench profile
+        photos dct-scaling-bench profile fp16-models gpu-bench-prepare
 
 all: build
 
@@ -128,6 +128,22 @@ load-bench: build bench-env
 # Where a loaded server's CPU goes, per image and per stage (perf, DWARF call stacks).
 profile: build bench-env
 	benches/profile/run.sh
+
+# The float16 variants of the bundled encoders, for --device cuda, in models-fp16/ (git-ignored,
+# derived from models/; a CPU server refuses them). Its own venv, pinned by the requirements file.
+FP16_VENV := .venv-fp16
+fp16-models: $(FP16_VENV)/installed
+	$(FP16_VENV)/bin/python models/recipes/convert_fp16.py --models-dir models --out models-fp16
+
+$(FP16_VENV)/installed: models/recipes/requirements-fp16.txt
+	test -x $(FP16_VENV)/bin/pip || python3 -m venv $(FP16_VENV)
+	$(FP16_VENV)/bin/pip install -q -r models/recipes/requirements-fp16.txt
+	touch $@
+
+# Everything the GPU benchmark needs on the lent GPU machine, into the ignored .gpu-bench/
+# (benches/gpu/README.md has the device calls).
+gpu-bench-prepare: build fp16-models
+	benches/gpu/prepare.sh
 
 # Rebuild the bundled MobileNetV2 encoder and its golden embeddings (needs Debian's CPU PyTorch).
 model:

@@ -20,7 +20,7 @@ use qscore::{
     engine::{BatchSettings, Capacity, EmbeddingMode, Engine, EngineConfig, Input, Selection},
     http::{AppState, RequestLimits},
     image::ImageLimits,
-    model::encoder::{Device, Encoder, GraphOptimization, SessionOptions},
+    model::encoder::{Encoder, SessionOptions},
     qscore::Discriminative,
 };
 
@@ -35,12 +35,7 @@ fn engine() -> EngineConfig {
         models_dir: root().join("models"),
         default_model: Some("mobilenet_v2-imagenet".into()),
         ort_lib: None,
-        session: SessionOptions {
-            device: Device::Cpu,
-            intra_threads: 0,
-            intra_spinning: false,
-            optimization: GraphOptimization::All,
-        },
+        session: SessionOptions::default(),
         batching: BatchSettings { max_batch: 32, max_delay: Duration::from_millis(2) },
         limits: ImageLimits::DEFAULT,
     }
@@ -76,12 +71,7 @@ fn benches(c: &mut Criterion) {
         &root().join("models/mobilenet_v2-imagenet/model.onnx"),
         ("pixel_values", "embedding", 1280),
         None,
-        SessionOptions {
-            device: Device::Cpu,
-            intra_threads: 0,
-            intra_spinning: true,
-            optimization: GraphOptimization::All,
-        },
+        SessionOptions { intra_spinning: true, ..SessionOptions::default() },
     )
     .unwrap();
     let mut raw = c.benchmark_group("ort_raw");

@@ -13,7 +13,6 @@ use std::{
 
 use ndarray::{Array1, Axis};
 use qscore::{
-    config::{Device, GraphOptimization},
     image::ImageLimits,
     model::{
         encoder::{Encoder, SessionOptions},
@@ -56,12 +55,7 @@ fn main() -> anyhow::Result<()> {
     let exact = Preprocess { jpeg_dct_scaling: false, ..manifest.preprocess() };
     let reduced = Preprocess { jpeg_dct_scaling: true, ..manifest.preprocess() };
     let env = runtime::start(&runtime::locate(None)?)?;
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        intra_threads: 0,
-        intra_spinning: true,
-        optimization: GraphOptimization::All,
-    };
+    let opts = SessionOptions { intra_spinning: true, ..SessionOptions::default() };
     let mut encoder = Encoder::load(
         &env,
         &dir.join("model.onnx"),

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array4, Axis};
 use qscore::{
-    config::{Device, GraphOptimization},
     image::ImageLimits,
     model::{
         encoder::{Encoder, SessionOptions},
@@ -25,12 +24,7 @@ fn main() -> anyhow::Result<()> {
     let manifest = Manifest::load(dir)?;
     let pre = manifest.preprocess();
     let env = runtime::start(&runtime::locate(None)?)?;
-    let opts = SessionOptions {
-        device: Device::Cpu,
-        intra_threads: 0,
-        intra_spinning: true,
-        optimization: GraphOptimization::All,
-    };
+    let opts = SessionOptions { intra_spinning: true, ..SessionOptions::default() };
     let mut encoder = Encoder::load(
         &env,
         &dir.join("model.onnx"),

@@ -8,7 +8,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::TypedValueParser};
 
 pub use crate::backfill::{fetch::AllowedHost, manifest::Shard};
-pub use crate::model::encoder::{Device, GraphOptimization};
+pub use crate::model::encoder::{ArenaExtend, ConvAlgoSearch, CudaOptions, Device, GraphOptimization};
 use crate::{
     engine::{BatchSettings, EngineConfig},
     image::ImageLimits,
@@ -61,7 +61,8 @@ pub struct EngineArgs {
     /// never a silent fallback to CPU.
     #[arg(long, env = "QSCORE_DEVICE", default_value = "cpu")]
     pub device: Device,
-    /// ONNX Runtime intra-op threads per model (0: ONNX Runtime's default, one per core).
+    /// ONNX Runtime intra-op threads per model (0: one per core on cpu; 1 on cuda, where the GPU
+    /// does the work and more threads would only take cores from image decoding).
     #[arg(long, env = "QSCORE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
     /// Let ONNX Runtime's idle intra-op threads spin before they sleep (its own default). Off
@@ -74,6 +75,27 @@ pub struct EngineArgs {
           value_parser = clap::builder::PossibleValuesParser::new(["disable", "basic", "extended", "all"])
               .map(|s| s.parse::<GraphOptimization>().expect("a listed value")))]
     pub graph_optimization: GraphOptimization,
+    /// CUDA only: how the GPU memory arena grows, next-power-of-two (ONNX Runtime's default:
+    /// few large allocations) or same-as-requested (tighter, more allocations).
+    #[arg(long, env = "QSCORE_CUDA_ARENA_EXTEND_STRATEGY",
+          value_parser = clap::builder::PossibleValuesParser::new(["next-power-of-two", "same-as-requested"])
+              .map(|s| s.parse::<ArenaExtend>().expect("a listed value")))]
+    pub cuda_arena_extend_strategy: Option<ArenaExtend>,
+    /// CUDA only: most bytes of GPU memory each model's arena may hold [default: no limit]. Each
+    /// model has its own session and arena; cuDNN's workspace and CUDA's context come on top.
+    #[arg(long, env = "QSCORE_CUDA_MEMORY_LIMIT_BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub cuda_memory_limit_bytes: Option<u64>,
+    /// CUDA only: how cuDNN picks each convolution's algorithm: exhaustive (ONNX Runtime's
+    /// default: benchmarks every algorithm the first time each batch size is seen, so the first
+    /// batches of a size are slow), heuristic (no benchmarking) or default (least memory).
+    #[arg(long, env = "QSCORE_CUDNN_CONV_ALGO_SEARCH",
+          value_parser = clap::builder::PossibleValuesParser::new(["exhaustive", "heuristic", "default"])
+              .map(|s| s.parse::<ConvAlgoSearch>().expect("a listed value")))]
+    pub cudnn_conv_algo_search: Option<ConvAlgoSearch>,
+    /// CUDA only: whether cuDNN's algorithm search may use as much GPU memory as it wants
+    /// (true, ONNX Runtime's default) or 32 MB (false: less memory, maybe slower kernels).
+    #[arg(long, env = "QSCORE_CUDNN_CONV_USE_MAX_WORKSPACE", value_name = "BOOL")]
+    pub cudnn_conv_use_max_workspace: Option<bool>,
     /// Most images in one ONNX Runtime run; images from many requests are gathered up to it,
     /// and larger requests are split.
     #[arg(long, env = "QSCORE_MAX_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -96,9 +118,35 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The engine's plain configuration: the only form the rest of the program sees.
-    pub fn config(&self) -> EngineConfig {
-        EngineConfig {
+    /// The engine's plain configuration: the only form the rest of the program sees. A CUDA
+    /// setting with `--device cpu` is refused: it would do nothing, and an operator who set a
+    /// GPU memory limit should not believe one is in force.
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        let cuda = CudaOptions {
+            arena_extend: self.cuda_arena_extend_strategy,
+            memory_limit_bytes: self.cuda_memory_limit_bytes,
+            conv_algo_search: self.cudnn_conv_algo_search,
+            conv_max_workspace: self.cudnn_conv_use_max_workspace,
+        };
+        if self.device == Device::Cpu && cuda.is_set() {
+            let set: Vec<&str> = [
+                (cuda.arena_extend.is_some(), "--cuda-arena-extend-strategy (QSCORE_CUDA_ARENA_EXTEND_STRATEGY)"),
+                (cuda.memory_limit_bytes.is_some(), "--cuda-memory-limit-bytes (QSCORE_CUDA_MEMORY_LIMIT_BYTES)"),
+                (cuda.conv_algo_search.is_some(), "--cudnn-conv-algo-search (QSCORE_CUDNN_CONV_ALGO_SEARCH)"),
+                (
+                    cuda.conv_max_workspace.is_some(),
+                    "--cudnn-conv-use-max-workspace (QSCORE_CUDNN_CONV_USE_MAX_WORKSPACE)",
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+            anyhow::bail!(
+                "{} only apply to --device cuda, and the device is cpu: run with --device cuda, or unset them",
+                set.join(", ")
+            );
+        }
+        Ok(EngineConfig {
             models_dir: self.models_dir.clone(),
             default_model: self.model.clone(),
             ort_lib: self.ort_lib.clone(),
@@ -107,6 +155,8 @@ impl EngineArgs {
                 intra_threads: self.intra_threads,
                 intra_spinning: self.intra_op_spinning,
                 optimization: self.graph_optimization,
+                cuda,
+                io: None,
             },
             batching: BatchSettings {
                 max_batch: self.max_batch as usize,
@@ -117,7 +167,7 @@ impl EngineArgs {
                 max_pixels: self.max_image_pixels,
                 max_aspect_ratio: self.max_image_aspect_ratio,
             },
-        }
+        })
     }
 }
 

@@ -55,12 +55,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Blocking-pool threads beyond one per core (see [`runtime`]).
+const BLOCKING_SPARE_THREADS: usize = 4;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Decoding is CPU-bound: more blocking threads than cores only adds contention.
-        .max_blocking_threads(cores.max(2))
+        // Decodes are CPU-bound and already held to one per core by the engine's decode slots;
+        // the spare threads are for the pool's other, occasional jobs (a model reload and its
+        // warm-up, which takes seconds on CUDA; the drift refresh; file reads), which with
+        // exactly one thread per core would each take a decode's thread while a slot waits.
+        .max_blocking_threads(cores.max(2) + BLOCKING_SPARE_THREADS)
         .build()?)
 }
 
@@ -214,7 +220,7 @@ async fn score_files(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     } else if args.out.is_some() {
         anyhow::bail!("--out is for --format parquet; jsonl and csv go to stdout (redirect it)");
     }
-    let config = args.engine.config();
+    let config = args.engine.config()?;
     let engine = tokio::task::spawn_blocking(move || {
         let selection = config.default_model.clone().map_or(Selection::All, Selection::One);
         Engine::open(&config, &selection, Capacity::OFFLINE)

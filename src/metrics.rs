@@ -19,7 +19,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Images by model and outcome (scored, rejected, failed).
     pub images: IntCounterVec,
-    /// Duration of one ONNX Runtime run.
+    /// Duration of one ONNX Runtime run, the copy of its images into the batch included.
     pub inference_duration: HistogramVec,
     /// Images per ONNX Runtime run.
     pub batch_size: HistogramVec,
@@ -239,8 +239,11 @@ impl Metrics {
         )
         .expect("valid metric");
         let inference_duration = HistogramVec::new(
-            HistogramOpts::new("qscore_inference_duration_seconds", "Duration of one ONNX Runtime run, by model.")
-                .buckets(latency),
+            HistogramOpts::new(
+                "qscore_inference_duration_seconds",
+                "Duration of one ONNX Runtime run (the copy of its images into the batch included), by model.",
+            )
+            .buckets(latency),
             &["model"],
         )
         .expect("valid metric");

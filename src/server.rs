@@ -30,7 +30,7 @@ use crate::{
 
 /// Runs the server until a shutdown signal, then drains for at most `--shutdown-grace-s`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.engine.config();
+    let config = args.engine.config()?;
     let capacity = Capacity {
         max_images: args.max_queued_images,
         timeout: Duration::from_millis(args.request_timeout_ms),

@@ -146,6 +146,31 @@ fn start_up_errors_say_what_to_do() {
 
     let device = common::qscore_bin().args(["serve", "--device", "gpu"]).output().unwrap();
     assert!(String::from_utf8_lossy(&device.stderr).contains("use cpu, cuda or cuda:N"));
+
+    // CUDA settings on the CPU would do nothing: refused, naming each flag and its variable.
+    let cuda_flags =
+        start_fails(&models, &["--cuda-memory-limit-bytes", "1000000", "--cudnn-conv-algo-search", "heuristic"]);
+    assert!(
+        cuda_flags.contains("--cuda-memory-limit-bytes (QSCORE_CUDA_MEMORY_LIMIT_BYTES)")
+            && cuda_flags.contains("--cudnn-conv-algo-search")
+            && cuda_flags.contains("only apply to --device cuda"),
+        "{cuda_flags}"
+    );
+    let bad = common::qscore_bin().args(["serve", "--cudnn-conv-algo-search", "fastest"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("[possible values: exhaustive, heuristic, default]"));
+
+    // An fp16 model (models-fp16/, made for CUDA) on the CPU: refused with the reason, not
+    // served at half speed.
+    let dir = std::env::temp_dir().join(format!("qscore-fp16-on-cpu-{}", std::process::id()));
+    let model = dir.join("fmnist-simclr");
+    std::fs::create_dir_all(&model).unwrap();
+    let manifest = std::fs::read_to_string(models.join("fmnist-simclr/model.toml")).unwrap();
+    let manifest = manifest.replacen("\n[provenance]", "precision = \"fp16\"\n\n[provenance]", 1);
+    std::fs::write(model.join("model.toml"), manifest).unwrap();
+    std::fs::copy(models.join("fmnist-simclr/model.onnx"), model.join("model.onnx")).unwrap();
+    let fp16 = start_fails(&dir, &[]);
+    assert!(fp16.contains("precision = \"fp16\"") && fp16.contains("--device cuda"), "{fp16}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -8,7 +8,9 @@ same geometry qscore serves; the Q-Score is design.md section 1 with D = all fea
 bundled MobileNetV2 is uncalibrated).
 
     uvicorn --app-dir benches/baseline server:app --host 127.0.0.1 --port 8090
-    (QSCORE_BASELINE_MODEL points at model.onnx; default models/mobilenet_v2-imagenet/model.onnx)
+    (QSCORE_BASELINE_MODEL points at model.onnx; default models/mobilenet_v2-imagenet/model.onnx;
+    QSCORE_BASELINE_PROVIDER=cuda runs it on ONNX Runtime's CUDA execution provider, as
+    benches/gpu/run.sh does, and refuses to start if that provider is not the one in use)
 """
 import io
 import os
@@ -24,7 +26,14 @@ EPSILON = 4.0
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 
-session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
+PROVIDER = os.environ.get("QSCORE_BASELINE_PROVIDER", "cpu")
+if PROVIDER == "cuda":
+    session = ort.InferenceSession(MODEL, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # onnxruntime falls back to the CPU silently; a GPU baseline on the CPU would be no baseline.
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"QSCORE_BASELINE_PROVIDER=cuda, but onnxruntime runs on {session.get_providers()}")
+else:
+    session = ort.InferenceSession(MODEL, providers=["CPUExecutionProvider"])
 INPUT = session.get_inputs()[0].name
 app = FastAPI(title="qscore Python baseline")
 

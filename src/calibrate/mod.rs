@@ -50,7 +50,7 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         _ => bail!("give --data DIR, or --fit DIR and --holdout DIR"),
     };
 
-    let (config, selection) = (args.engine.config(), Selection::Uncalibrated(name.clone()));
+    let (config, selection) = (args.engine.config()?, Selection::Uncalibrated(name.clone()));
     let engine = tokio::task::spawn_blocking(move || Engine::open(&config, &selection, Capacity::OFFLINE)).await??;
     let model = engine.registry().get(Some(&name))?;
     let defaults = model.manifest.qscore;

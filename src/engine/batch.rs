@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ndarray::{Array3, Array4, ArrayView4, Axis};
+use ndarray::{Array3, Array4, ArrayView3, ArrayView4, Axis};
 use tokio::sync::oneshot;
 
 pub use crate::model::encoder::Encoded;
@@ -38,11 +38,27 @@ pub trait Embedder: Send + 'static {
     /// Runs a batch of shape (N, C, H, W); answers the representations (N, d) and, for a model
     /// with a classifier head, its logits (N, classes).
     fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded>;
+
+    /// Runs images of shape (C, H, W) as one batch. By default they are stacked into one array
+    /// for [`Embedder::embed`]; an embedder with a buffer of its own (the CUDA encoder's pinned
+    /// staging) writes them there instead, so each image is copied once on its way to the device.
+    fn embed_images(&mut self, images: &[ArrayView3<f32>]) -> anyhow::Result<Encoded> {
+        let (c, h, w) = images.first().map(ArrayView3::dim).ok_or_else(|| anyhow::anyhow!("an empty batch"))?;
+        let mut input = Array4::<f32>::zeros((images.len(), c, h, w));
+        for (mut slot, image) in input.axis_iter_mut(Axis(0)).zip(images) {
+            slot.assign(image);
+        }
+        self.embed(input.view())
+    }
 }
 
 impl Embedder for crate::model::encoder::Encoder {
     fn embed(&mut self, batch: ArrayView4<f32>) -> anyhow::Result<Encoded> {
         crate::model::encoder::Encoder::embed(self, batch)
+    }
+
+    fn embed_images(&mut self, images: &[ArrayView3<f32>]) -> anyhow::Result<Encoded> {
+        crate::model::encoder::Encoder::embed_images(self, images)
     }
 }
 
@@ -223,13 +239,10 @@ fn run(
             continue;
         }
 
-        let (c, h, w) = live[0].input.dim();
-        let mut input = Array4::<f32>::zeros((live.len(), c, h, w));
-        for (mut slot, e) in input.axis_iter_mut(Axis(0)).zip(&live) {
-            slot.assign(&e.input);
-        }
+        let images: Vec<ArrayView3<f32>> = live.iter().map(|e| e.input.view()).collect();
         let start = Instant::now();
-        let result: Result<Encoded, String> = encoder.embed(input.view()).map_err(|e| format!("{e:#}"));
+        let result: Result<Encoded, String> = encoder.embed_images(&images).map_err(|e| format!("{e:#}"));
+        drop(images);
         let duration = start.elapsed();
         inference.observe(duration.as_secs_f64());
         batch_size.observe(live.len() as f64);

@@ -32,7 +32,7 @@ use crate::{
     model::{
         calibration::Calibration,
         encoder::{Device, Encoder, SessionOptions},
-        manifest::{Manifest, Preprocess, QScoreParams},
+        manifest::{Manifest, Precision, Preprocess, QScoreParams},
         runtime,
     },
     qscore::Discriminative,
@@ -536,6 +536,14 @@ impl Loader {
         let folder = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if manifest.name != folder {
             bail!("{}: model.toml says name = \"{}\"; it must equal the folder name", dir.display(), manifest.name);
+        }
+        if manifest.precision == Precision::Fp16 && self.opts.device == Device::Cpu {
+            bail!(
+                "{}: model.toml says precision = \"fp16\": this graph is made for --device cuda, and ONNX Runtime's \
+                 CPU execution provider runs it at about half the speed of the float32 model it came from; serve \
+                 the float32 folder (models/) on CPU, or run with --device cuda",
+                dir.display()
+            );
         }
         let dim = manifest.output.dim;
         let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };

@@ -32,6 +32,23 @@ pub struct Manifest {
     pub qscore: QScoreParams,
     /// The user's own classifier head, when the ONNX file also outputs its logits.
     pub classifier: Option<ClassifierSpec>,
+    /// The arithmetic inside the graph (its inputs and outputs are float32 either way).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic inside a model's graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 throughout: runs on every device.
+    #[default]
+    Fp32,
+    /// float16 inside, float32 at the edges (`make fp16-models`, into `models-fp16/`): made for
+    /// CUDA. ONNX Runtime's CPU EP has no float16 kernel for most operators and wraps each in
+    /// casts, so on CPU it runs at about half the speed of the float32 graph (MobileNetV2, batch
+    /// 32: 29 against 65 images/s measured); the engine refuses it there.
+    Fp16,
 }
 
 /// A classifier head in the same ONNX graph: its logits answer `predicted_class` and, for
