@@ -30,7 +30,7 @@ print(text("header.txt").replace("\n", "  \n"))
 for precision in ("fp32", "fp16"):
     io = text(f"io-{precision}.txt")
     if io:
-        print(f"qscore {precision} server: {io[io.find('io='):] if 'io=' in io else io}  ")
+        print(f"qscore {precision} server: {io[io.find('io=') + 3:] if 'io=' in io else io}  ")
 print()
 
 # (a) the raw ceiling
@@ -47,7 +47,7 @@ for label in ("fp32", "fp16"):
             print(f"| {label} | {name} | " + " | ".join(cells) + " |")
 binding = next((r["io_description"] for r in ceiling if r["io"] == "bind"), None)
 if binding:
-    print(f"\nIO binding here: {binding}.")
+    print(f"\nThe IO-binding rows ran with: {binding.removeprefix('IO binding: ')}.")
 best = max((r["images_per_s"] for r in ceiling if r["label"] == "fp32"), default=float("nan"))
 
 # (b), (c) end to end
