@@ -27,6 +27,11 @@ def fmt(v, digits=0):
 
 
 print(text("header.txt").replace("\n", "  \n"))
+failures = text("failures.txt")
+if failures:
+    print("\n**Parts that failed** (the rest ran):\n")
+    for line in failures.splitlines():
+        print(f"- {line}")
 for precision in ("fp32", "fp16"):
     io = text(f"io-{precision}.txt")
     if io:
@@ -37,8 +42,11 @@ print()
 ceiling = lines("ceiling.jsonl")
 batches = sorted({r["batch"] for r in ceiling})
 print("## (a) Raw ONNX Runtime ceiling: prepared batch, images/s (ms per batch)\n")
-print("| precision | path | " + " | ".join(f"batch {b}" for b in batches) + " |")
-print("|---|---|" + "---:|" * len(batches))
+if not ceiling:
+    print("(not measured)")
+else:
+    print("| precision | path | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("|---|---|" + "---:|" * len(batches))
 for label in ("fp32", "fp16"):
     for io, name in (("run", "session.run, host tensors"), ("bind", "IO binding")):
         rows = {r["batch"]: r for r in ceiling if r["label"] == label and r["io"] == io}
