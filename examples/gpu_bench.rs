@@ -105,6 +105,9 @@ enum Command {
         /// Seconds before giving up.
         #[arg(long, default_value_t = 120.0)]
         timeout: f64,
+        /// The server's process: its exit ends the wait at once.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Every image through POST /v1/embed, one JSON line each.
     Embed {
@@ -136,15 +139,23 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
             rt.block_on(load(&url, body, &content_type, concurrency, warmup, seconds, &label))
         }
-        Command::Wait { url, timeout } => wait(&url, timeout),
+        Command::Wait { url, timeout, pid } => wait(&url, timeout, pid),
         Command::Embed { url, model, paths } => embed(&url, &model, &paths),
     }
 }
 
-fn wait(url: &str, timeout: f64) -> anyhow::Result<()> {
+fn wait(url: &str, timeout: f64, pid: Option<u32>) -> anyhow::Result<()> {
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build()?;
     let until = Instant::now() + Duration::from_secs_f64(timeout);
+    // Gone, or a zombie its parent has not reaped yet: either way it will never answer.
+    let exited = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    };
     loop {
+        if let Some(pid) = pid.filter(|&p| exited(p)) {
+            anyhow::bail!("the server (pid {pid}) exited before {url} answered");
+        }
         let last = match client.get(url).send() {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => r.status().to_string(),

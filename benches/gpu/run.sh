@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one unattended run (about 4 minutes on an H200; benches/gpu/README.md has
-# the device calls that bring its files). Prints one table with:
+# The GPU benchmark in one unattended run (estimated at 4 minutes on an H200, not yet timed
+# there; benches/gpu/README.md has the device calls that bring its files). Prints one table with:
 #  (a) the raw ONNX Runtime CUDA ceiling: MobileNetV2 on a prepared batch of 1, 32 and 256, fp32
 #      and fp16, through session.run with host tensors and through qscore's IO binding;
 #  (b) qscore end to end, fp32 and fp16 models: POST /v1/score with a real JPEG, closed loop at
@@ -124,6 +124,17 @@ trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 CONNECTIONS=$(( $(ulimit -n) - 64 < 4096 ? $(ulimit -n) - 64 : 4096 ))
 say() { echo "[gpu-bench $(( $(date +%s) - started ))s] $*" >&2; }
+# A part that fails is noted (table and exit status) and the run goes on: one unattended run on
+# a lent machine should bring back every part that works.
+failed() { # what log
+  say "FAILED: $1"
+  [[ -n ${2:-} && -f ${2:-} ]] && tail -5 "$2" | sed 's/\x1b\[[0-9;]*m//g' >&2
+  # The error line itself (qscore and gpu_bench print one), else the log's last line.
+  local why=
+  [[ -n ${2:-} ]] && why=$(sed 's/\x1b\[[0-9;]*m//g' "$2" 2>/dev/null | grep -m1 -E '^(Error: |qscore: error: )' ||
+    sed 's/\x1b\[[0-9;]*m//g' "$2" 2>/dev/null | grep -v '^ *$' | tail -1)
+  echo "$1${why:+: $why}" >> "$WORK/failures.txt"
+}
 
 # The fp16 models as the server reads them: the pack's graphs and manifests, with the float32
 # model's calibration (fitted on fp32 features; how far fp16 moves the answers is measured in (d)).
@@ -146,7 +157,7 @@ for precision in fp32 fp16; do
   say "raw ceiling, $precision, batches $BATCHES..."
   "$GPU_BENCH" ceiling --model-dir "$dir" --device "$DEVICE" --batches "$BATCHES" --seconds "$CEILING_SECONDS" \
     --photo "$PHOTO" --label "$precision" --ort-lib "$ORT_LIB" >> "$WORK/ceiling.jsonl" 2> "$WORK/ceiling-$precision.log" ||
-    { cat "$WORK/ceiling-$precision.log" >&2; exit 1; }
+    failed "raw ceiling $precision" "$WORK/ceiling-$precision.log"
 done
 
 # --- (b) qscore end to end, and (d)'s embeddings ----------------------------------------------
@@ -156,30 +167,33 @@ serve() { # name models-dir port
     --max-connections-per-client "$CONNECTIONS" --reload-poll-ms 0 ${QSCORE_GPU_BENCH_SERVER_ARGS:-} \
     2> "$WORK/$1.log" &
   servers+=($!)
-  "$GPU_BENCH" wait --url "http://127.0.0.1:$3/health/ready" --timeout 180 ||
-    { echo "--- $1 log:" >&2; tail -30 "$WORK/$1.log" >&2; exit 1; }
+  "$GPU_BENCH" wait --url "http://127.0.0.1:$3/health/ready" --timeout 180 --pid "${servers[-1]}" 2>> "$WORK/$1.log" ||
+    { failed "$1 did not start" "$WORK/$1.log"; return 1; }
 }
 stop() { kill "${servers[-1]}" 2>/dev/null || true; wait "${servers[-1]}" 2>/dev/null || true; unset 'servers[-1]'; }
 load() { # label url
   for c in $CONCURRENCY; do
     say "$1, concurrency $c..."
     "$GPU_BENCH" load --url "$2/v1/score" --file "$PHOTO" --concurrency "$c" --seconds "$LOAD_SECONDS" \
-      --warmup "$WARMUP_SECONDS" --label "$1" >> "$WORK/load.jsonl"
+      --warmup "$WARMUP_SECONDS" --label "$1" >> "$WORK/load.jsonl" 2> "$WORK/load.log" ||
+      failed "$1 at concurrency $c" "$WORK/load.log"
   done
 }
 port=8091
 for precision in fp32 fp16; do
   dir=models; [[ $precision == fp16 ]] && dir=$WORK/models-fp16
   say "qscore $precision: starting..."
-  serve "qscore-$precision" "$dir" "$port"
-  load "qscore $precision" "http://127.0.0.1:$port"
-  say "qscore $precision: embeddings for the agreement..."
-  for m in $(ls "$WORK/models-fp16"); do
-    paths=(tests/fixtures/fmnist)
-    [[ $m == "$MODEL" ]] && paths+=(tests/fixtures/photos)
-    "$GPU_BENCH" embed --url "http://127.0.0.1:$port" --model "$m" "${paths[@]}" >> "$WORK/embed-$precision.jsonl"
-  done
-  grep -h "IO binding ready" "$WORK/qscore-$precision.log" | head -1 | sed 's/\x1b\[[0-9;]*m//g' > "$WORK/io-$precision.txt" || true
+  if serve "qscore-$precision" "$dir" "$port"; then
+    load "qscore $precision" "http://127.0.0.1:$port"
+    say "qscore $precision: embeddings for the agreement..."
+    for m in $(ls "$WORK/models-fp16"); do
+      paths=(tests/fixtures/fmnist)
+      [[ $m == "$MODEL" ]] && paths+=(tests/fixtures/photos)
+      "$GPU_BENCH" embed --url "http://127.0.0.1:$port" --model "$m" "${paths[@]}" >> "$WORK/embed-$precision.jsonl" \
+        2> "$WORK/embed.log" || failed "embeddings of $m ($precision)" "$WORK/embed.log"
+    done
+    grep -h "IO binding ready" "$WORK/qscore-$precision.log" | head -1 | sed 's/\x1b\[[0-9;]*m//g' > "$WORK/io-$precision.txt" || true
+  fi
   stop
   port=$((port + 1))
 done
@@ -204,7 +218,7 @@ if providers=$("$PYTHON" -c 'import fastapi, uvicorn, PIL, numpy, onnxruntime as
       "$PYTHON" -m uvicorn --app-dir benches/baseline server:app --host 127.0.0.1 --port 8095 --log-level warning \
       2> "$WORK/python-$attempt.log" &
     servers+=($!)
-    if "$GPU_BENCH" wait --url http://127.0.0.1:8095/docs --timeout 120; then
+    if "$GPU_BENCH" wait --url http://127.0.0.1:8095/docs --timeout 120 --pid "${servers[-1]}" 2>> "$WORK/python-$attempt.log"; then
       label="python baseline ($attempt EP)"
       load "$label" http://127.0.0.1:8095
       stop
@@ -234,3 +248,4 @@ if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
   cp "$WORK/table.md" "$OUT/"
   tar -C "$WORK" -czf "$OUT/gpu-bench-raw.tar.gz" --exclude=models-fp16 .
 fi
+[[ ! -s $WORK/failures.txt ]]

@@ -27,18 +27,26 @@ def fmt(v, digits=0):
 
 
 print(text("header.txt").replace("\n", "  \n"))
+failures = text("failures.txt")
+if failures:
+    print("\n**Parts that failed** (the rest ran):\n")
+    for line in failures.splitlines():
+        print(f"- {line}")
 for precision in ("fp32", "fp16"):
     io = text(f"io-{precision}.txt")
     if io:
-        print(f"qscore {precision} server: {io[io.find('io='):] if 'io=' in io else io}  ")
+        print(f"qscore {precision} server: {io[io.find('io=') + 3:] if 'io=' in io else io}  ")
 print()
 
 # (a) the raw ceiling
 ceiling = lines("ceiling.jsonl")
 batches = sorted({r["batch"] for r in ceiling})
 print("## (a) Raw ONNX Runtime ceiling: prepared batch, images/s (ms per batch)\n")
-print("| precision | path | " + " | ".join(f"batch {b}" for b in batches) + " |")
-print("|---|---|" + "---:|" * len(batches))
+if not ceiling:
+    print("(not measured)")
+else:
+    print("| precision | path | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("|---|---|" + "---:|" * len(batches))
 for label in ("fp32", "fp16"):
     for io, name in (("run", "session.run, host tensors"), ("bind", "IO binding")):
         rows = {r["batch"]: r for r in ceiling if r["label"] == label and r["io"] == io}
@@ -47,7 +55,7 @@ for label in ("fp32", "fp16"):
             print(f"| {label} | {name} | " + " | ".join(cells) + " |")
 binding = next((r["io_description"] for r in ceiling if r["io"] == "bind"), None)
 if binding:
-    print(f"\nIO binding here: {binding}.")
+    print(f"\nThe IO-binding rows ran with: {binding.removeprefix('IO binding: ')}.")
 best = max((r["images_per_s"] for r in ceiling if r["label"] == "fp32"), default=float("nan"))
 
 # (b), (c) end to end
