@@ -18,11 +18,11 @@ import sys
 STAGES = [
     ("inference (ONNX Runtime)", r"libonnxruntime"),
     ("JPEG structure walk (EOI check)", r"qscore::image::jpeg::walk"),
-    ("decode: entropy + IDCT + colour (zune-jpeg, jpeg-decoder)", r"zune_jpeg|jpeg_decoder"),
+    ("JPEG decode: entropy + IDCT + colour (zune-jpeg, jpeg-decoder)", r"zune_jpeg|jpeg_decoder|image::codecs::jpeg"),
     ("decode: other formats", r"png::|image_webp|gif::|tiff::|image::codecs"),
     ("colour conversion (image crate)", r"image::images::buffer|image::color|ConvertBuffer|to_rgb8|to_luma8"),
     ("resize (fast_image_resize)", r"fast_image_resize"),
-    ("normalise into the tensor", r"qscore::image::normalise_into|qscore::image::preprocess"),
+    ("crop + normalise into the tensor", r"qscore::image::(normalise_into|preprocess|resize_crop_normalise)"),
     ("batch assembly + output copies (worker)", r"qscore::engine::batch::run|qscore::model::encoder"),
     ("Q-Score + risk maths", r"qscore::qscore|qscore::risk|qscore::drift"),
     ("JSON", r"serde_json|serde::"),
