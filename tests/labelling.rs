@@ -18,13 +18,14 @@ use serde_json::Value;
 /// What a stand-in answers: a status, an optional `Location`, a body.
 type Answer = (u16, Option<String>, Vec<u8>);
 
+/// Every request a stand-in saw, as `(path_and_query, authorized)`.
+type Seen = Arc<Mutex<Vec<(String, bool)>>>;
+
 /// A loopback HTTP/1.1 stand-in that answers each GET with `answer(path_and_query, authorized)`
 /// and records every request as `(path_and_query, authorized)`; authorized means it carried
 /// `Authorization: Token ls-secret`, and any other Authorization header is recorded as such too.
 /// Each connection is answered on its own thread, so a slow answer holds only its own.
-fn stand_in(
-    answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static,
-) -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
+fn stand_in(answer: impl Fn(&str, bool) -> Answer + Send + Sync + 'static) -> (String, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -72,7 +73,7 @@ fn fmnist_file(name: &str) -> Option<Vec<u8>> {
 
 /// Serves `/data/upload/7/<class>-<file>` from the fmnist fixtures, to requests carrying
 /// `Authorization: Token ls-secret`; records every request.
-fn file_host() -> (String, Arc<Mutex<Vec<(String, bool)>>>) {
+fn file_host() -> (String, Seen) {
     stand_in(|path, authorized| {
         match path.strip_prefix("/data/upload/7/").filter(|_| authorized).and_then(fmnist_file) {
             Some(b) => (200, None, b),

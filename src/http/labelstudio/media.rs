@@ -113,10 +113,11 @@ impl LabelStudio {
     /// already known is forgotten (that project's `/predict` still carries its `label_config`).
     pub fn remember(&self, project: String, fields: Vec<ImageField>) {
         let mut configs = self.configs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if configs.len() >= MAX_PROJECTS && !configs.contains_key(&project) {
-            if let Some(any) = configs.keys().next().cloned() {
-                configs.remove(&any);
-            }
+        if configs.len() >= MAX_PROJECTS
+            && !configs.contains_key(&project)
+            && let Some(any) = configs.keys().next().cloned()
+        {
+            configs.remove(&any);
         }
         configs.insert(project, Arc::new(fields));
     }
