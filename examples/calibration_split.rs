@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
     let dataset = Dataset::from_folders(&PathBuf::from(fit), &PathBuf::from(holdout), split)?;
     if let Some(calibration) = rest.first() {
         let text = std::fs::read_to_string(calibration).with_context(|| format!("cannot read {calibration}"))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{calibration}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{calibration} is not JSON"))?;
         let recorded = json["data"]["file_list_sha256"].as_str().unwrap_or_default();
         let rebuilt = dataset.fingerprint();
         if recorded != rebuilt {

@@ -5,13 +5,17 @@ Writes models/<name>-int8/ (model.onnx, model.toml, README.md) from models/<name
 
 1. ONNX Runtime's pre-processing (`quant_pre_process`: symbolic and ONNX shape inference, graph
    optimisation), as ORT recommends before quantising.
-2. `quantize_static` in QDQ format, int8 activations and int8 weights (S8S8, "the first choice"
-   in ORT's docs), weights per channel, with `reduce_range` (7-bit weights) by default: on x86
-   CPUs without VNNI, ORT runs int8 convolutions as U8S8 through VPMADDUBSW, whose 16-bit
-   intermediate sums can saturate; 7-bit weights cannot (255 * 64 * 2 < 32767), so the model
-   gives the same answers on every x86 CPU, VNNI or not. The global average pool and the
-   flatten that follow the last convolution stay in float, so the embedding itself is not
-   rounded to 256 levels: Q-Score compares single features with mu + eps * sigma.
+2. `quantize_static` in QDQ format, uint8 activations and int8 weights (U8S8), weights per
+   channel, with `reduce_range` (7-bit weights), MinMax ranges. U8S8 with reduce_range is what
+   ORT 1.31's own `quantize_static` guidance gives for x86 CPUs without VNNI: ORT runs int8
+   convolutions there through VPMADDUBSW, whose 16-bit intermediate sums can saturate, and
+   7-bit weights cannot (255 * 64 * 2 < 32767), so the model answers alike on every x86 CPU.
+   (ORT's web page calls S8S8 the first choice; measured here, int8 activations leave 12 of
+   SimCLR's 20 convolutions and every residual Add unfused on x86, and the model runs slower than
+   fp32.) MinMax, because the Q-Score lives in the tails: Entropy and Percentile clip the largest
+   activations, which is exactly the features above mu + eps * sigma (models/README.md has the
+   comparison). The global average pool and the flatten that follow the last convolution stay
+   in float, so the embedding itself is not rounded to 256 levels.
 3. Calibration images prepared exactly as the server prepares them (src/image.rs): EXIF
    orientation applied, RGB with alpha dropped (or 8-bit grey), torchvision's Resize(shorter)
    with Pillow's antialiased bilinear filter (fast_image_resize reproduces it) and CenterCrop
