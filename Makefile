@@ -36,10 +36,23 @@ SWEEP_PERCENTILES := 50,95;25,75;0,100;75,100
 # which is what bounds `make calibrate` at about 6 minutes per model on 2 cores.
 RANDOM_SUBSETS    := 3
 COMPRESSION_CURVE := 0.4,0.6,0.8,1.0
+# What `make calibrate` passes `qscore calibrate` after --model; `make int8-models` calibrates the
+# int8 models with exactly the same flags and seed.
+CALIBRATE_FLAGS   := --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
+                     --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' \
+                     --random-subsets $(RANDOM_SUBSETS) --compression-curve $(COMPRESSION_CURVE)
+# The int8 recipes' venv (models/recipes/requirements-int8.txt) and what they calibrate on:
+# Fashion-MNIST train images (a seeded sample) for the SSL encoders; for MobileNetV2, photos from
+# scikit-image's wheel and Debian's mate-backgrounds, split into calibration and held-out folders.
+INT8_VENV      := .venv-int8
+INT8_PY        := $(INT8_VENV)/bin/python -s
+INT8_COUNT     := 500
+PHOTOS_DIR     ?= /tmp/qscore-photos
+SKIMAGE_WHEEL  := scikit-image==0.26.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
         fmnist-data calibrate evaluate load-bench bench-env swagger-ui \
-        photos dct-scaling-bench profile fp16-models gpu-bench-prepare
+        photos dct-scaling-bench profile fp16-models gpu-bench-prepare int8-env int8-photos int8-models
 
 all: build
 
@@ -170,19 +183,19 @@ fmnist-fixtures:
 
 # Large real photos (2560x1600 to 5120x2880 JPEGs, sequential and progressive, colour and grey)
 # from two Debian wallpaper packages, for the benchmarks that need more than the fixtures' 640x427.
-PHOTOS_DIR ?= /tmp/qscore-large-photos
+LARGE_PHOTOS_DIR ?= /tmp/qscore-large-photos
 PHOTO_PACKAGES := plasma-workspace-wallpapers ukui-wallpapers
 photos:
-	@test -d $(PHOTOS_DIR) || { tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp && \
+	@test -d $(LARGE_PHOTOS_DIR) || { tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cd $$tmp && \
 	  apt-get download $(PHOTO_PACKAGES) >/dev/null && for d in *.deb; do dpkg -x $$d x; done && \
-	  mkdir -p $(PHOTOS_DIR).part && \
-	  find x -name '*.jpg' -size +100k | while read -r f; do cp "$$f" "$(PHOTOS_DIR).part/$$(echo "$${f#x/usr/share/}" | tr / _)"; done && \
-	  mv $(PHOTOS_DIR).part $(PHOTOS_DIR); }
-	@echo "$$(ls $(PHOTOS_DIR) | wc -l) photos in $(PHOTOS_DIR)"
+	  mkdir -p $(LARGE_PHOTOS_DIR).part && \
+	  find x -name '*.jpg' -size +100k | while read -r f; do cp "$$f" "$(LARGE_PHOTOS_DIR).part/$$(echo "$${f#x/usr/share/}" | tr / _)"; done && \
+	  mv $(LARGE_PHOTOS_DIR).part $(LARGE_PHOTOS_DIR); }
+	@echo "$$(ls $(LARGE_PHOTOS_DIR) | wc -l) photos in $(LARGE_PHOTOS_DIR)"
 
 # `[preprocess] jpeg_dct_scaling` on those photos: time and cosine against the exact path.
 dct-scaling-bench: build photos
-	$(CARGO) run --release --locked --quiet --example dct_scaling -- models/mobilenet_v2-imagenet $(PHOTOS_DIR) 7
+	$(CARGO) run --release --locked --quiet --example dct_scaling -- models/mobilenet_v2-imagenet $(LARGE_PHOTOS_DIR) 9
 
 # Fashion-MNIST as ImageFolder PNGs (train and t10k) from Debian's IDX files.
 fmnist-data:
@@ -193,11 +206,46 @@ fmnist-data:
 # Calibrate every bundled SSL model (fit: the 60k train images; held out: t10k, half to choose,
 # half to measure), then print the cross-model tables of models/README.md and draw its figures.
 calibrate: build fmnist-data
-	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m) --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
-	  --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' \
-	  --random-subsets $(RANDOM_SUBSETS) --compression-curve $(COMPRESSION_CURVE) > /dev/null &&) true
+	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m) $(CALIBRATE_FLAGS) > /dev/null &&) true
 	$(MAKE) --no-print-directory evaluate
 	$(MAKE) --no-print-directory plots
+
+# The int8 models (models/<name>-int8/) from the fp32 ones, end to end: quantise (ONNX Runtime's
+# static quantisation, models/recipes/quantize_int8.py), calibrate the Fashion-MNIST ones as
+# `make calibrate` does (about 6 minutes each on 2 cores), then measure their agreement with the
+# fp32 models on held-out images (models/recipes/int8_agreement.py): the tables go into
+# models/README.md and each int8 README, and a model that misses a target is removed.
+int8-models: build int8-env fmnist-data int8-photos
+	$(CARGO) build --release --locked --example calibration_split
+	$(foreach m,$(SSL_METHODS),$(INT8_PY) models/recipes/quantize_int8.py --model fmnist-$(m) \
+	  --images $(FMNIST_DIR)/train --count $(INT8_COUNT) --seed 0 \
+	  --images-note 'a seeded sample of Fashion-MNIST train (make fmnist-data)' &&) true
+	$(INT8_PY) models/recipes/quantize_int8.py --model mobilenet_v2-imagenet --images $(PHOTOS_DIR)/calibrate \
+	  --views 8 --seed 0 --images-note "scikit-image 0.26.0's sample images without the four in tests/fixtures/photos, and every other photo of Debian mate-backgrounds' nature folder (make int8-photos)"
+	$(foreach m,$(SSL_METHODS),$(BIN) calibrate --model fmnist-$(m)-int8 $(CALIBRATE_FLAGS) > /dev/null &&) true
+	$(INT8_PY) models/recipes/int8_agreement.py --photos $(PHOTOS_DIR)/heldout \
+	  --json models/int8_agreement.json --write --remove-failing
+
+int8-env: $(INT8_VENV)/installed
+$(INT8_VENV)/installed: models/recipes/requirements-int8.txt
+	test -x $(INT8_VENV)/bin/pip || python3 -m venv $(INT8_VENV)
+	$(INT8_VENV)/bin/pip install -q -r models/recipes/requirements-int8.txt
+	touch $@
+
+# Photos for MobileNetV2's int8 calibration and its held-out check. Calibration: scikit-image's
+# sample images (from its PyPI wheel, unzipped, not installed) less the four that are also test
+# fixtures, and every other photo (by name) of mate-backgrounds' nature folder. Held out: the
+# other MATE photos and tests/fixtures/photos.
+int8-photos:
+	@dpkg -s mate-backgrounds >/dev/null 2>&1 || $$(command -v sudo) apt-get install -y -qq --no-install-recommends mate-backgrounds >/dev/null
+	rm -rf $(PHOTOS_DIR) && mkdir -p $(PHOTOS_DIR)/calibrate $(PHOTOS_DIR)/heldout
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	  $(PIP_DOWNLOAD) -d $$tmp $(SKIMAGE_WHEEL) && \
+	  unzip -q -o -j $$tmp/scikit_image-*.whl 'skimage/data/*.png' 'skimage/data/*.jpg' -d $(PHOTOS_DIR)/calibrate
+	cd $(PHOTOS_DIR)/calibrate && rm -f astronaut.png chelsea.png coffee.png rocket.jpg
+	i=0; for f in $$(ls /usr/share/backgrounds/mate/nature/*.jpg | sort); do \
+	  if [ $$((i % 2)) = 0 ]; then cp $$f $(PHOTOS_DIR)/calibrate/; else cp $$f $(PHOTOS_DIR)/heldout/; fi; i=$$((i + 1)); done
+	cp tests/fixtures/photos/* $(PHOTOS_DIR)/heldout/
 
 evaluate: build
 	$(BIN) evaluate --models-dir models
