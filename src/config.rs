@@ -141,8 +141,9 @@ impl EngineArgs {
             .into_iter()
             .filter_map(|(on, name)| on.then_some(name))
             .collect();
+            let (verb, them) = if set.len() == 1 { ("applies", "it") } else { ("apply", "them") };
             anyhow::bail!(
-                "{} only apply to --device cuda, and the device is cpu: run with --device cuda, or unset them",
+                "{} only {verb} to --device cuda, and the device is cpu: run with --device cuda, or unset {them}",
                 set.join(", ")
             );
         }

@@ -153,9 +153,12 @@ fn start_up_errors_say_what_to_do() {
     assert!(
         cuda_flags.contains("--cuda-memory-limit-bytes (QSCORE_CUDA_MEMORY_LIMIT_BYTES)")
             && cuda_flags.contains("--cudnn-conv-algo-search")
-            && cuda_flags.contains("only apply to --device cuda"),
+            && cuda_flags.contains("only apply to --device cuda")
+            && cuda_flags.ends_with("or unset them\n"),
         "{cuda_flags}"
     );
+    let one = start_fails(&models, &["--cudnn-conv-algo-search", "heuristic"]);
+    assert!(one.contains("only applies to --device cuda") && one.ends_with("or unset it\n"), "{one}");
     let bad = common::qscore_bin().args(["serve", "--cudnn-conv-algo-search", "fastest"]).output().unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("[possible values: exhaustive, heuristic, default]"));
 
