@@ -21,9 +21,6 @@ type Seen = Arc<Mutex<Vec<(String, bool)>>>;
 /// What a stand-in answers: a status, an optional `Location`, a body.
 type Answer = (u16, Option<String>, Vec<u8>);
 
-/// Every request a stand-in saw, as `(path_and_query, authorized)`.
-type Seen = Arc<Mutex<Vec<(String, bool)>>>;
-
 /// A loopback HTTP/1.1 stand-in that answers each GET with `answer(path_and_query, authorized)`
 /// and records every request as `(path_and_query, authorized)`; authorized means it carried
 /// `Authorization: Token ls-secret`, and any other Authorization header is recorded as such too.
