@@ -56,13 +56,7 @@ fn main() -> anyhow::Result<()> {
     let reduced = Preprocess { jpeg_dct_scaling: true, ..manifest.preprocess() };
     let env = runtime::start(&runtime::locate(None)?)?;
     let opts = SessionOptions { intra_spinning: true, ..SessionOptions::default() };
-    let mut encoder = Encoder::load(
-        &env,
-        &dir.join("model.onnx"),
-        (&manifest.input.name, &manifest.output.name, manifest.output.dim),
-        None,
-        opts,
-    )?;
+    let mut encoder = Encoder::load_folder(&env, dir, &manifest, opts)?;
     let all = Discriminative::from_indices(&(0..manifest.output.dim).collect::<Vec<_>>(), manifest.output.dim)
         .map_err(|i| anyhow::anyhow!("feature {i} out of range"))?;
     let eps = manifest.qscore.epsilon;

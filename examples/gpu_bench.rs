@@ -180,11 +180,10 @@ fn ceiling(
     let manifest = Manifest::load(dir)?;
     let env = runtime::start(&runtime::locate(ort_lib)?)?;
     let image = qscore::image::prepare(&std::fs::read(photo)?, &ImageLimits::DEFAULT, &manifest.preprocess())?;
-    let io_names = (manifest.input.name.as_str(), manifest.output.name.as_str(), manifest.output.dim);
     for &io in paths {
         // Spinning as ONNX Runtime does alone (raw_ceiling.rs too): nothing else runs here.
         let opts = SessionOptions { device, io: Some(io), intra_spinning: true, ..SessionOptions::default() };
-        let mut encoder = Encoder::load(&env, &dir.join("model.onnx"), io_names, None, opts)?;
+        let mut encoder = Encoder::load_folder(&env, dir, &manifest, opts)?;
         for &n in batches {
             let (c, h, w) = image.dim();
             let mut batch = Array4::<f32>::zeros((n, c, h, w));

@@ -25,13 +25,7 @@ fn main() -> anyhow::Result<()> {
     let pre = manifest.preprocess();
     let env = runtime::start(&runtime::locate(None)?)?;
     let opts = SessionOptions { intra_spinning: true, ..SessionOptions::default() };
-    let mut encoder = Encoder::load(
-        &env,
-        &dir.join("model.onnx"),
-        (&manifest.input.name, &manifest.output.name, manifest.output.dim),
-        None,
-        opts,
-    )?;
+    let mut encoder = Encoder::load_folder(&env, dir, &manifest, opts)?;
     let limits = ImageLimits::DEFAULT;
     let tensor = qscore::image::prepare(&photo, &limits, &pre)?;
 

@@ -547,9 +547,7 @@ impl Loader {
         }
         let dim = manifest.output.dim;
         let calibration = if with_calibration { Calibration::load(dir, dim)? } else { None };
-        let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
-        let io = (manifest.input.name.as_str(), manifest.output.name.as_str(), dim);
-        let mut encoder = Encoder::load(&self.env, &dir.join("model.onnx"), io, head, self.opts)?;
+        let mut encoder = Encoder::load_folder(&self.env, dir, &manifest, self.opts)?;
 
         let pre = manifest.preprocess();
         let warmup = Array4::<f32>::zeros((1, pre.channels(), pre.height as usize, pre.width as usize));

@@ -285,6 +285,20 @@ const PARALLEL_COPY_BYTES: usize = 8 << 20;
 const COPY_THREADS: usize = 4;
 
 impl Encoder {
+    /// Builds the session of the model folder `dir` as its `manifest` declares it: `model.onnx`,
+    /// the input and representation tensors, and the classifier head when there is one. Errors
+    /// as [`Encoder::load`].
+    pub fn load_folder(
+        env: &Environment,
+        dir: &Path,
+        manifest: &crate::model::manifest::Manifest,
+        opts: SessionOptions,
+    ) -> anyhow::Result<Self> {
+        let head = manifest.classifier.as_ref().map(|c| (c.output.as_str(), c.classes.len()));
+        let io = (manifest.input.name.as_str(), manifest.output.name.as_str(), manifest.output.dim);
+        Self::load(env, &dir.join("model.onnx"), io, head, opts)
+    }
+
     /// Builds a session for `model_path` on the requested device; `head` names the logits
     /// output and its class count when the graph also holds a classifier. A CUDA request whose
     /// provider cannot register is an error carrying ONNX Runtime's reason. On the IO-binding
