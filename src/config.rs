@@ -257,7 +257,8 @@ pub struct ServeArgs {
     /// Seconds to finish requests in flight after SIGTERM or SIGINT before exiting anyway.
     #[arg(long, env = "QSCORE_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
-    /// Drift window: most recent answers per calibrated model compared with the reference.
+    /// Drift window: most recent answers per calibrated model compared with the reference. The
+    /// shipped KS and PSI thresholds hold from 200 answers, so a smaller window never reads `ok`.
     #[arg(long, env = "QSCORE_DRIFT_WINDOW", default_value_t = 1000)]
     pub drift_window: usize,
     /// Drift window: oldest answer kept, in seconds.

@@ -47,6 +47,13 @@ pub const EMBEDDING_WINDOW: usize = 500;
 /// below this it rarely has the power to say anything.
 pub const MIN_EMBEDDING_WINDOW: usize = 50;
 
+/// Fewest answers whose KS and PSI the shipped alert thresholds (KS > 0.2, PSI > 0.25) are valid
+/// for: their false-alarm rates were measured on undrifted windows of this size
+/// (`undrifted_windows_stay_under_the_alerts`), and deploy/prometheus/alerts.yml waits for as
+/// many. A smaller window is still reported, as `too_few_images`, so nobody reads a KS of one
+/// image as a verdict.
+pub const MIN_DRIFT_WINDOW: usize = 200;
+
 /// Permutations of the embedding test's p-value: the smallest p-value it can give is
 /// 1 / (1 + this).
 pub const EMBEDDING_PERMUTATIONS: usize = 500;
@@ -134,8 +141,12 @@ pub struct DriftList {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DriftStatus {
-    /// The window was compared with the calibration reference.
+    /// The window was compared with the calibration reference and holds enough answers
+    /// ([`MIN_DRIFT_WINDOW`]) for the shipped thresholds to apply.
     Ok,
+    /// The window was compared, but holds fewer than [`MIN_DRIFT_WINDOW`] answers: the
+    /// statistics are reported and are noise at this size; the alerts do not read them yet.
+    TooFewImages,
     /// The model has no calibration.json, so there is no reference.
     NoReference,
     /// No image was answered in the window yet.
@@ -147,8 +158,9 @@ pub enum DriftStatus {
 pub struct DriftReport {
     /// The model.
     pub model: String,
-    /// `ok`; `no_reference` for a model without calibration.json; `empty_window` before any
-    /// answer.
+    /// `ok`; `too_few_images` while the window holds fewer than 200 answers (the statistics
+    /// are reported, and are noise at that size); `no_reference` for a model without
+    /// calibration.json; `empty_window` before any answer.
     pub status: DriftStatus,
     /// What the status means.
     pub message: String,
@@ -532,10 +544,11 @@ impl Tally {
         }
         let q = self.q;
         let n = q.len() as f64;
+        let (status, message) = window_status(q.len());
         DriftReport {
             model,
-            status: DriftStatus::Ok,
-            message: "window compared with the calibration reference".into(),
+            status,
+            message,
             window_images: q.len(),
             window_seconds,
             reference_images: cal.reference.images,
@@ -584,6 +597,19 @@ impl DriftReport {
             embedding,
         }
     }
+}
+
+/// Whether a compared window of `images` answers is large enough for the shipped thresholds.
+fn window_status(images: usize) -> (DriftStatus, String) {
+    if images >= MIN_DRIFT_WINDOW {
+        return (DriftStatus::Ok, "window compared with the calibration reference".into());
+    }
+    let message = format!(
+        "{images} images compared with the calibration reference; KS and PSI are read against the shipped \
+         thresholds only from {MIN_DRIFT_WINDOW} images (below that an undrifted window often passes them), so \
+         these figures are not a verdict yet"
+    );
+    (DriftStatus::TooFewImages, message)
 }
 
 fn feature_shifts(cal: &Calibration, counts: &BTreeMap<u32, usize>, n: f64) -> Vec<FeatureShift> {
@@ -803,6 +829,14 @@ mod tests {
     /// all at 90 has KS 0.9 (just below 90 the reference is at 0.9, the window at 0) and the PSI
     /// of (everything in the last bin, the floor elsewhere):
     /// 9 (1e-4 - .1) ln(1e-3) + (1 - .1) ln(10).
+    #[test]
+    fn a_window_is_a_verdict_only_from_the_alerts_minimum() {
+        assert_eq!(window_status(1).0, DriftStatus::TooFewImages);
+        assert_eq!(window_status(MIN_DRIFT_WINDOW - 1).0, DriftStatus::TooFewImages);
+        assert!(window_status(7).1.starts_with("7 images"));
+        assert_eq!(window_status(MIN_DRIFT_WINDOW).0, DriftStatus::Ok);
+    }
+
     #[test]
     fn ks_and_psi_by_hand() {
         let r = uniform();

@@ -37,6 +37,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drift: DriftSettings { max_images: args.drift_window, max_age: Duration::from_secs(args.drift_window_s) },
         memory_budget: args.memory_budget_bytes,
     };
+    if args.drift_window < crate::drift::MIN_DRIFT_WINDOW {
+        tracing::warn!(
+            "--drift-window {} is below the {} answers the shipped KS and PSI thresholds were measured at: \
+             /v1/drift will always say too_few_images and the drift alerts will never evaluate",
+            args.drift_window,
+            crate::drift::MIN_DRIFT_WINDOW
+        );
+    }
     let api_keys = args.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
     let label_studio = args
         .label_studio_url

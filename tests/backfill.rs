@@ -408,8 +408,9 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     }
     let live: Value = server.get(&format!("/v1/drift?model={MODEL}")).json().unwrap();
     let live = &live["models"][0];
-    assert_eq!(live["status"], "ok");
-    assert_eq!(offline["status"], "ok");
+    // 60 images: compared, and said to be too few for the shipped thresholds.
+    assert_eq!(live["status"], "too_few_images");
+    assert_eq!(offline["status"], "too_few_images");
     assert_eq!(offline["window_images"], 60);
     assert_eq!(offline["window_images"], live["window_images"]);
     for key in [

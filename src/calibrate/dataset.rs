@@ -165,10 +165,11 @@ impl Dataset {
         Ok(Self { classes, images, ignored })
     }
 
-    /// Images per class in `part`.
-    pub fn per_class(&self, part: Part) -> Vec<usize> {
+    /// Images per class in `part` among `used` (indices into `images`): the ones that scored,
+    /// so images left out as unreadable are not counted as fitted or measured on.
+    pub fn per_class(&self, part: Part, used: &[usize]) -> Vec<usize> {
         let mut counts = vec![0; self.classes.len()];
-        for img in self.images.iter().filter(|i| i.part == part) {
+        for img in used.iter().map(|&i| &self.images[i]).filter(|i| i.part == part) {
             counts[img.class] += 1;
         }
         counts
@@ -247,9 +248,13 @@ mod tests {
         let split = Split { fit_fraction: 0.5, select_fraction: 0.5, seed: 7 };
         let ds = Dataset::from_folder(&root, split).unwrap();
         assert_eq!(ds.classes, vec!["class0", "class1"]);
-        assert_eq!(ds.per_class(Part::Fit), vec![5, 10]);
-        assert_eq!(ds.per_class(Part::Select), vec![3, 5]);
-        assert_eq!(ds.per_class(Part::Test), vec![2, 5]);
+        let all: Vec<usize> = (0..ds.images.len()).collect();
+        assert_eq!(ds.per_class(Part::Fit, &all), vec![5, 10]);
+        assert_eq!(ds.per_class(Part::Select, &all), vec![3, 5]);
+        assert_eq!(ds.per_class(Part::Test, &all), vec![2, 5]);
+        let first_fit = ds.images.iter().position(|i| i.part == Part::Fit && i.class == 1).unwrap();
+        let scored: Vec<usize> = all.iter().copied().filter(|&i| i != first_fit).collect();
+        assert_eq!(ds.per_class(Part::Fit, &scored), vec![5, 9], "an image that did not score is not counted");
         assert_eq!(ds.ignored.len(), 1, "notes.txt is reported, not read");
         let again = Dataset::from_folder(&root, split).unwrap();
         assert_eq!(ds.fingerprint(), again.fingerprint(), "same seed, same split");
@@ -266,8 +271,9 @@ mod tests {
         let split = Split { fit_fraction: 0.5, select_fraction: 0.5, seed: 0 };
         assert!(Dataset::from_folders(&a, &b, split).unwrap_err().to_string().contains("same class folders"));
         let ds = Dataset::from_folders(&a, &a, split).unwrap();
-        assert_eq!(ds.per_class(Part::Fit), vec![2, 2]);
-        assert_eq!(ds.per_class(Part::Select), vec![1, 1]);
+        let all: Vec<usize> = (0..ds.images.len()).collect();
+        assert_eq!(ds.per_class(Part::Fit, &all), vec![2, 2]);
+        assert_eq!(ds.per_class(Part::Select, &all), vec![1, 1]);
         for p in [a, b] {
             std::fs::remove_dir_all(p).unwrap();
         }

@@ -126,9 +126,9 @@ pub async fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let fingerprint = DataFingerprint {
         sources: sources.iter().map(|p| p.display().to_string()).collect(),
         classes: dataset.classes.clone(),
-        fit_per_class: dataset.per_class(Part::Fit),
-        select_per_class: dataset.per_class(Part::Select),
-        test_per_class: dataset.per_class(Part::Test),
+        fit_per_class: dataset.per_class(Part::Fit, &kept),
+        select_per_class: dataset.per_class(Part::Select, &kept),
+        test_per_class: dataset.per_class(Part::Test, &kept),
         file_list_sha256: dataset.fingerprint(),
         skipped,
     };

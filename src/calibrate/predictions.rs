@@ -9,6 +9,10 @@
 //! image of the same class and file name. Every image needs exactly one row and every row
 //! one image: a mismatch is an error that names the line, never a silent drop, because a flag
 //! calibrated on the wrong rows would predict someone else's mistakes.
+//!
+//! Paths and class names are compared in Unicode NFC: macOS writes file names decomposed (NFD)
+//! and most tools write composed text, so `Café/1.png` from a CSV made on one system names the
+//! folder `Café` made on the other.
 
 use std::{
     collections::{HashMap, hash_map::Entry},
@@ -16,6 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use unicode_normalization::UnicodeNormalization;
 
 use super::dataset::Dataset;
 
@@ -76,16 +81,16 @@ fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<
         );
     };
     let confidence_col = column("confidence");
-    let class_of: HashMap<&str, usize> = dataset.classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let class_of: HashMap<String, usize> = dataset.classes.iter().enumerate().map(|(i, c)| (nfc(c), i)).collect();
 
     // Each image answers to `<class>/<file>` and `<root>/<class>/<file>`; a key two images
     // share (two roots holding the same file) maps to None, and a row using it is refused.
     let mut by_key: HashMap<String, Option<usize>> = HashMap::new();
     for (i, img) in dataset.images.iter().enumerate() {
         let file = img.path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
-        let short = format!("{}/{file}", dataset.classes[img.class]);
+        let short = nfc(&format!("{}/{file}", dataset.classes[img.class]));
         let root = img.path.parent().and_then(Path::parent).and_then(Path::file_name);
-        let long = root.map(|r| format!("{}/{short}", r.to_string_lossy()));
+        let long = root.map(|r| format!("{}/{short}", nfc(&r.to_string_lossy())));
         for key in std::iter::once(short).chain(long) {
             match by_key.entry(key) {
                 Entry::Occupied(mut e) if *e.get() != Some(i) => *e.get_mut() = None,
@@ -116,7 +121,7 @@ fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<
             ),
         };
         let predicted = &record[predicted_col];
-        let Some(&class) = class_of.get(predicted) else {
+        let Some(&class) = class_of.get(&nfc(predicted)) else {
             bail!(
                 "line {line}: `predicted` is {}, which is not a class folder; the classes are: {}",
                 shown(predicted),
@@ -161,10 +166,15 @@ fn parse(bytes: &[u8], dataset: &Dataset) -> anyhow::Result<(Vec<usize>, Option<
     Ok((predicted, confidence))
 }
 
-/// A path as written by any tool: `\` as `/`, no leading `./`.
+/// A path as written by any tool: `\` as `/`, no leading `./`, composed (NFC).
 fn normalise(path: &str) -> String {
     let path = path.replace('\\', "/");
-    path.trim_start_matches("./").to_owned()
+    nfc(path.trim_start_matches("./"))
+}
+
+/// `text` in Unicode normalisation form C, the form names are compared in.
+fn nfc(text: &str) -> String {
+    text.nfc().collect()
 }
 
 #[cfg(test)]
@@ -230,5 +240,31 @@ mod tests {
         assert!(parse(short.as_bytes(), &ds).unwrap_err().to_string().contains("start it with the root folder's name"));
         let long = "path,predicted\ndata/a/1.png,a\na/2.png,a\nb/1.png,b\nheld/a/1.png,b\n";
         assert_eq!(parse(long.as_bytes(), &ds).unwrap().0, vec![0, 0, 1, 1]);
+    }
+
+    /// A class folder and a file named with "é" composed (U+00E9, as Linux tools write it)
+    /// match a CSV that spells both decomposed ("e" + U+0301, as macOS's file system does), and
+    /// the other way round: the two look identical in every message.
+    #[test]
+    fn composed_and_decomposed_names_match() {
+        let (composed, decomposed) = ("Caf\u{e9}", "Cafe\u{301}");
+        let image = |class: usize, file: &str| LabelledImage {
+            path: PathBuf::from(format!("/x/data/{}/{file}", [composed, "b"][class])),
+            class,
+            part: Part::Fit,
+            size: 1,
+        };
+        let ds = Dataset {
+            classes: vec![composed.into(), "b".into()],
+            images: vec![image(0, &format!("{composed}.png")), image(1, "1.png")],
+            ignored: vec![],
+        };
+        let csv = format!("path,predicted\n{decomposed}/{decomposed}.png,b\nb/1.png,{decomposed}\n");
+        assert_eq!(parse(csv.as_bytes(), &ds).unwrap().0, vec![1, 0]);
+        let mut nfd = ds.clone();
+        nfd.classes[0] = decomposed.into();
+        nfd.images[0].path = PathBuf::from(format!("/x/data/{decomposed}/{decomposed}.png"));
+        let csv = format!("path,predicted\n{composed}/{composed}.png,{composed}\nb/1.png,b\n");
+        assert_eq!(parse(csv.as_bytes(), &nfd).unwrap().0, vec![0, 1]);
     }
 }

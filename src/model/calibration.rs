@@ -394,11 +394,11 @@ pub struct DataFingerprint {
     pub sources: Vec<String>,
     /// Class names, in label order.
     pub classes: Vec<String>,
-    /// Images per class in the fit part.
+    /// Images per class in the fit part (those that scored; `skipped` lists the others).
     pub fit_per_class: Vec<usize>,
-    /// Images per class in the select part.
+    /// Images per class in the select part that scored.
     pub select_per_class: Vec<usize>,
-    /// Images per class in the test part.
+    /// Images per class in the test part that scored.
     pub test_per_class: Vec<usize>,
     /// SHA-256 of the sorted list of "part/class/file size" lines.
     pub file_list_sha256: String,
