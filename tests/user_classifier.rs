@@ -305,4 +305,21 @@ fn a_flag_on_the_clients_confidence_needs_it_in_every_protocol() {
     assert_eq!(refused.status(), 400);
     let text = refused.text().unwrap();
     assert!(text.contains("confidence"), "{text}");
+
+    // Label Studio: the task's `data.confidence`, a number (JSON import) or its text (CSV
+    // import); a task without it fails alone. Label Studio's score is 1 - risk.
+    let uri = format!("data:image/png;base64,{data}");
+    let tasks = json!({"tasks": [
+        {"id": 1, "data": {"image": uri, "confidence": 0.3}},
+        {"id": 2, "data": {"image": uri, "confidence": "0.99"}},
+        {"id": 3, "data": {"image": uri}},
+        {"id": 4, "data": {"image": uri, "confidence": "high"}},
+    ]});
+    let ls: Value = server.client().post(url("/predict")).json(&tasks).send().unwrap().json().unwrap();
+    let r = &ls["results"];
+    let score = |v: &Value| 1.0 - v["p_misclassified"].as_f64().unwrap();
+    assert!((r[0]["score"].as_f64().unwrap() - score(&low)).abs() < 1e-6, "{ls}");
+    assert!((r[1]["score"].as_f64().unwrap() - score(&high)).abs() < 1e-6, "{ls}");
+    assert_eq!(r[2]["error"]["code"], "missing_confidence", "{ls}");
+    assert_eq!(r[3]["error"]["code"], "invalid_confidence", "{ls}");
 }

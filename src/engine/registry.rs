@@ -92,6 +92,13 @@ impl Model {
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
+
+    /// Whether its flag reads the client's classifier confidence per image: calibrated on
+    /// `user_confidence` (directly or through a combination) and with no head of its own, whose
+    /// softmax would give it.
+    pub fn needs_client_confidence(&self) -> bool {
+        self.calibration.as_ref().is_some_and(Calibration::needs_user_confidence) && self.manifest.classifier.is_none()
+    }
 }
 
 /// Which models to load.

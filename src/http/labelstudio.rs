@@ -189,12 +189,17 @@ impl<'de> Deserialize<'de> for TaskId {
 pub enum Field {
     /// A string: an image reference, or text.
     One(String),
+    /// A number (a task imported from JSON; CSV imports give every value as a string).
+    Number(f64),
     /// A list: each item a string, or what was found instead (`a number`, `null`, ...), so that
     /// nothing in it is silently dropped.
     List(Vec<Result<String, &'static str>>),
     /// Anything else, skipped unread.
     Other,
 }
+
+/// The task field a model calibrated on the client's confidence reads it from.
+pub const CONFIDENCE_FIELD: &str = "confidence";
 
 /// What qscore reads of a task's `data`: its top-level strings and lists of strings, by key.
 /// Every other value is skipped unread, whatever its size or shape.
@@ -269,6 +274,22 @@ impl TaskData {
         Ok(out)
     }
 
+    /// The client's classifier confidence for this task, `data.confidence`: a number in [0, 1],
+    /// or its text (Label Studio's CSV import makes every value a string). `None` without the
+    /// field; `invalid_confidence` for anything else.
+    pub fn confidence(&self) -> Result<Option<f32>, Error> {
+        match self.get(CONFIDENCE_FIELD) {
+            None => Ok(None),
+            Some(Field::Number(v)) => super::upload::checked_confidence(*v)
+                .map(Some)
+                .ok_or_else(|| Error::InvalidConfidence(format!("task field `{CONFIDENCE_FIELD}` is {v}"))),
+            Some(Field::One(text)) => super::upload::parse_confidence(text).map(Some),
+            Some(_) => {
+                Err(Error::InvalidConfidence(format!("task field `{CONFIDENCE_FIELD}` is not a number in [0, 1]")))
+            }
+        }
+    }
+
     /// The data's keys, for messages: at most a few.
     fn keys(&self) -> String {
         if self.fields.is_empty() {
@@ -296,14 +317,14 @@ impl<'de> Deserialize<'de> for Field {
             fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Field, E> {
                 Ok(Field::Other)
             }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Field, E> {
-                Ok(Field::Other)
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Field, E> {
+                Ok(Field::Number(v as f64))
             }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Field, E> {
-                Ok(Field::Other)
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Field, E> {
+                Ok(Field::Number(v as f64))
             }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Field, E> {
-                Ok(Field::Other)
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Field, E> {
+                Ok(Field::Number(v))
             }
             fn visit_unit<E: serde::de::Error>(self) -> Result<Field, E> {
                 Ok(Field::Other)
@@ -500,6 +521,7 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
     // One snapshot: the version named is the one that scores, whatever reloads meanwhile.
     let model = state.engine.registry().get(None)?;
     let version = model_version(&model);
+    let needs_confidence = model.needs_client_confidence();
     // The fetches and the scoring share the request's deadline; the fetches end a quarter of it
     // early, so the images fetched by then are still scored.
     let start = std::time::Instant::now();
@@ -544,7 +566,13 @@ pub async fn predict(State(state): State<AppState>, body: axum::body::Body) -> R
                 _held.merge(held);
                 bytes
             });
-            Input::new(req.tasks[*i].id.to_string(), bytes)
+            let task = &req.tasks[*i];
+            // Read only for a model that needs it: elsewhere `data.confidence` may be any
+            // field of the user's own.
+            match needs_confidence.then(|| task.data.confidence()).transpose() {
+                Ok(confidence) => Input { confidence: confidence.flatten(), ..Input::new(task.id.to_string(), bytes) },
+                Err(e) => Input::new(task.id.to_string(), bytes.and(Err(e))),
+            }
         })
         .collect();
     let outputs = state.engine.score_until(&model, inputs, EmbeddingMode::Omit, deadline).await?;
@@ -671,5 +699,28 @@ mod tests {
         assert_eq!(ids, ["1.1805916207174113e21", "3.0", "-4", "18446744073709551615"]);
         let wrong = [ImageField::One("pages".into())];
         assert!(req.tasks[0].data.images(Some(&wrong)).unwrap_err().to_string().contains("not a string"));
+    }
+
+    #[test]
+    fn the_clients_confidence_is_a_number_or_its_text() {
+        let req = parse(
+            r#"{"tasks": [{"id": 1, "data": {"confidence": 0.25}}, {"id": 2, "data": {"confidence": " 1 "}},
+                          {"id": 3, "data": {}}, {"id": 4, "data": {"confidence": 1.5}},
+                          {"id": 5, "data": {"confidence": "high"}}, {"id": 6, "data": {"confidence": [0.5]}},
+                          {"id": 7, "data": {"confidence": 0}}]}"#,
+        );
+        let got: Vec<_> = req.tasks.iter().map(|t| t.data.confidence().map_err(|e| e.code())).collect();
+        assert_eq!(
+            got,
+            [
+                Ok(Some(0.25)),
+                Ok(Some(1.0)),
+                Ok(None),
+                Err("invalid_confidence"),
+                Err("invalid_confidence"),
+                Err("invalid_confidence"),
+                Ok(Some(0.0))
+            ]
+        );
     }
 }

@@ -235,7 +235,7 @@ impl From<&Model> for ModelInfo {
             calibrated: m.calibration.is_some(),
             calibration: m.calibration.as_ref().map(|c| CalibrationInfo {
                 target: c.target.clone(),
-                needs_confidence: c.needs_user_confidence() && man.classifier.is_none(),
+                needs_confidence: m.needs_client_confidence(),
                 risk_source: c.risk_source,
                 sha256: c.sha256.clone(),
                 threshold: c.threshold,
