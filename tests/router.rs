@@ -312,3 +312,30 @@ async fn label_studio_tasks_share_the_pipeline() {
     let (status, r) = call(&h.app, post_json("/predict", &big)).await;
     assert_eq!((status, r["error"]["code"].clone()), (413, json!("body_too_large")), "the same body limit as /v1");
 }
+
+/// Too many images is one answer on every edge, whether the list is a little past
+/// `--max-batch-images` or past the parser's own cap (4,096 items): 413 `too_many_images`, which
+/// tells a client to split the request, never a 400 that says the JSON is wrong.
+#[tokio::test(flavor = "multi_thread")]
+async fn too_many_images_is_413_on_every_edge_at_every_size() {
+    let h = harness(None);
+    let item = b64(&png(255));
+    for n in [17, 5000] {
+        let v1 = json!({"images": vec![json!({"data": item}); n]});
+        let kserve =
+            json!({"inputs": [{"name": "image", "shape": [n], "datatype": "BYTES", "data": vec![item.clone(); n]}]});
+        let ls = json!({"tasks": vec![json!({"id": 1, "data": {"image": "/data/upload/1/a.png"}}); n]});
+        for (path, body) in [("/v1/score/batch", v1), ("/v2/models/toy/infer", kserve), ("/predict", ls)] {
+            let (status, r) = call(&h.app, post_json(path, &body)).await;
+            assert_eq!(status, 413, "{path}, {n} items: {r}");
+            // KServe's errors are its protocol's {"error": "<message>"}; ours carry the code.
+            let said = if path.starts_with("/v2/") { r["error"].clone() } else { r["error"]["code"].clone() };
+            let want = if path.starts_with("/v2/") {
+                json!("the batch has more than 16 images (--max-batch-images); split it")
+            } else {
+                json!("too_many_images")
+            };
+            assert_eq!(said, want, "{path}, {n} items");
+        }
+    }
+}

@@ -27,8 +27,27 @@ pub fn check_id(what: impl FnOnce() -> String, id: &str) -> Result<(), crate::er
     Ok(())
 }
 
+/// How a list's overflow error begins, so [`refused`] can tell it from other parse errors.
+const TOO_MANY: &str = "a list has more than";
+
 fn too_many<E: de::Error>() -> E {
-    E::custom(format_args!("a list has more than {MAX_LIST} items; split the request"))
+    E::custom(format_args!("{TOO_MANY} {MAX_LIST} items; split the request"))
+}
+
+/// The error for a request body serde could not read. A list past [`MAX_LIST`] items (of
+/// images, tasks, tensor elements) means too many for one request, so it is the same 413
+/// `too_many_images` with the route's `limit` that a shorter list past the limit gets, telling
+/// the client to split; anything else is `invalid`'s 400.
+pub fn refused(
+    e: serde_json::Error,
+    limit: usize,
+    invalid: impl FnOnce(serde_json::Error) -> crate::error::Error,
+) -> crate::error::Error {
+    if e.is_data() && e.to_string().starts_with(TOO_MANY) {
+        crate::error::Error::TooManyImages { limit }
+    } else {
+        invalid(e)
+    }
 }
 
 struct ListVisitor<T>(PhantomData<T>);
@@ -198,6 +217,13 @@ mod tests {
         assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
         let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
+        let too_many = serde_json::from_str::<Lists>(&over).unwrap_err();
+        assert!(matches!(refused(too_many, 8, |_| unreachable!()), crate::error::Error::TooManyImages { limit: 8 }));
+        let other = serde_json::from_str::<Lists>(r#"{"items": ["x"]}"#).unwrap_err();
+        assert!(matches!(
+            refused(other, 8, |e| crate::error::Error::BadRequest(e.to_string())),
+            crate::error::Error::BadRequest(_)
+        ));
         let mixed = serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x", 0.25], true, null]}"#).unwrap();
         let mixed = mixed.data.unwrap();
         assert_eq!((mixed.strings, mixed.numbers, mixed.others), (vec!["x".to_string()], vec![1.0, 0.25], 2));

@@ -475,8 +475,9 @@ pub fn parse(headers: &HeaderMap, body: &Bytes, max_images: usize) -> Result<Par
     if json_len > body.len() {
         return Err(Error::BadRequest("Inference-Header-Content-Length is past the end of the body".into()));
     }
-    let request: InferRequest = serde_json::from_slice(&body[..json_len])
-        .map_err(|e| Error::BadRequest(format!("invalid inference request: {e}")))?;
+    let request: InferRequest = serde_json::from_slice(&body[..json_len]).map_err(|e| {
+        bounded::refused(e, max_images, |e| Error::BadRequest(format!("invalid inference request: {e}")))
+    })?;
     if let Some(id) = &request.id {
         bounded::check_id(|| "the request `id`".into(), id)?;
     }

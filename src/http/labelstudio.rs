@@ -410,7 +410,7 @@ impl<'de> Deserialize<'de> for TaskData {
 /// Parses a `/predict` body: at most `max_tasks` tasks, every field checked before it is kept.
 pub fn parse_predict(body: &[u8], max_tasks: usize) -> Result<PredictRequest, Error> {
     let req: PredictRequest = serde_json::from_slice(body).map_err(|e| {
-        Error::BadRequest(format!("invalid /predict request: {e}; expected {{\"tasks\": [{{\"id\": ..., \"data\": {{\"photo\": \"<url>\"}}}}], \"label_config\": \"<View><Image name=\\\"img\\\" value=\\\"$photo\\\"/></View>\"}}"))
+        super::bounded::refused(e, max_tasks, |e| Error::BadRequest(format!("invalid /predict request: {e}; expected {{\"tasks\": [{{\"id\": ..., \"data\": {{\"photo\": \"<url>\"}}}}], \"label_config\": \"<View><Image name=\\\"img\\\" value=\\\"$photo\\\"/></View>\"}}")))
     })?;
     if req.tasks.len() > max_tasks {
         return Err(Error::TooManyImages { limit: max_tasks });

@@ -278,9 +278,11 @@ struct WireBatch<'a> {
 
 fn parse_json(body: &[u8], max_images: usize) -> Result<Vec<Input>, Error> {
     let batch: WireBatch = serde_json::from_slice(body).map_err(|e| {
-        Error::BadRequest(format!(
-            "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
-        ))
+        bounded::refused(e, max_images, |e| {
+            Error::BadRequest(format!(
+                "invalid JSON batch: {e}; expected {{\"images\": [{{\"id\": ..., \"data\": \"<base64>\"}}]}}"
+            ))
+        })
     })?;
     if batch.images.len() > max_images {
         return Err(Error::TooManyImages { limit: max_images });
