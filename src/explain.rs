@@ -373,7 +373,7 @@ mod tests {
         assert_eq!(Occlusion::plan(224, 224, Some(8), Some(8), &LIMITS).unwrap().passes(), 784);
         assert!(matches!(
             Occlusion::plan(224, 224, Some(8), Some(4), &LIMITS),
-            Err(ExplainError::TooManyPasses { passes: 2809, .. })
+            Err(ExplainError::TooManyPasses { passes: 3025, .. })
         ));
         assert!(matches!(
             Occlusion::plan(224, 224, Some(200), Some(1), &LIMITS),
