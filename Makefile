@@ -254,7 +254,7 @@ evaluate: build
 # Do discriminative features fire on the garment? Occlusion heatmaps of every active feature of
 # EXPLAIN_PER_CLASS seeded t10k images per class, for every calibrated fmnist-* model, against
 # the garment pixels: the table in models/README.md (examples/explain_core.rs says how).
-EXPLAIN_PER_CLASS ?= 30
+EXPLAIN_PER_CLASS ?= 60
 explain-core: build fmnist-data
 	$(CARGO) run --release --locked --quiet --example explain_core -- models $(FMNIST_DIR)/t10k $(EXPLAIN_PER_CLASS) 0 \
 	  --write models/README.md

@@ -152,7 +152,7 @@ pub struct Occlusion {
 fn axis_positions(len: usize, patch: usize, stride: usize) -> impl Iterator<Item = usize> {
     let span = len - patch;
     let regular = span / stride + 1;
-    let extra = usize::from(span % stride != 0);
+    let extra = usize::from(!span.is_multiple_of(stride));
     (0..regular).map(move |i| i * stride).chain((extra == 1).then_some(span))
 }
 
@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn positions_cover_every_pixel_even_when_the_stride_does_not_divide() {
         let plan = Occlusion::plan(10, 7, Some(4), Some(3), &LIMITS).unwrap();
-        let mut covered = vec![false; 70];
+        let mut covered = [false; 70];
         for (y, x) in plan.positions() {
             assert!(y + 4 <= 10 && x + 4 <= 7);
             for yy in y..y + 4 {

@@ -7,8 +7,10 @@
 //! (no second session, no side path). Every bound a client controls (feature count, patch and
 //! stride, hence the passes) is checked before the image is decoded. The copies are built one
 //! window at a time, with the window's bytes reserved in the decode share of the memory
-//! budget; when the request ends (the client left, the deadline passed) the future is dropped,
-//! the worker skips the copies still queued and no further window is built.
+//! budget; when the future is dropped (the deadline passed, hyper closed the connection) the
+//! worker skips the copies still queued and no further window is built. A client that closes
+//! its connection while waiting is not seen until the answer is written (the server keeps
+//! half-closed connections, `http::connections`), so its explanation runs to the deadline.
 //!
 //! An explanation records no drift and counts no scored image: its image is a diagnostic
 //! request, and its copies are not images anyone sent. Its passes are counted in

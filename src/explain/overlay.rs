@@ -38,7 +38,10 @@ pub fn canvas_bytes(plan: &Occlusion, panels: usize) -> u64 {
 pub fn render(input: ArrayView3<f32>, mean: &[f32], std: &[f32], plan: &Occlusion, heatmaps: &[&[f32]]) -> RgbImage {
     let k = scale(plan);
     let (pw, ph) = ((plan.width * k) as u32, (plan.height * k) as u32);
-    let panels = heatmaps.len().max(1) as u32;
+    // No feature to map (an image on which no discriminative feature fired): the input alone.
+    let none: [&[f32]; 1] = [&[]];
+    let heatmaps = if heatmaps.is_empty() { &none[..] } else { heatmaps };
+    let panels = heatmaps.len() as u32;
     let mut canvas = RgbImage::from_pixel(panels * (pw + GAP) - GAP, ph, Rgb([255, 255, 255]));
     let (_, cols) = plan.grid();
     let channels = input.dim().0;
@@ -122,5 +125,9 @@ mod tests {
         assert_eq!(canvas.get_pixel(5 * 2 * 8, 3 * 2 * 8), &Rgb([0, 230, 0]));
         assert_eq!(canvas.get_pixel(0, 0), &Rgb([128, 128, 128]));
         assert!(png(&canvas).unwrap().starts_with(b"\x89PNG"));
+        // No feature: one panel of the input alone.
+        let alone = render(input.view(), &[0.5], &[0.25], &plan, &[]);
+        assert_eq!((alone.width(), alone.height()), (224, 224));
+        assert_eq!(alone.get_pixel(100, 100), &Rgb([128, 128, 128]));
     }
 }

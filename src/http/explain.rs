@@ -48,6 +48,12 @@ pub struct ExplainQuery {
     pub fill: Fill,
 }
 
+/// The overlay answered for `Accept: image/png`.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct PngImage(Vec<u8>);
+
 /// What the answer is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -68,7 +74,8 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, Error> {
         return Ok(Format::Json);
     }
     // (specificity, quality) of the best-matching range for each type.
-    let (mut png, mut json): (Option<(u8, f32)>, Option<(u8, f32)>) = (None, None);
+    type Best = Option<(u8, f32)>;
+    let (mut png, mut json): (Best, Best) = (None, None);
     let ranges =
         lines.flat_map(|v| String::from_utf8_lossy(v.as_bytes()).split(',').map(str::to_owned).collect::<Vec<_>>());
     for range in ranges.take(64) {
@@ -117,7 +124,7 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, Error> {
         content((super::handlers::ImageUpload = "multipart/form-data"), ("image/*"))),
     responses(
         (status = 200, description = "One heatmap per feature over the model's input grid, with its summary",
-            content((Explanation = "application/json"), (Vec<u8> = "image/png"))),
+            content((Explanation = "application/json"), (PngImage = "image/png"))),
         (status = 400, description = "Malformed request; `features`, `patch` or `stride` out of bounds; more than one image", body = super::error::ErrorBody),
         (status = 404, description = "Unknown model", body = super::error::ErrorBody),
         (status = 406, description = "`Accept` allows neither application/json nor image/png", body = super::error::ErrorBody),
