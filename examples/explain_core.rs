@@ -16,8 +16,8 @@
 //! Prints the table; with `--write`, replaces the part of README between
 //! `<!-- explain-core -->` and `<!-- /explain-core -->` (appending a section when it has none).
 //! Every calibrated `fmnist-*` model in MODELS_DIR (int8 copies left out) gets rows for both
-//! fills (mean, black); a later variant (a Q-Score-regularised encoder) is one more model folder
-//! and so more rows.
+//! fills (mean, black); a later variant (a Q-Score-regularised encoder, a folder named `*qreg*`)
+//! is one more model folder and so more rows, its `variant` column saying so.
 
 use std::{
     collections::BTreeMap,
@@ -136,6 +136,12 @@ fn sample(root: &Path, per_class: usize, seed: u64) -> anyhow::Result<Vec<(Strin
     Ok(out)
 }
 
+/// The table's `variant` column: a model folder whose name says `qreg` holds a Q-Score-regularised
+/// encoder (the next rows of the table), any other one the encoder as trained.
+fn variant(name: &str) -> &'static str {
+    if name.contains("qreg") { "Q-Score regularised" } else { "as trained" }
+}
+
 fn replace_section(readme: &Path, section: &str) -> anyhow::Result<()> {
     let (begin, end) = ("<!-- explain-core -->", "<!-- /explain-core -->");
     let text = std::fs::read_to_string(readme).with_context(|| format!("cannot read {}", readme.display()))?;
@@ -251,8 +257,9 @@ async fn main() -> anyhow::Result<()> {
                     "n/a".into()
                 };
                 table.push_str(&format!(
-                    "| {} | as trained | {fill} | {label} | {} | {area} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {fill} | {label} | {} | {area} | {} | {} | {} | {} |\n",
                     model.name(),
+                    variant(model.name()),
                     row.images,
                     row.discriminative.maps,
                     row.discriminative.show(),
