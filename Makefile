@@ -52,7 +52,8 @@ SKIMAGE_WHEEL  := scikit-image==0.26.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
         fmnist-data calibrate evaluate load-bench bench-env swagger-ui \
-        photos dct-scaling-bench profile fp16-models gpu-bench-prepare int8-env int8-photos int8-models
+        photos dct-scaling-bench profile fp16-models gpu-bench-prepare int8-env int8-photos int8-models \
+        explain-core explain-bench
 
 all: build
 
@@ -249,6 +250,25 @@ int8-photos:
 
 evaluate: build
 	$(BIN) evaluate --models-dir models
+
+# Do discriminative features fire on the garment? Occlusion heatmaps of every active feature of
+# EXPLAIN_PER_CLASS seeded t10k images per class, for every calibrated fmnist-* model, against
+# the garment pixels: the table in models/README.md (examples/explain_core.rs says how).
+EXPLAIN_PER_CLASS ?= 60
+explain-core: build fmnist-data
+	$(CARGO) run --release --locked --quiet --example explain_core -- models $(FMNIST_DIR)/t10k $(EXPLAIN_PER_CLASS) 0 \
+	  --write models/README.md
+
+# What one explanation costs: `qscore explain` with the defaults over the Fashion-MNIST fixtures
+# (fmnist-simclr) and the photos (MobileNetV2), mean and median of the answers' own timings.
+EXPLAIN_BENCH_OUT ?= /tmp/qscore-explain-bench
+explain-bench: build
+	@for m in fmnist-simclr:tests/fixtures/fmnist mobilenet_v2-imagenet:tests/fixtures/photos; do \
+	  $(BIN) explain --model $${m%%:*} --out $(EXPLAIN_BENCH_OUT)/$${m%%:*} $${m#*:} 2>/dev/null | \
+	  /usr/bin/python3 -c 'import json, statistics, sys; \
+	    t = [json.loads(l)["explanation"]["timings_ms"]["total"] for l in sys.stdin][1:]; \
+	    print(f"{sys.argv[1]}: {len(t)} explanations after a warm-up one, mean {statistics.mean(t):.1f} ms, median {statistics.median(t):.1f} ms")' $${m%%:*}; \
+	done
 
 # models/compression_curve.png and models/reliability.png from every models/*/calibration.json.
 plots:

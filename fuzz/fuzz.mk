@@ -11,7 +11,7 @@
 # artifacts (fuzz/artifacts/) are ignored. libFuzzer's memory limits stay at 2 GiB
 # (-rss_limit_mb, and -malloc_limit_mb follows it): that is what catches a decode bomb.
 
-FUZZ_TARGETS       := image multipart_and_json_batch kserve labelstudio api_keys
+FUZZ_TARGETS       := image multipart_and_json_batch kserve labelstudio api_keys explain
 FUZZ_DIR           := fuzz
 FUZZ_CARGO         ?= cargo +nightly
 FUZZ_RUNS          ?= 1000000

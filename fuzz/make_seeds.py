@@ -201,4 +201,17 @@ write("api_keys", "basic_raw", bytes([BASIC_RAW]) + keys + b"\x00"
 write("api_keys", "plain", bytes([PLAIN]) + b"a\r\nb\x00Token a")
 write("api_keys", "scheme_lower_spaces", bytes([PLAIN]) + keys + b"\x00bearer    k-0123456789abcdef")
 write("api_keys", "key_not_ascii", bytes([BEARER]) + "ok\ncl\u00e9\n".encode() + b"\x00ok")
+
+# --- explain: dim - 2 (u16), max_features - 1, patch, stride (u16, 0xFFFF absent), input side ---
+def explain(name, dim, max_features, patch, stride, side, text):
+    write("explain", name, struct.pack("<HBHHB", dim - 2, max_features - 1, patch, stride, side) + text.encode())
+
+
+ABSENT = 0xFFFF
+explain("list", 128, 16, ABSENT, ABSENT, 0, "3, 17,42")
+explain("discriminative", 1280, 16, 32, 16, 1, "discriminative")
+explain("active", 128, 4, 4, 2, 0, "active")
+explain("duplicate", 128, 16, 7, 7, 0, "1,1")
+explain("odd_stride", 64, 2, 4, 3, 9, "0,63")
+explain("too_many", 128, 2, 1, 1, 1, "1,2,3")
 print("seeds written")

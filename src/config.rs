@@ -40,6 +40,10 @@ pub enum Command {
     /// Print the drift of a finished backfill (`qscore score --format parquet` shards) from a
     /// model's calibration reference, as JSON in /v1/drift's shape.
     Drift(DriftArgs),
+    /// Explain image files without a server: draw each one's heatmaps (which input cells make
+    /// its features fire, by occlusion) as a PNG overlay in --out, and print one JSON line per
+    /// file (the /v1/explain answer).
+    Explain(ExplainArgs),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -219,6 +223,9 @@ pub struct ServeArgs {
     /// quarter of --max-connections].
     #[arg(long, env = "QSCORE_MAX_CONNECTIONS_PER_CLIENT")]
     pub max_connections_per_client: Option<usize>,
+    /// What one explanation (`POST /v1/explain`) may cost.
+    #[command(flatten)]
+    pub explain: ExplainLimitArgs,
     /// Deadline of a request in milliseconds: past it the answer is 503 and its queued work is
     /// dropped. Also bounds how long a client may take to send its body.
     #[arg(long, env = "QSCORE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -272,6 +279,60 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "QSCORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// What one explanation may cost: shared by `serve` and `explain`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ExplainLimitArgs {
+    /// Most features one explanation maps (`/v1/explain?features=`); the default list, the
+    /// discriminative features that fired, is cut to the strongest this many.
+    #[arg(long, env = "QSCORE_MAX_EXPLAIN_FEATURES", default_value_t = 16,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub max_explain_features: usize,
+    /// Most occluded forward passes one explanation may cost (its patch positions; the default
+    /// plan costs 169); a `patch`/`stride` that needs more is refused before any work.
+    #[arg(long, env = "QSCORE_MAX_EXPLAIN_PASSES", default_value_t = 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
+    pub max_explain_passes: usize,
+}
+
+impl ExplainLimitArgs {
+    /// The engine's limits.
+    pub fn limits(&self) -> crate::explain::ExplainLimits {
+        crate::explain::ExplainLimits { max_features: self.max_explain_features, max_passes: self.max_explain_passes }
+    }
+}
+
+/// Settings of `qscore explain`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// Models, runtime and image limits.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// What one explanation may cost.
+    #[command(flatten)]
+    pub explain: ExplainLimitArgs,
+    /// Image files, or folders to walk (recursively, image extensions only, sorted).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Folder the overlays are written to, as <file stem>.png (created when missing); a file
+    /// already there is replaced.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Which features to map: `discriminative` (the features of D that fired), `active` (every
+    /// feature of L) or indices such as `3,17,42`.
+    #[arg(long, default_value = "discriminative")]
+    pub features: String,
+    /// Side of the occluding patch in input pixels [default: a seventh of the input's shorter side].
+    #[arg(long)]
+    pub patch: Option<usize>,
+    /// Step between patch positions in input pixels [default: half the patch].
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// What occluded patches are filled with: the normalisation mean, or black (for data on a
+    /// black background).
+    #[arg(long, value_enum, default_value = "mean")]
+    pub fill: crate::explain::Fill,
 }
 
 /// Settings of `qscore score`.

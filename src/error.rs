@@ -198,6 +198,13 @@ pub enum Error {
     /// A `confidence` sent with an image that is not a probability.
     #[error("`confidence` must be a number in [0, 1] (your classifier's probability for its prediction); got {0}")]
     InvalidConfidence(String),
+    /// An explanation's parameters (`features`, `patch`, `stride`) are out of bounds or dearer
+    /// than the server allows.
+    #[error("{0}")]
+    InvalidExplainParameters(String),
+    /// The client accepts none of the media types the route answers in.
+    #[error("this route answers {0}; send an Accept header that allows one of them (or none)")]
+    NotAcceptable(&'static str),
     /// `/v1/*` needs an API key and the request had none or a wrong one.
     #[error("{0}")]
     Unauthorized(String),
@@ -243,6 +250,12 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<crate::explain::ExplainError> for Error {
+    fn from(e: crate::explain::ExplainError) -> Self {
+        Self::InvalidExplainParameters(e.to_string())
+    }
+}
+
 impl Error {
     /// The stable, machine-readable code answered in `error.code`.
     pub fn code(&self) -> &'static str {
@@ -267,6 +280,8 @@ impl Error {
             Self::NotCalibrated { .. } => "not_calibrated",
             Self::MissingConfidence { .. } => "missing_confidence",
             Self::InvalidConfidence(_) => "invalid_confidence",
+            Self::InvalidExplainParameters(_) => "invalid_explain_parameters",
+            Self::NotAcceptable(_) => "not_acceptable",
             Self::Unauthorized(_) => "unauthorized",
             Self::BodyTimeout => "body_timeout",
             Self::NotFound => "not_found",

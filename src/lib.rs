@@ -30,6 +30,10 @@
 //! - [`model`]: a model folder at rest: manifest, calibration file, one ONNX Runtime session.
 //! - [`image`]: decode with limits (every derived size bounded), resize, normalise.
 //! - [`qscore`]: the maths of design.md section 1, pure and tested on hand-computed cases.
+//! - [`explain`]: occlusion sensitivity, pure: the patch plan and its bounds, the occluded
+//!   copies, heatmaps from the drops, the overlay drawing, the client's feature list. The engine
+//!   runs the copies through the model's worker ([`engine::explain`]); `/v1/explain` and
+//!   `qscore explain` translate.
 //! - [`risk`]: the probe, the nearest-neighbour estimator, the risk estimators, the isotonic map
 //!   to p(misclassified), AUROC/AUPRC, and the one `measure` serving and calibration share.
 //! - [`drift`]: rolling windows of recent answers against the calibration reference;
@@ -54,6 +58,7 @@ pub mod digest;
 pub mod drift;
 pub mod engine;
 pub mod error;
+pub mod explain;
 pub mod fetch;
 pub mod http;
 pub mod image;

@@ -1,11 +1,11 @@
-//! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate`, `drift` and `openapi`.
+//! The `qscore` command: `serve`, `score`, `calibrate`, `evaluate`, `drift`, `explain` and `openapi`.
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use qscore::{
     backfill::{self, fetch::Sources, manifest::Manifest},
-    config::{Cli, Command, DriftArgs, LogFormat, OutputFormat, ScoreArgs, Shard, SortOrder},
+    config::{Cli, Command, DriftArgs, ExplainArgs, LogFormat, OutputFormat, ScoreArgs, Shard, SortOrder},
     engine::{Capacity, EmbeddingMode, Engine, ImageScore, Input, Selection, answer::sort_riskiest_first},
     error::ErrorDetail,
     server,
@@ -37,6 +37,10 @@ fn main() -> ExitCode {
         }
         Command::Evaluate(args) => qscore::calibrate::evaluate(args).map(|()| ExitCode::SUCCESS),
         Command::Drift(args) => print_backfill_drift(args),
+        Command::Explain(args) => {
+            init_logging(LogFormat::Text);
+            runtime().and_then(|rt| rt.block_on(explain_files(args)))
+        }
     };
     match result {
         Ok(code) => code,
@@ -322,5 +326,57 @@ async fn score_manifest(
         writer.write(line)?;
     }
     writer.finish()?;
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `qscore explain`: each file through [`Engine::explain`], as `POST /v1/explain` does; its
+/// overlay written to `--out`, its answer printed as a JSON line (with `overlay`, the PNG's
+/// path). Exits 1 when any file failed, after trying every one.
+async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    use qscore::{
+        engine::explain::ExplainRequest,
+        explain::{Occlusion, overlay, parse_features},
+    };
+    let config = args.engine.config()?;
+    let mut engine = tokio::task::spawn_blocking(move || {
+        let selection = config.default_model.clone().map_or(Selection::All, Selection::One);
+        Engine::open(&config, &selection, Capacity::OFFLINE)
+    })
+    .await??;
+    engine.explain = args.explain.limits();
+    let model = engine.registry().get(args.engine.model.as_deref())?;
+    let features = parse_features(&args.features, model.manifest.output.dim, engine.explain.max_features)
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    // A plan out of bounds would fail every file alike: say so once, before any work.
+    let p = &model.preprocess;
+    Occlusion::plan(p.height as usize, p.width as usize, args.patch, args.stride, &engine.explain)
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace('`', "--").replace("--patch--", "--patch")))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.out.display()))?;
+    let request = ExplainRequest { features, patch: args.patch, stride: args.stride, fill: args.fill };
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for file in expand(&args.files)? {
+        let name = file.display().to_string();
+        let bytes = backfill::fetch::read_file(&file, engine.limits.max_bytes);
+        let line = match engine.explain(&model, Input::new(name.clone(), bytes), &request).await {
+            Ok(e) => {
+                let stem = file.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+                let path = args.out.join(format!("{stem}.png"));
+                let maps: Vec<&[f32]> = e.features.iter().map(|f| f.heatmap.as_slice()).collect();
+                let canvas = overlay::render(e.input.view(), &p.mean, &p.std, &e.occlusion, &maps);
+                overlay::png(&canvas)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|png| Ok(std::fs::write(&path, png)?))
+                    .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", path.display()))?;
+                serde_json::json!({ "file": name, "overlay": path.display().to_string(), "explanation": e })
+            }
+            Err(e) => {
+                failed = true;
+                serde_json::json!({ "file": name, "error": ErrorDetail::from(&e) })
+            }
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

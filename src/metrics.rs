@@ -31,6 +31,9 @@ pub struct Metrics {
     pub preprocess_duration: HistogramVec,
     /// Images refused or dropped before inference, by model and reason.
     pub rejected: IntCounterVec,
+    /// Forward passes run for `POST /v1/explain` (the unoccluded one and every occluded copy),
+    /// by model: the work explanations add to the scoring load, which the image counters omit.
+    pub explain_passes: IntCounterVec,
     /// Images waiting in each model's queue (set at scrape time).
     pub queue_depth: IntGaugeVec,
     /// Images admitted and not yet answered, across models (set at scrape time).
@@ -282,6 +285,14 @@ impl Metrics {
             &["model", "reason"],
         )
         .expect("valid metric");
+        let explain_passes = IntCounterVec::new(
+            Opts::new(
+                "qscore_explain_passes_total",
+                "Forward passes run for explanations (the unoccluded image and its occluded copies), by model.",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
         let queue_depth =
             IntGaugeVec::new(Opts::new("qscore_queue_depth", "Images waiting in a model's queue."), &["model"])
                 .expect("valid metric");
@@ -392,6 +403,7 @@ impl Metrics {
             Box::new(drift_embedding_p_value.clone()),
             Box::new(drift_embedding_window_images.clone()),
             Box::new(webhook_events.clone()),
+            Box::new(explain_passes.clone()),
         ]
         .into_iter()
         .chain(drift_counts.collectors())
@@ -409,6 +421,7 @@ impl Metrics {
             queue_wait,
             preprocess_duration,
             rejected,
+            explain_passes,
             queue_depth,
             images_in_flight,
             memory_budget_used,

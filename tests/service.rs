@@ -112,9 +112,16 @@ fn openapi_document_matches_the_code() {
     let s = Server::start(&[]);
     let served: Value = s.get("/openapi.json").json().unwrap();
     assert_eq!(served, serde_json::from_str::<Value>(&committed).unwrap());
-    for path in
-        ["/v1/score", "/v1/score/batch", "/v1/embed", "/v1/models", "/v1/models/{name}", "/health/ready", "/metrics"]
-    {
+    for path in [
+        "/v1/score",
+        "/v1/score/batch",
+        "/v1/embed",
+        "/v1/explain",
+        "/v1/models",
+        "/v1/models/{name}",
+        "/health/ready",
+        "/metrics",
+    ] {
         assert!(served["paths"].get(path).is_some(), "{path} is not documented");
     }
 }

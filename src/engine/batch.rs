@@ -103,6 +103,8 @@ pub struct Worker {
     incoming: Arc<AtomicUsize>,
     /// Images sitting in the queue.
     queued: Arc<AtomicUsize>,
+    /// Most images in one run.
+    max_batch: usize,
 }
 
 impl Worker {
@@ -119,6 +121,7 @@ impl Worker {
             model: model.as_str().into(),
             incoming: Arc::new(AtomicUsize::new(0)),
             queued: Arc::new(AtomicUsize::new(0)),
+            max_batch: settings.max_batch.max(1),
         };
         let (incoming, queued) = (Arc::clone(&worker.incoming), Arc::clone(&worker.queued));
         std::thread::Builder::new()
@@ -157,6 +160,37 @@ impl Worker {
             return Err(self.stopped());
         }
         answer.await.map_err(|_| self.stopped())?
+    }
+
+    /// Most images this model's thread runs at once.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Queues prepared images (C, H, W) all at once, as one job, and waits for every
+    /// representation, in order. They are announced before the first is sent, so the thread
+    /// gathers them into full batches (with whatever else waits) instead of running the first
+    /// alone; an explanation's occluded copies take this path. Dropping the future drops the
+    /// replies, so copies still queued are skipped, never run.
+    pub async fn embed_many(&self, inputs: Vec<Array3<f32>>, deadline: Instant) -> Result<Vec<Inferred>, Error> {
+        let mut incoming = self.expect(inputs.len());
+        let mut answers = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let (reply, answer) = oneshot::channel();
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            let sent = self.tx.send(Entry { input, queued: Instant::now(), deadline, reply });
+            incoming.arrived();
+            if sent.is_err() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.stopped());
+            }
+            answers.push(answer);
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
+            out.push(answer.await.map_err(|_| self.stopped())??);
+        }
+        Ok(out)
     }
 
     fn stopped(&self) -> Error {

@@ -10,6 +10,9 @@
 //!   ← one answer per input, in order
 //! ```
 //!
+//! [`Engine::explain`] ([`explain`]) takes one image down the same path, then its occluded
+//! copies through the same worker, as one admission-bounded job.
+//!
 //! [`Engine::open`] starts it from a plain [`EngineConfig`] (never from clap's types): ONNX
 //! Runtime, the models under `models_dir` (checked and warmed up), one inference thread each.
 //! The offline commands open it exactly as the server does, so `qscore score` answers what
@@ -20,6 +23,7 @@ pub mod admission;
 pub mod answer;
 pub mod batch;
 pub mod budget;
+pub mod explain;
 pub mod registry;
 pub mod reload;
 pub mod webhook;
@@ -155,6 +159,8 @@ pub struct Engine {
     decode_slots: Arc<Semaphore>,
     /// Told of every flagged answer.
     observers: Vec<Arc<dyn FlaggedObserver>>,
+    /// What one explanation may cost (`--max-explain-features`, `--max-explain-passes`).
+    pub explain: crate::explain::ExplainLimits,
 }
 
 /// CPU cores this process may use.
@@ -189,6 +195,7 @@ impl Engine {
             request_timeout: capacity.timeout,
             metrics,
             observers: Vec::new(),
+            explain: crate::explain::ExplainLimits::DEFAULT,
         }
     }
 

@@ -34,7 +34,9 @@ pub fn status(e: &Error) -> StatusCode {
         | Error::UnreadableFile(_)
         | Error::NotCalibrated { .. }
         | Error::MissingConfidence { .. }
-        | Error::InvalidConfidence(_) => StatusCode::BAD_REQUEST,
+        | Error::InvalidConfidence(_)
+        | Error::InvalidExplainParameters(_) => StatusCode::BAD_REQUEST,
+        Error::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
         Error::UnsupportedMediaType(_)
         | Error::UnsupportedContentEncoding(_)
         | Error::UnsupportedFormat

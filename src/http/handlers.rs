@@ -178,7 +178,7 @@ pub async fn score_batch(
 /// A POST's query string, checked only once its body has been read: refused before, the
 /// connection would close under a client still uploading, which then sees a reset instead of
 /// the 400 that says what was wrong.
-fn after_body<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+pub(super) fn after_body<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
     query.map(|Query(q)| q).map_err(|e| Error::BadRequest(e.body_text()))
 }
 

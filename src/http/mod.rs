@@ -9,6 +9,7 @@ pub mod bounded;
 pub mod connections;
 pub mod docs;
 pub mod error;
+pub mod explain;
 pub mod form_data;
 pub mod handlers;
 pub mod kserve;
@@ -71,14 +72,14 @@ impl AppState {
 #[openapi(
     info(title = "qscore", description = "Label-free representation quality (Q-Score) and likely-misclassification flags for images, from self-supervised ONNX encoders."),
     paths(
-        handlers::score, handlers::score_batch, handlers::embed, handlers::models, handlers::model, handlers::drift,
+        handlers::score, handlers::score_batch, handlers::embed, explain::explain, handlers::models, handlers::model, handlers::drift,
         handlers::live, handlers::ready, handlers::metrics, handlers::openapi,
         kserve::server_metadata, kserve::live, kserve::ready, kserve::model_metadata, kserve::model_ready, kserve::infer,
         kserve::version_metadata, kserve::version_ready, kserve::version_infer,
         labelstudio::health, labelstudio::setup, labelstudio::predict,
     ),
     tags(
-        (name = "scoring", description = "Score and embed images"),
+        (name = "scoring", description = "Score, embed and explain images"),
         (name = "models", description = "What is loaded, and how its recent answers drift"),
         (name = "health", description = "Probes, metrics and this document"),
         (name = "kserve-v2", description = "KServe v2 / Open Inference Protocol"),
@@ -124,6 +125,7 @@ pub fn router(state: AppState, cors: &[String]) -> Router {
         .route("/v1/score", post(handlers::score))
         .route("/v1/score/batch", post(handlers::score_batch))
         .route("/v1/embed", post(handlers::embed))
+        .route("/v1/explain", post(explain::explain))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
         .route("/v1/drift", get(handlers::drift))
