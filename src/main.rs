@@ -355,13 +355,20 @@ async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let request = ExplainRequest { features, patch: args.patch, stride: args.stride, fill: args.fill };
     let mut out = std::io::stdout().lock();
     let mut failed = false;
+    // Overlays are named by the file's stem; two inputs with one stem (`a/1.png`, `b/1.png`)
+    // get `1.png` and `1-2.png`, so no overlay overwrites another (each JSON line names its own).
+    let mut taken = std::collections::HashSet::new();
     for file in expand(&args.files)? {
         let name = file.display().to_string();
         let bytes = backfill::fetch::read_file(&file, engine.limits.max_bytes);
         let line = match engine.explain(&model, Input::new(name.clone(), bytes), &request).await {
             Ok(e) => {
                 let stem = file.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
-                let path = args.out.join(format!("{stem}.png"));
+                let unique = (1..)
+                    .map(|n| if n == 1 { stem.clone() } else { format!("{stem}-{n}") })
+                    .find(|candidate| taken.insert(candidate.clone()))
+                    .expect("an unbounded range finds a free name");
+                let path = args.out.join(format!("{unique}.png"));
                 let maps: Vec<&[f32]> = e.features.iter().map(|f| f.heatmap.as_slice()).collect();
                 let canvas = overlay::render(e.input.view(), &p.mean, &p.std, &e.occlusion, &maps);
                 overlay::png(&canvas)

@@ -277,3 +277,60 @@ fn occluding_the_hottest_region_lowers_the_feature_more_than_a_random_region() {
     assert!(pairs >= 100, "{pairs}");
     assert!(rate >= 0.8, "{wins}/{pairs}");
 }
+
+/// `qscore explain` on every bundled model: one overlay PNG per image and one JSON line each,
+/// and exit 1 when a file failed, after trying every one. Two inputs with the same file name in
+/// different folders get two overlays (`x.png`, `x-2.png`), never one overwriting the other.
+#[test]
+fn the_cli_writes_one_overlay_per_image_for_every_bundled_model() {
+    let scratch = std::env::temp_dir().join(format!("qscore-explain-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (a, b) = (scratch.join("a"), scratch.join("b"));
+    for dir in [&a, &b] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let fixtures = fmnist_fixtures(1);
+    std::fs::copy(&fixtures[0], a.join("x.png")).unwrap();
+    std::fs::copy(&fixtures[1], b.join("x.png")).unwrap();
+    std::fs::write(b.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let photo = root().join("tests/fixtures/photos/chelsea.png");
+
+    let mut models: Vec<String> = std::fs::read_dir(root().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("model.toml").is_file())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    models.sort();
+    assert!(models.len() >= 5, "{models:?}");
+    for model in &models {
+        let out = scratch.join(format!("out-{model}"));
+        let input = if model.starts_with("fmnist-") { a.join("x.png") } else { photo.clone() };
+        let run = common::qscore_bin()
+            .args(["explain", "--model", model, "--out", out.to_str().unwrap(), input.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{model}: {}", String::from_utf8_lossy(&run.stderr));
+        let line: Value = serde_json::from_slice(&run.stdout).unwrap();
+        let overlay = PathBuf::from(line["overlay"].as_str().unwrap());
+        let png = image::open(&overlay).unwrap_or_else(|e| panic!("{model}: {}: {e}", overlay.display()));
+        assert!(png.width() > 0 && !line["explanation"]["features"].as_array().unwrap().is_empty(), "{model}: {line}");
+    }
+
+    let out = scratch.join("same-stem");
+    let files = [a.join("x.png"), b.join("x.png"), b.join("broken.png")];
+    let run = common::qscore_bin()
+        .args(["explain", "--model", MODEL, "--out", out.to_str().unwrap()])
+        .args(files.iter().map(|f| f.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1), "a failed file is exit 1: {}", String::from_utf8_lossy(&run.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8(run.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "one line per file, the failed one included");
+    let overlays: Vec<&str> = lines[..2].iter().map(|l| l["overlay"].as_str().unwrap()).collect();
+    assert_eq!(overlays, [out.join("x.png").to_str().unwrap(), out.join("x-2.png").to_str().unwrap()]);
+    assert_ne!(std::fs::read(overlays[0]).unwrap(), std::fs::read(overlays[1]).unwrap(), "two images, two overlays");
+    assert!(lines[2]["error"]["code"].is_string(), "{}", lines[2]);
+    std::fs::remove_dir_all(&scratch).unwrap();
+}
