@@ -78,7 +78,7 @@ train_log.json under "epoch_choice". The learning-rate schedule is the one of th
 candidate, so the checkpoint at epoch 5 of a 10-epoch run is not the model a 5-epoch run makes.
 
 Usage (`make train-env` makes .venv-train: Debian's CPU PyTorch and scikit-learn plus
-onnxruntime; `make ssl-models` trains all four):
+onnxruntime; `make ssl-models` trains every bundled one, SSL_METHODS in the Makefile):
   .venv-train/bin/python -s models/recipes/train_ssl.py --method simclr --epochs 3
   .venv-train/bin/python -s models/recipes/train_ssl.py --method byol --val-fraction 0.1 --choose-epochs 3,5,10
 """
