@@ -13,12 +13,17 @@ TRAIN_VENV     := .venv-train
 # -s: leave out the user's ~/.local site-packages, where a pip-installed numpy 2 would shadow the
 # Debian numpy 1.24 that Debian's scipy, scikit-learn and matplotlib are built against.
 TRAIN_PY       := $(TRAIN_VENV)/bin/python -s
-SSL_METHODS    := simclr byol vicreg barlow_twins
+SSL_METHODS    := simclr byol vicreg barlow_twins moco
 # Epochs per method, as the bundled models were trained (BYOL needs the longer schedule).
 EPOCHS_simclr       ?= 3
 EPOCHS_byol         ?= 10
 EPOCHS_vicreg       ?= 3
 EPOCHS_barlow_twins ?= 3
+EPOCHS_moco         ?= 3
+# Further recipe flags per method, as the bundled models were trained: the later methods chose
+# their epoch count on a validation split of the training images (never t10k) and ran on one
+# thread (a busy machine); the same thread count is what makes a rerun give the same weights.
+TRAIN_FLAGS_moco    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 1
 CARGO          ?= cargo
 # The Label Studio the labelling test starts (tests/labelling.rs), and the environment it runs
 # it in: offline (no version check, no analytics), legacy tokens on, loopback ML backends allowed.
@@ -174,9 +179,9 @@ train-env:
 	test -x $(TRAIN_VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(TRAIN_VENV)
 	$(TRAIN_VENV)/bin/pip install -q --no-deps -r models/recipes/requirements-train.txt
 
-# Train and export the four bundled SSL encoders (models/fmnist-<method>/), one after another.
+# Train and export the bundled SSL encoders (models/fmnist-<method>/), one after another.
 ssl-models: train-env
-	$(foreach m,$(SSL_METHODS),$(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) &&) true
+	$(foreach m,$(SSL_METHODS),$(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) $(TRAIN_FLAGS_$(m)) &&) true
 
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:

@@ -6,9 +6,58 @@ stride 1, no max-pool; four stages of two BasicBlocks, widths w, 2w, 4w, 8w). Th
 is the global average pool of the last stage, after its ReLU, so it is non-negative, as the
 paper's ResNets are. Projector and predictor heads are trained and dropped at export.
 
-Methods: simclr, byol, vicreg, barlow_twins. No label is used in training; labels are used once
-at the end, by the linear probe on the frozen encoder (train split -> t10k), which is what the
-model's README reports.
+Methods: simclr, byol, vicreg, barlow_twins, simsiam, moco (v2), swav, dino: the eight the
+Q-Score paper studies. No label is used in training; labels are used once at the end, by the
+linear probe on the frozen encoder (train split -> t10k), which is what the model's README
+reports. Every method shares the backbone, the data, the two augmented 28 x 28 views per image
+(`augment`), batch 512, AdamW (lr 2e-3, weight decay 1e-6) with a linear warm-up over the first
+10% of the steps and a cosine decay, and the export. At 3 epochs that is about 350 steps, three
+orders of magnitude fewer than the papers' ImageNet schedules, and that drives most of the
+choices below. Heads are scaled to the 128-d representation (hidden 512 where the papers use 2048).
+
+SimSiam (Chen & He 2021). Projector: three linear layers, BN on each, the last BN affine-free
+(as in the paper's code); predictor: the paper's bottleneck at ratio 4 (512 -> 128 -> 512);
+symmetric negative cosine, stop-gradient on the projection. The paper trains the predictor at a
+constant learning rate; here it shares the cosine schedule (the paper reports that the decayed
+predictor also works, slightly worse).
+
+MoCo v2 (He et al. 2020; Chen et al. 2020). InfoNCE of a query against its own key and a queue
+of past keys; keys come from a momentum (EMA) copy of encoder and head; head fc-ReLU-fc without
+BN (v2's MLP), 128-d; temperature 0.2 (v2). Queue 4,096 keys (8 batches, 7% of the 60,000
+images): the paper's 65,536 is 5% of ImageNet, and more keys than our training images would put
+stale copies of a query's own image among its negatives; MoCo v1's ablation loses under a point
+going from 65,536 to 4,096. Momentum 0.99, constant: the paper's 0.999 has a time constant of
+1,000 steps, so over our ~350 the key encoder would barely leave its initialisation; v1's
+ablation shows 0.99 still trains (0.9 does not). Asymmetric loss, one query view and one key
+view per image, as v2 has it (the symmetrised loss is MoCo v3's), which makes a step cheaper
+than SimCLR's. Shuffling BN (the paper's guard against a query and its key sharing batch
+statistics, one BN per GPU) is emulated: queries run in 4 sub-batches of 128, keys in 4
+sub-batches of a shuffled batch, and the shuffle is undone afterwards.
+
+SwAV (Caron et al. 2020). Each view's code, computed by Sinkhorn-Knopp over the batch (eps 0.05,
+3 iterations: the paper's values), is predicted by the other view's softmax over the prototype
+scores at temperature 0.1 (the paper's). 100 prototypes: the paper uses 3,000 for ImageNet's
+1,000 classes and reports little sensitivity from a few hundred up; with 10 classes and a
+batch of 512, 100 keeps Sinkhorn's equal-share constraint meaningful (about 5 images per
+prototype per batch). Prototypes are re-normalised to the unit sphere after every step and kept
+frozen for the first 10% of the steps (the paper freezes them for its first epoch). No queue:
+the paper adds one only for batches of 256 or fewer against 3,000 prototypes. No multi-crop:
+the paper's 2 x 224 + 6 x 96 crops are one of its main gains, but they would roughly double a
+step's cost and make SwAV's augmentation differ from every other method here; both views are
+the shared 28 x 28 ones.
+
+DINO (Caron et al. 2021), on the same ResNet backbone (the paper also trains ResNet-50). Head:
+three linear layers (BN and ReLU between them, the paper's use_bn_in_head form) to a 128-d
+bottleneck, L2-normalised, then a weight-normalised last layer with its norm fixed to 1 (the
+paper's norm_last_layer) to 4,096 outputs (the paper's 65,536 is for 1.28M images; 4,096 is
+what small-dataset reproductions such as solo-learn's CIFAR setting use). Student temperature
+0.1, teacher temperature 0.04 (the paper's starting value; its warm-up to 0.07 spans 30 epochs,
+longer than this whole run), centre momentum 0.9 (the paper's). Teacher: EMA of the student,
+tau 0.99 -> 1 on a cosine (the paper's 0.996 has a 250-step time constant; 0.99 is BYOL's here).
+Two global views and no multi-crop (see SwAV); each student view is matched to the teacher's
+output on the other view, as DINO does for its global crops. No last-layer freezing in the
+first epoch (a ViT stability measure that would cover a third of this run) and a constant
+weight decay (the paper's 0.04 -> 0.4 schedule is for ViTs).
 
 Data: Debian's `dataset-fashion-mnist` (IDX files under /usr/share/datasets/fashion-mnist/).
 
@@ -29,7 +78,7 @@ train_log.json under "epoch_choice". The learning-rate schedule is the one of th
 candidate, so the checkpoint at epoch 5 of a 10-epoch run is not the model a 5-epoch run makes.
 
 Usage (`make train-env` makes .venv-train: Debian's CPU PyTorch and scikit-learn plus
-onnxruntime; `make ssl-models` trains all four):
+onnxruntime; `make ssl-models` trains every bundled one, SSL_METHODS in the Makefile):
   .venv-train/bin/python -s models/recipes/train_ssl.py --method simclr --epochs 3
   .venv-train/bin/python -s models/recipes/train_ssl.py --method byol --val-fraction 0.1 --choose-epochs 3,5,10
 """
@@ -51,7 +100,7 @@ import torch.nn.functional as F
 MEAN, STD = 0.2860, 0.3530
 CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")
-METHODS = ["simclr", "byol", "vicreg", "barlow_twins"]
+METHODS = ["simclr", "byol", "vicreg", "barlow_twins", "simsiam", "moco", "swav", "dino"]
 
 
 def load_idx(path):
@@ -215,8 +264,172 @@ class BarlowTwins(nn.Module):
         pass
 
 
+class SimSiam(nn.Module):
+    """Chen & He 2021: a predictor regresses the other view's projection under stop-gradient."""
+
+    def __init__(self, enc):
+        super().__init__()
+        # Projector: three layers, BN on every one including the output (affine-free there, as
+        # in the paper's code); predictor: a bottleneck MLP at ratio 4 (512 -> 128 -> 512).
+        self.enc, self.proj = enc, mlp([enc.dim, 512, 512, 512], last_bn=True)
+        self.pred = mlp([512, 128, 512])
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        z = self.proj(self.enc(torch.cat([x1, x2])))
+        p = self.pred(z)
+        z = torch.cat([z[n:], z[:n]]).detach()  # each view predicts the other view's projection
+        return -F.cosine_similarity(p, z, dim=1).mean()
+
+    def after_step(self, progress):
+        pass
+
+
+def momentum_update(online, target, tau):
+    """target <- tau * target + (1 - tau) * online for parameters; buffers (BN statistics) copied."""
+    for po, pt in zip(online.parameters(), target.parameters()):
+        pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+    for bo, bt in zip(online.buffers(), target.buffers()):
+        bt.copy_(bo)
+
+
+def frozen_copy(module):
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+class MoCo(nn.Module):
+    """He et al. 2020 / Chen et al. 2020 (MoCo v2): InfoNCE of a query against its key and a
+    queue of keys from past batches, the keys from a momentum encoder; MLP head, temperature 0.2;
+    shuffling BN emulated by sub-batches."""
+
+    def __init__(self, enc, queue_size=4096, momentum=0.99, temperature=0.2, sub_batches=4):
+        super().__init__()
+        self.enc = enc
+        # MoCo v2's head: fc-ReLU-fc, no BN (hidden 2048 on ImageNet, 512 here), 128-d output.
+        self.proj = nn.Sequential(nn.Linear(enc.dim, 512), nn.ReLU(), nn.Linear(512, 128))
+        self.key = frozen_copy(nn.Sequential(enc, self.proj))
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, 128), dim=1))
+        self.ptr, self.m, self.t, self.sub = 0, momentum, temperature, sub_batches
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        chunks = lambda x: torch.arange(n, device=x.device).chunk(self.sub)
+        # Queries: BN statistics per sub-batch, in order (MoCo's per-GPU BN).
+        q = F.normalize(torch.cat([self.proj(self.enc(x1[c])) for c in chunks(x1)]), dim=1)
+        with torch.no_grad():
+            # Keys: the same sub-batch split after a shuffle, so a query and its own key never
+            # share BN statistics (shuffling BN); the shuffle is undone after the forward pass.
+            perm = torch.randperm(n, device=x2.device)
+            k = torch.cat([self.key(x2[perm[c]]) for c in chunks(x2)])
+            k = F.normalize(k[torch.argsort(perm)], dim=1)
+        pos = (q * k).sum(dim=1, keepdim=True)
+        neg = q @ self.queue.t()
+        logits = torch.cat([pos, neg], dim=1) / self.t
+        self._keys = k
+        return F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=q.device))
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        # The momentum update, then the batch's keys replace the oldest ones in the queue.
+        momentum_update(nn.Sequential(self.enc, self.proj), self.key, self.m)
+        k, size = self._keys, self.queue.shape[0]
+        idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % size
+        self.queue[idx] = k
+        self.ptr = (self.ptr + k.shape[0]) % size
+
+
+@torch.no_grad()
+def sinkhorn(scores, eps=0.05, iters=3):
+    """SwAV's Sinkhorn-Knopp: soft assignments of a batch (B x K scores) to K prototypes, with
+    every prototype given an equal share of the batch; rows sum to 1."""
+    q = torch.exp(scores / eps).t()  # K x B
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+class SwAV(nn.Module):
+    """Caron et al. 2020: each view's code (Sinkhorn-Knopp over the batch) is predicted from the
+    other view's prototype scores; temperature 0.1, eps 0.05, 3 iterations, 100 prototypes."""
+
+    def __init__(self, enc, prototypes=100, temperature=0.1, eps=0.05, iters=3, freeze_until=0.1):
+        super().__init__()
+        self.enc, self.proj = enc, mlp([enc.dim, 512, 128])
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(prototypes, 128), dim=1))
+        self.t, self.eps, self.iters, self.freeze_until = temperature, eps, iters, freeze_until
+        self.progress = 0.0
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        z = F.normalize(self.proj(self.enc(torch.cat([x1, x2]))), dim=1)
+        # SwAV keeps the prototypes fixed at first (its first epoch); detached, they get no update.
+        c = self.prototypes if self.progress >= self.freeze_until else self.prototypes.detach()
+        scores = z @ c.t()
+        s1, s2 = scores[:n], scores[n:]
+        q1, q2 = sinkhorn(s1.detach(), self.eps, self.iters), sinkhorn(s2.detach(), self.eps, self.iters)
+        p1, p2 = F.log_softmax(s1 / self.t, dim=1), F.log_softmax(s2 / self.t, dim=1)
+        return -0.5 * ((q1 * p2).sum(dim=1).mean() + (q2 * p1).sum(dim=1).mean())
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        self.progress = progress
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))  # prototypes stay on the unit sphere
+
+
+class DINOHead(nn.Module):
+    """DINO's head: a 3-layer MLP to a bottleneck, L2-normalised, then a weight-normalised linear
+    layer with its norm fixed to 1 (DINO's norm_last_layer) to `out_dim` outputs."""
+
+    def __init__(self, din, out_dim, hidden=512, bottleneck=128):
+        super().__init__()
+        self.mlp = mlp([din, hidden, hidden, bottleneck])
+        self.last = nn.Parameter(torch.randn(out_dim, bottleneck) * bottleneck ** -0.5)
+
+    def forward(self, h):
+        return F.normalize(self.mlp(h), dim=1) @ F.normalize(self.last, dim=1).t()
+
+
+class DINO(nn.Module):
+    """Caron et al. 2021: the student's distribution over 4096 outputs matches the teacher's,
+    which is centred (momentum 0.9) and sharpened (temperature 0.04 vs the student's 0.1); the
+    teacher is an EMA of the student, tau 0.99 -> 1 (cosine). Two global views, no multi-crop."""
+
+    def __init__(self, enc, out_dim=4096, tau=0.99, student_temp=0.1, teacher_temp=0.04, center_momentum=0.9):
+        super().__init__()
+        self.enc, self.head = enc, DINOHead(enc.dim, out_dim)
+        self.teacher = frozen_copy(nn.Sequential(enc, self.head))
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.tau0, self.ts, self.tt, self.cm = tau, student_temp, teacher_temp, center_momentum
+
+    def loss(self, x1, x2):
+        n = x1.shape[0]
+        x = torch.cat([x1, x2])
+        s = F.log_softmax(self.head(self.enc(x)) / self.ts, dim=1)
+        with torch.no_grad():
+            t_out = self.teacher(x)
+            t = F.softmax((t_out - self.center) / self.tt, dim=1)
+            t = torch.cat([t[n:], t[:n]])  # each student view matches the teacher on the other view
+            self._batch_center = t_out.mean(dim=0, keepdim=True)
+        return -(t * s).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def after_step(self, progress):
+        self.center.mul_(self.cm).add_(self._batch_center, alpha=1 - self.cm)
+        tau = 1 - (1 - self.tau0) * (math.cos(math.pi * progress) + 1) / 2
+        momentum_update(nn.Sequential(self.enc, self.head), self.teacher, tau)
+
+
 def build(method, enc):
-    return {"simclr": SimCLR, "byol": BYOL, "vicreg": VICReg, "barlow_twins": BarlowTwins}[method](enc)
+    return {"simclr": SimCLR, "byol": BYOL, "vicreg": VICReg, "barlow_twins": BarlowTwins, "simsiam": SimSiam,
+            "moco": MoCo, "swav": SwAV, "dino": DINO}[method](enc)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -445,7 +658,18 @@ def main():
     print(json.dumps({k: v for k, v in log.items() if k != "epochs"}), flush=True)
 
 
-NAMES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "barlow_twins": "Barlow Twins"}
+NAMES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "barlow_twins": "Barlow Twins",
+         "simsiam": "SimSiam", "moco": "MoCo v2", "swav": "SwAV", "dino": "DINO"}
+# What each method trains beside the encoder, all dropped at export.
+HEADS = {"simclr": "The projector was", "byol": "The projector, the predictor and the target network were",
+         "vicreg": "The projector was", "barlow_twins": "The projector was",
+         "simsiam": "The projector and the predictor were",
+         "moco": "The projection head, the momentum (key) encoder and the queue of keys were",
+         "swav": "The projector and the prototypes were",
+         "dino": "The projection head and the teacher network (with its centre) were"}
+# The linear probe of the same network untrained (its seed-0 initialisation, base width 16; every
+# method builds the encoder first, so they all start from it): `--epochs 0` measures it.
+UNTRAINED = {"seed": 0, "width": 16, "probe_accuracy_t10k": 0.7954}
 
 
 def write_manifest(out, args, dim, epsilon, epochs_shipped):
@@ -494,20 +718,25 @@ def write_readme(out, log):
                       f"from a {log['epochs_run']}-epoch run (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule)")
     else:
         epochs_row = f"{log['epochs_run']} (batch {log['batch_size']}, AdamW lr {log['lr']}, cosine schedule)"
+    untrained = ""
+    if (log["seed"], log["width"]) == (UNTRAINED["seed"], UNTRAINED["width"]):
+        delta = 100 * (log["probe_accuracy_t10k"] - UNTRAINED["probe_accuracy_t10k"])
+        untrained = (f"| the same network untrained (seed {log['seed']}, `--epochs 0`), same probe | "
+                     f"{100 * UNTRAINED['probe_accuracy_t10k']:.2f}% (trained: {delta:+.2f} points) |\n")
     (out / "README.md").write_text(f"""# {out.name}
 
 A {NAMES[m]} encoder trained by this project, self-supervised, on the 60,000 Fashion-MNIST
 training images (Debian `dataset-fashion-mnist`; no labels used in training). Backbone: ResNet-18
 adapted to 28 x 28 greyscale (3x3 stem, stride 1, no max-pool), base width {log['width']}; the
 representation is the global average pool of the last stage after its ReLU: {log['embedding_dim']}
-non-negative features. The projector{' and predictor' if m == 'byol' else ''} were dropped at export.
+non-negative features. {HEADS[m]} dropped at export.
 
 ## Result
 
 | | |
 |---|---|
 | linear-probe accuracy, t10k (frozen encoder, standardised features, multinomial logistic regression on the 60k train split) | **{100 * log['probe_accuracy_t10k']:.2f}%** |
-| epochs | {epochs_row} |
+{untrained}| epochs | {epochs_row} |
 | training time | {log['train_seconds'] / 60:.1f} min on {log['hardware']} |
 | embedding size | {log['embedding_dim']} |
 | model.onnx | {log['onnx_bytes'] / 1e6:.1f} MB, opset 17, dynamic batch |
