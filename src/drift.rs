@@ -605,9 +605,10 @@ fn window_status(images: usize) -> (DriftStatus, String) {
         return (DriftStatus::Ok, "window compared with the calibration reference".into());
     }
     let message = format!(
-        "{images} images compared with the calibration reference; KS and PSI are read against the shipped \
+        "{images} image{} compared with the calibration reference; KS and PSI are read against the shipped \
          thresholds only from {MIN_DRIFT_WINDOW} images (below that an undrifted window often passes them), so \
-         these figures are not a verdict yet"
+         these figures are not a verdict yet",
+        if images == 1 { "" } else { "s" }
     );
     (DriftStatus::TooFewImages, message)
 }

@@ -191,8 +191,13 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                 for entry in
                     std::fs::read_dir(&dir).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", dir.display()))?
                 {
-                    let path = entry?.path();
-                    if path.is_dir() {
+                    let entry = entry?;
+                    let path = entry.path();
+                    // A link to a folder is not walked (as `find` and ripgrep do by default): a
+                    // link to `..` would lead out of the folder named and round forever.
+                    if entry.file_type()?.is_symlink() && path.is_dir() {
+                        tracing::warn!("left out: {} is a link to a folder, which is not followed", path.display());
+                    } else if path.is_dir() {
                         stack.push(path);
                     } else if qscore::image::has_image_extension(&path) {
                         found.push(path);
@@ -346,7 +351,7 @@ async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     engine.explain = args.explain.limits();
     let model = engine.registry().get(args.engine.model.as_deref())?;
     let features = parse_features(&args.features, model.manifest.output.dim, engine.explain.max_features)
-        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("`features`", "--features", 1)))?;
     // A plan out of bounds would fail every file alike: say so once, before any work.
     let p = &model.preprocess;
     Occlusion::plan(p.height as usize, p.width as usize, args.patch, args.stride, &engine.explain)
@@ -358,7 +363,11 @@ async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     // Overlays are named by the file's stem; two inputs with one stem (`a/1.png`, `b/1.png`)
     // get `1.png` and `1-2.png`, so no overlay overwrites another (each JSON line names its own).
     let mut taken = std::collections::HashSet::new();
-    for file in expand(&args.files)? {
+    let files = expand(&args.files)?;
+    // An overlay never replaces an input (`--out` may be the folder the images are in).
+    let inputs: std::collections::HashSet<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+    let is_input = |path: &std::path::Path| path.canonicalize().is_ok_and(|p| inputs.contains(&p));
+    for file in files {
         let name = file.display().to_string();
         let bytes = backfill::fetch::read_file(&file, engine.limits.max_bytes);
         let line = match engine.explain(&model, Input::new(name.clone(), bytes), &request).await {
@@ -366,7 +375,9 @@ async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 let stem = file.file_stem().map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
                 let unique = (1..)
                     .map(|n| if n == 1 { stem.clone() } else { format!("{stem}-{n}") })
-                    .find(|candidate| taken.insert(candidate.clone()))
+                    .find(|candidate| {
+                        !is_input(&args.out.join(format!("{candidate}.png"))) && taken.insert(candidate.clone())
+                    })
                     .expect("an unbounded range finds a free name");
                 let path = args.out.join(format!("{unique}.png"));
                 let maps: Vec<&[f32]> = e.features.iter().map(|f| f.heatmap.as_slice()).collect();

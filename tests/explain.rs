@@ -332,5 +332,24 @@ fn the_cli_writes_one_overlay_per_image_for_every_bundled_model() {
     assert_eq!(overlays, [out.join("x.png").to_str().unwrap(), out.join("x-2.png").to_str().unwrap()]);
     assert_ne!(std::fs::read(overlays[0]).unwrap(), std::fs::read(overlays[1]).unwrap(), "two images, two overlays");
     assert!(lines[2]["error"]["code"].is_string(), "{}", lines[2]);
+
+    // `--out` the images' own folder, which links to its parent and to itself: the input is never
+    // replaced by its overlay, and the links to folders are not walked (no way out, no loop).
+    let own = scratch.join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::copy(&fixtures[0], own.join("x.png")).unwrap();
+    std::os::unix::fs::symlink("..", own.join("up")).unwrap();
+    std::os::unix::fs::symlink(".", own.join("self")).unwrap();
+    let before = std::fs::read(own.join("x.png")).unwrap();
+    let run = common::qscore_bin()
+        .args(["explain", "--model", MODEL, "--out", own.to_str().unwrap(), own.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8(run.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "x.png once: the links were not followed");
+    assert_eq!(lines[0]["overlay"], own.join("x-2.png").to_str().unwrap());
+    assert_eq!(std::fs::read(own.join("x.png")).unwrap(), before, "the input is untouched");
     std::fs::remove_dir_all(&scratch).unwrap();
 }

@@ -205,20 +205,25 @@ async fn v1_batches_keep_order_errors_summaries_and_observers() {
         {"id": "not-base64", "data": "%%%"},
         {"id": "dark", "data": b64(&png(0))},
         {"id": "text", "data": b64(b"hello, world")},
+        {"id": "typed", "data": b64(&png(0)), "confidence": "0.5"},
+        {"id": 6, "data": b64(&png(0))},
     ]});
     let (status, r) = call(&h.app, post_json("/v1/score/batch", &batch)).await;
     assert_eq!(status, 200, "{r}");
     let ids: Vec<&str> = r["results"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["bright", "not-base64", "dark", "text"]);
+    // A malformed item keeps the client's id when it has one; an id that is no string, its position.
+    assert_eq!(ids, ["bright", "not-base64", "dark", "text", "typed", "5"]);
+    assert_eq!(r["results"][4]["error"]["code"], "bad_request");
+    assert_eq!(r["results"][5]["error"]["code"], "bad_request");
     assert_eq!(r["results"][0]["likely_misclassified"], false);
     assert!((r["results"][0]["q_score"].as_f64().unwrap() - 3.5).abs() < 1e-6, "{r}");
     assert_eq!(r["results"][1]["error"]["code"], "bad_request");
     assert_eq!(r["results"][2]["likely_misclassified"], true);
     assert_eq!(r["results"][2]["predicted_class"], "b");
     assert_eq!(r["results"][3]["error"]["code"], "unsupported_image_format");
-    assert_eq!(r["summary"], json!({"count": 4, "scored": 2, "failed": 2, "flagged": 1, "mean_q_score": 1.75}));
+    assert_eq!(r["summary"], json!({"count": 6, "scored": 2, "failed": 4, "flagged": 1, "mean_q_score": 1.75}));
     assert_eq!(*h.flagged.0.lock().unwrap(), ["dark"]);
-    assert_eq!((images_total(&h.engine, "scored"), images_total(&h.engine, "rejected")), (2, 2));
+    assert_eq!((images_total(&h.engine, "scored"), images_total(&h.engine, "rejected")), (2, 4));
 
     let (status, r) =
         call(&h.app, Request::post("/v1/score").header("content-type", "image/png").body(Body::from(png(0))).unwrap())

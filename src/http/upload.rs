@@ -303,7 +303,17 @@ fn json_item(i: usize, raw: &str) -> Input {
             let e = Error::BadRequest(format!(
                 "image {i} is not {{\"id\": \"...\", \"data\": \"<base64>\", \"confidence\": <optional number>}}: {e}"
             ));
-            return Input::new(position(), Err(e));
+            // The error goes back under the client's own id when the item has a usable one, so
+            // a client matching answers by id finds it; otherwise under its position.
+            #[derive(Deserialize)]
+            struct IdOnly {
+                id: Option<String>,
+            }
+            let id = serde_json::from_str::<IdOnly>(raw)
+                .ok()
+                .and_then(|item| item.id)
+                .filter(|id| bounded::check_id(String::new, id).is_ok());
+            return Input::new(id.unwrap_or_else(position), Err(e));
         }
     };
     if let Some(id) = &item.id
