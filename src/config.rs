@@ -294,12 +294,21 @@ pub struct ExplainLimitArgs {
     #[arg(long, env = "QSCORE_MAX_EXPLAIN_PASSES", default_value_t = 1024,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub max_explain_passes: usize,
+    /// Most explanations running at once (each is up to --max-explain-passes forward passes);
+    /// one more is answered 429 at once rather than admitted to time out behind the others.
+    #[arg(long, env = "QSCORE_MAX_CONCURRENT_EXPLAINS", default_value_t = 2,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub max_concurrent_explains: usize,
 }
 
 impl ExplainLimitArgs {
     /// The engine's limits.
     pub fn limits(&self) -> crate::explain::ExplainLimits {
-        crate::explain::ExplainLimits { max_features: self.max_explain_features, max_passes: self.max_explain_passes }
+        crate::explain::ExplainLimits {
+            max_features: self.max_explain_features,
+            max_passes: self.max_explain_passes,
+            max_concurrent: self.max_concurrent_explains,
+        }
     }
 }
 

@@ -33,6 +33,11 @@ pub struct ExplainLimits {
     pub max_features: usize,
     /// Most occluded forward passes one explanation may cost.
     pub max_passes: usize,
+    /// Most explanations running at once, across models. Admission counts the copies an
+    /// explanation holds, not the passes still to come, so without this cap a few dear plans
+    /// could all be admitted and all run past the deadline; and since a client that left is only
+    /// noticed when its answer is written, it bounds what abandoned explanations can take.
+    pub max_concurrent: usize,
 }
 
 /// Most cells one heatmap may have, whatever the input size: a small stride over a large input
@@ -40,8 +45,9 @@ pub struct ExplainLimits {
 pub const MAX_GRID_CELLS: usize = 4096;
 
 impl ExplainLimits {
-    /// The server's defaults: 16 heatmaps, 1024 passes (about six times the default plan's 169).
-    pub const DEFAULT: Self = Self { max_features: 16, max_passes: 1024 };
+    /// The server's defaults: 16 heatmaps, 1024 passes (about six times the default plan's 169),
+    /// two explanations at a time (one per core of a small machine).
+    pub const DEFAULT: Self = Self { max_features: 16, max_passes: 1024, max_concurrent: 2 };
 }
 
 /// Why a plan or a feature list was refused; every variant is the client's to fix.

@@ -353,3 +353,37 @@ fn the_cli_writes_one_overlay_per_image_for_every_bundled_model() {
     assert_eq!(std::fs::read(own.join("x.png")).unwrap(), before, "the input is untouched");
     std::fs::remove_dir_all(&scratch).unwrap();
 }
+
+/// `--max-concurrent-explains 1`: of several dear explanations sent at once, the ones past the
+/// first are answered 429 `overloaded` at once (with Retry-After) instead of being admitted to
+/// run out the deadline together; the one admitted finishes.
+#[test]
+fn explanations_past_the_concurrency_cap_are_429_at_once() {
+    let server = Server::start(&["--model", MODEL, "--max-concurrent-explains", "1"]);
+    let image = std::fs::read(&fmnist_fixtures(1)[0]).unwrap();
+    // 784 passes each (patch 1, stride 1 on 28x28): long enough that four sent together overlap.
+    let barrier = std::sync::Barrier::new(4);
+    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (server, image, barrier) = (&server, image.clone(), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    let r = server.post_image(&format!("/v1/explain?model={MODEL}&patch=1&stride=1"), "x.png", image);
+                    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                    (r.status().as_u16(), retry, r.json().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|(s, ..)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, ..)| *s == 429).collect();
+    assert!(ok >= 1 && !refused.is_empty() && ok + refused.len() == 4, "{answers:?}");
+    for (_, retry, body) in refused {
+        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+        assert!(retry.is_some(), "429 carries Retry-After");
+    }
+    let again = server.post_image(&format!("/v1/explain?model={MODEL}"), "x.png", image);
+    assert_eq!(again.status(), 200, "the place is free again once they ended");
+}

@@ -159,8 +159,11 @@ pub struct Engine {
     decode_slots: Arc<Semaphore>,
     /// Told of every flagged answer.
     observers: Vec<Arc<dyn FlaggedObserver>>,
-    /// What one explanation may cost (`--max-explain-features`, `--max-explain-passes`).
+    /// What one explanation may cost (`--max-explain-features`, `--max-explain-passes`), and how
+    /// many run at once (`--max-concurrent-explains`).
     pub explain: crate::explain::ExplainLimits,
+    /// Explanations running now, held under `explain.max_concurrent`.
+    explaining: std::sync::atomic::AtomicUsize,
 }
 
 /// CPU cores this process may use.
@@ -196,6 +199,7 @@ impl Engine {
             metrics,
             observers: Vec::new(),
             explain: crate::explain::ExplainLimits::DEFAULT,
+            explaining: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
