@@ -27,14 +27,13 @@ use std::{
 
 use anyhow::{Context, bail};
 use qscore::{
-    config::{Device, GraphOptimization},
     engine::{
         BatchSettings, Capacity, Engine, EngineConfig, Input, Selection,
         explain::{ExplainRequest, Explanation},
     },
     explain::{ExplainLimits, FeatureChoice, Fill},
     image::ImageLimits,
-    model::encoder::{CudaOptions, SessionOptions},
+    model::encoder::SessionOptions,
 };
 use rand::{SeedableRng, seq::SliceRandom};
 
@@ -172,14 +171,7 @@ async fn main() -> anyhow::Result<()> {
         models_dir: PathBuf::from(models_dir),
         default_model: None,
         ort_lib: None,
-        session: SessionOptions {
-            device: Device::Cpu,
-            intra_threads: 0,
-            intra_spinning: false,
-            optimization: GraphOptimization::All,
-            cuda: CudaOptions::default(),
-            io: None,
-        },
+        session: SessionOptions::default(),
         batching: BatchSettings { max_batch: 32, max_delay: std::time::Duration::from_millis(2) },
         limits: ImageLimits::DEFAULT,
     };
