@@ -641,7 +641,7 @@ def main():
     size = (out / "model.onnx").stat().st_size
     golden = fixture_golden(enc, args.fixtures) if args.fixtures.is_dir() else {}
 
-    hardware = f"{platform.processor() or platform.machine()}, {args.threads} CPU threads" if args.device == "cpu" else args.device
+    hardware = f"{platform.processor() or platform.machine()}, {args.threads} CPU thread{'s' if args.threads != 1 else ''}" if args.device == "cpu" else args.device
     command = "make train-env && .venv-train/bin/python models/recipes/train_ssl.py " + " ".join(sys.argv[1:])
     log.update({
         "method": args.method, "seed": args.seed, "epochs_run": args.epochs, "epochs_shipped": epochs_shipped,
