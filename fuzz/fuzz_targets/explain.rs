@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => assert!(e.to_string().len() < 512, "an error message grows with the input: {e}"),
     }
 
-    let limits = ExplainLimits { max_features: max, max_passes: 4096 };
+    let limits = ExplainLimits { max_features: max, max_passes: 4096, ..ExplainLimits::DEFAULT };
     if let Ok(plan) = Occlusion::plan(side, side, patch, stride, &limits) {
         let passes = plan.passes();
         assert!(passes <= limits.max_passes);
