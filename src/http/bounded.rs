@@ -27,30 +27,41 @@ pub fn check_id(what: impl FnOnce() -> String, id: &str) -> Result<(), crate::er
     Ok(())
 }
 
-/// How a list's overflow error begins, so [`refused`] can tell it from other parse errors.
-const TOO_MANY: &str = "a list has more than";
-
 fn too_many<E: de::Error>() -> E {
-    E::custom(format_args!("{TOO_MANY} {MAX_LIST} items; split the request"))
+    E::custom(format_args!("a list has more than {MAX_LIST} items; split the request"))
 }
 
-/// The error for a request body serde could not read. A list past [`MAX_LIST`] items (of
-/// images, tasks, tensor elements) means too many for one request, so it is the same 413
-/// `too_many_images` with the route's `limit` that a shorter list past the limit gets, telling
-/// the client to split; anything else is `invalid`'s 400.
+/// How the overflow error of a list of images (or of tasks, or a tensor's elements: one per
+/// image) begins, so [`refused`] can tell it from other parse errors.
+const TOO_MANY_IMAGES: &str = "a request has more than";
+
+fn too_many_images<E: de::Error>() -> E {
+    E::custom(format_args!("{TOO_MANY_IMAGES} {MAX_LIST} images; split the request"))
+}
+
+/// The error for a request body serde could not read. A list of images past [`MAX_LIST`] items
+/// ([`image_list`], a tensor's [`Leaves`]) means too many images for one request, so it is the
+/// same 413 `too_many_images` with the route's `limit` that a shorter list past the limit gets,
+/// telling the client to split; anything else, other lists past the cap included, is
+/// `invalid`'s 400.
 pub fn refused(
     e: serde_json::Error,
     limit: usize,
     invalid: impl FnOnce(serde_json::Error) -> crate::error::Error,
 ) -> crate::error::Error {
-    if e.is_data() && e.to_string().starts_with(TOO_MANY) {
+    if e.is_data() && e.to_string().starts_with(TOO_MANY_IMAGES) {
         crate::error::Error::TooManyImages { limit }
     } else {
         invalid(e)
     }
 }
 
-struct ListVisitor<T>(PhantomData<T>);
+/// A list of at most [`MAX_LIST`] items; `images` says whether each item is one image, which
+/// decides the overflow error.
+struct ListVisitor<T> {
+    items: PhantomData<T>,
+    images: bool,
+}
 
 impl<'de, T: de::Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
     type Value = Vec<T>;
@@ -68,6 +79,7 @@ impl<'de, T: de::Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
             }
         }
         match seq.next_element::<IgnoredAny>()? {
+            Some(_) if self.images => Err(too_many_images()),
             Some(_) => Err(too_many()),
             None => Ok(out),
         }
@@ -76,7 +88,13 @@ impl<'de, T: de::Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
 
 /// A list of at most [`MAX_LIST`] items (`#[serde(deserialize_with = "bounded::list")]`).
 pub fn list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
-    d.deserialize_seq(ListVisitor(PhantomData))
+    d.deserialize_seq(ListVisitor { items: PhantomData, images: false })
+}
+
+/// A list of at most [`MAX_LIST`] items, each one image (or one task), whose overflow
+/// [`refused`] answers as too many images.
+pub fn image_list<'de, D: Deserializer<'de>, T: de::Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    d.deserialize_seq(ListVisitor { items: PhantomData, images: true })
 }
 
 /// An optional list of at most [`MAX_LIST`] items; with `#[serde(default)]`.
@@ -123,7 +141,7 @@ enum Leaf {
 impl Leaves {
     fn push(&mut self, leaf: Leaf) -> Result<(), String> {
         if self.strings.len() + self.numbers.len() + self.others == MAX_LIST {
-            return Err(format!("a list has more than {MAX_LIST} items; split the request"));
+            return Err(format!("{TOO_MANY_IMAGES} {MAX_LIST} images; split the request"));
         }
         match leaf {
             Leaf::String(s) => self.strings.push(s),
@@ -217,13 +235,15 @@ mod tests {
         assert!(serde_json::from_str::<Lists>(&over).unwrap_err().to_string().contains("more than 4096"));
         let strings = format!(r#"{{"items": [], "data": [{}]}}"#, vec!["[\"\"]"; MAX_LIST + 1].join(","));
         assert!(serde_json::from_str::<Lists>(&strings).unwrap_err().to_string().contains("more than 4096"));
-        let too_many = serde_json::from_str::<Lists>(&over).unwrap_err();
-        assert!(matches!(refused(too_many, 8, |_| unreachable!()), crate::error::Error::TooManyImages { limit: 8 }));
+        // A tensor's elements past the cap are too many images (413); any other list past it,
+        // or any other fault, is the caller's 400.
+        let bad = |e: serde_json::Error| crate::error::Error::BadRequest(e.to_string());
+        let images = serde_json::from_str::<Lists>(&strings).unwrap_err();
+        assert!(matches!(refused(images, 8, bad), crate::error::Error::TooManyImages { limit: 8 }));
+        let items = serde_json::from_str::<Lists>(&over).unwrap_err();
+        assert!(matches!(refused(items, 8, bad), crate::error::Error::BadRequest(_)));
         let other = serde_json::from_str::<Lists>(r#"{"items": ["x"]}"#).unwrap_err();
-        assert!(matches!(
-            refused(other, 8, |e| crate::error::Error::BadRequest(e.to_string())),
-            crate::error::Error::BadRequest(_)
-        ));
+        assert!(matches!(refused(other, 8, bad), crate::error::Error::BadRequest(_)));
         let mixed = serde_json::from_str::<Lists>(r#"{"items": [], "data": [1, ["x", 0.25], true, null]}"#).unwrap();
         let mixed = mixed.data.unwrap();
         assert_eq!((mixed.strings, mixed.numbers, mixed.others), (vec!["x".to_string()], vec![1.0, 0.25], 2));

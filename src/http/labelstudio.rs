@@ -42,7 +42,7 @@ const FETCH_CONCURRENCY: usize = 8;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PredictRequest {
     /// The tasks to score.
-    #[serde(deserialize_with = "bounded::list")]
+    #[serde(deserialize_with = "bounded::image_list")]
     pub tasks: Vec<Task>,
     /// The project's label config (XML): its `<Image>` tags name the image fields.
     #[serde(default)]

@@ -272,7 +272,7 @@ pub(crate) fn checked_confidence(v: f64) -> Option<f32> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireBatch<'a> {
-    #[serde(borrow, deserialize_with = "bounded::list")]
+    #[serde(borrow, deserialize_with = "bounded::image_list")]
     images: Vec<&'a serde_json::value::RawValue>,
 }
 
