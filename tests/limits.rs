@@ -621,7 +621,9 @@ fn malformed_items_keep_their_slot_and_every_error_is_json() {
     let results = r["results"].as_array().unwrap_or_else(|| panic!("{r}"));
     assert_eq!(results.len(), 8, "{r}");
     let ids: Vec<&str> = results.iter().map(|x| x["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["good", "1", "2", "3", "4", "5", "6", "7"]);
+    // A malformed item answers under its own id when it has a usable string one, else under its
+    // position (an id that is no string, no object, an id past the limit).
+    assert_eq!(ids, ["good", "no-data", "null-data", "3", "extra", "5", "6", "7"]);
     assert!(results[0]["q_score"].is_number() && results[7]["q_score"].is_number(), "{r}");
     for (i, item) in results.iter().enumerate().take(7).skip(1) {
         let code = item["error"]["code"].as_str().unwrap_or_else(|| panic!("item {i}: {item}"));
