@@ -13,7 +13,7 @@ use std::{
     process::Output,
 };
 
-use common::{Server, fixture, root};
+use common::{Server, fixture, fmnist_fixtures, root};
 use parquet::{
     file::reader::{FileReader, SerializedFileReader},
     record::Field,
@@ -47,19 +47,6 @@ fn qscore(args: &[&str]) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The first `per_class` fixture images of each class, sorted.
-fn images(per_class: usize) -> Vec<PathBuf> {
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(fixture("fmnist")).unwrap().map(|d| d.unwrap().path()).collect();
-    classes.sort();
-    let mut out = Vec::new();
-    for class in classes {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(class).unwrap().map(|f| f.unwrap().path()).collect();
-        files.sort();
-        out.extend(files.into_iter().take(per_class));
-    }
-    out
 }
 
 /// One row as the parquet crate reads it: column name to value.
@@ -102,7 +89,7 @@ fn write_manifest(dir: &Path) -> (PathBuf, Vec<(i64, String)>) {
     std::os::unix::fs::symlink(fixture("fmnist"), dir.join("img")).unwrap();
     std::fs::write(dir.join("notes.txt"), "not an image\n").unwrap();
     let mut entries = Vec::new();
-    for (i, f) in images(6).iter().enumerate() {
+    for (i, f) in fmnist_fixtures(6).iter().enumerate() {
         entries.push(if i % 2 == 0 {
             f.display().to_string()
         } else {
@@ -332,7 +319,7 @@ fn serve_images(files: Vec<PathBuf>) -> u16 {
 fn urls_are_fetched_from_allowed_hosts_only_and_every_failure_is_a_row() {
     let dir = scratch("urls");
     let models = models(&dir);
-    let files = images(1);
+    let files = fmnist_fixtures(1);
     let port = serve_images(files.clone());
     let base = format!("http://127.0.0.1:{port}");
     let mut lines: Vec<String> =
@@ -402,7 +389,7 @@ fn drift_over_the_shards_is_the_live_windows_drift_on_the_same_images() {
     let offline = &offline["models"][0];
 
     let server = Server::start_with_models(&models, &["--model", MODEL]);
-    for f in images(6) {
+    for f in fmnist_fixtures(6) {
         let r = server.post_raw(&format!("/v1/score?model={MODEL}"), "image/png", std::fs::read(f).unwrap());
         assert_eq!(r.status(), 200);
     }
@@ -529,7 +516,7 @@ fn retryable_failures_are_scored_again_and_files_that_are_not_shards_are_kept() 
     let dir = scratch("retry");
     let models = models(&dir);
     let models_arg = models.to_str().unwrap();
-    let files = images(1);
+    let files = fmnist_fixtures(1);
     let port = serve_images(files.clone());
     let urls: Vec<String> = files[..2]
         .iter()

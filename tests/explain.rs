@@ -13,24 +13,10 @@ mod common;
 
 use std::{io::Cursor, path::PathBuf, process::Command};
 
-use common::{Server, assert_error, fixture, root};
+use common::{Server, assert_error, fmnist_fixtures, root};
 use serde_json::Value;
 
 const MODEL: &str = "fmnist-simclr";
-
-/// The first `per_class` Fashion-MNIST fixtures of every class, sorted.
-fn fmnist_fixtures(per_class: usize) -> Vec<PathBuf> {
-    let mut classes: Vec<PathBuf> =
-        std::fs::read_dir(fixture("fmnist")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
-    classes.sort();
-    let mut out = Vec::new();
-    for class in classes {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(class).unwrap().map(|e| e.unwrap().path()).collect();
-        files.sort();
-        out.extend(files.into_iter().take(per_class));
-    }
-    out
-}
 
 fn explain(server: &Server, query: &str, bytes: Vec<u8>) -> Value {
     let r = server.post_image(&format!("/v1/explain?{query}"), "x.png", bytes);

@@ -195,3 +195,17 @@ pub fn degrade(bytes: &[u8], seed: &mut u32) -> Vec<u8> {
     blurred.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
 }
+
+/// The first `per_class` Fashion-MNIST fixtures of every class, sorted.
+pub fn fmnist_fixtures(per_class: usize) -> Vec<PathBuf> {
+    let mut classes: Vec<PathBuf> =
+        std::fs::read_dir(fixture("fmnist")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    classes.sort();
+    let mut out = Vec::new();
+    for class in classes {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(class).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        out.extend(files.into_iter().take(per_class));
+    }
+    out
+}
