@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
     let mut engine =
         tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, Capacity::OFFLINE)).await??;
     // Every feature of L, however many: the comparison needs the other active features too.
-    engine.explain = ExplainLimits { max_features: 256, ..ExplainLimits::DEFAULT };
+    engine.set_explain_limits(ExplainLimits { max_features: 256, ..ExplainLimits::DEFAULT });
     let registry = engine.registry();
     let models: Vec<_> = registry
         .models()

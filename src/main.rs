@@ -348,7 +348,7 @@ async fn explain_files(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         Engine::open(&config, &selection, Capacity::OFFLINE)
     })
     .await??;
-    engine.explain = args.explain.limits();
+    engine.set_explain_limits(args.explain.limits());
     let model = engine.registry().get(args.engine.model.as_deref())?;
     let features = parse_features(&args.features, model.manifest.output.dim, engine.explain.max_features)
         .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("`features`", "--features", 1)))?;

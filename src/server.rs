@@ -57,7 +57,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     let mut engine = tokio::task::spawn_blocking(move || Engine::open(&config, &Selection::All, capacity)).await??;
-    engine.explain = args.explain.limits();
+    engine.set_explain_limits(args.explain.limits());
     if let Some(keys) = &api_keys {
         keys.watch();
     }

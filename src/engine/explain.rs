@@ -176,9 +176,7 @@ impl Engine {
         let fits = (self.budget.share_bytes() / tensor_bytes.max(1)).max(1) as usize;
         let window = (2 * model.worker.max_batch()).min(plan.passes()).min(fits).max(1);
         let name = model.name();
-        let _running = Running::enter(&self.explaining, limits.max_concurrent)
-            .ok_or(Error::Overloaded { retry_after_s: 1 })
-            .inspect_err(|_| self.metrics.rejected(name, Rejection::Overloaded))?;
+        let _running = self.explaining.admit(1).inspect_err(|_| self.metrics.rejected(name, Rejection::Overloaded))?;
         let _permit =
             self.admission.admit(1 + window).inspect_err(|_| self.metrics.rejected(name, Rejection::Overloaded))?;
 
@@ -286,42 +284,5 @@ impl Engine {
             Ok(answer) => answer,
             Err(_) => Err(Error::Timeout),
         }
-    }
-}
-
-/// One explanation counted as running until it is dropped (answered, failed or abandoned).
-struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> Running<'a> {
-    /// Counts one more explanation when fewer than `max` run; `None` when `max` already do.
-    fn enter(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
-        use std::sync::atomic::Ordering::AcqRel;
-        count.fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Self(count))
-    }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use super::Running;
-
-    #[test]
-    fn at_most_max_explanations_run_and_a_finished_one_frees_its_place() {
-        let count = AtomicUsize::new(0);
-        let first = Running::enter(&count, 2).unwrap();
-        let second = Running::enter(&count, 2).unwrap();
-        assert!(Running::enter(&count, 2).is_none(), "a third is refused");
-        drop(first);
-        let third = Running::enter(&count, 2).expect("a place was freed");
-        drop((second, third));
-        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 }

@@ -160,10 +160,10 @@ pub struct Engine {
     /// Told of every flagged answer.
     observers: Vec<Arc<dyn FlaggedObserver>>,
     /// What one explanation may cost (`--max-explain-features`, `--max-explain-passes`), and how
-    /// many run at once (`--max-concurrent-explains`).
+    /// many run at once (`--max-concurrent-explains`); set with [`Engine::set_explain_limits`].
     pub explain: crate::explain::ExplainLimits,
-    /// Explanations running now, held under `explain.max_concurrent`.
-    explaining: std::sync::atomic::AtomicUsize,
+    /// Explanations running now, one admission slot each, at most `explain.max_concurrent`.
+    explaining: Arc<Admission>,
 }
 
 /// CPU cores this process may use.
@@ -199,8 +199,14 @@ impl Engine {
             metrics,
             observers: Vec::new(),
             explain: crate::explain::ExplainLimits::DEFAULT,
-            explaining: std::sync::atomic::AtomicUsize::new(0),
+            explaining: Admission::new(crate::explain::ExplainLimits::DEFAULT.max_concurrent),
         }
+    }
+
+    /// Sets what one explanation may cost and how many run at once.
+    pub fn set_explain_limits(&mut self, limits: crate::explain::ExplainLimits) {
+        self.explain = limits;
+        self.explaining = Admission::new(limits.max_concurrent);
     }
 
     /// The models served now. A caller keeps the snapshot it took for the whole request, so a
