@@ -56,7 +56,7 @@ PHOTOS_DIR     ?= /tmp/qscore-photos
 SKIMAGE_WHEEL  := scikit-image==0.26.0
 
 .PHONY: all build run test ort ort-gpu tools model fixtures openapi bench clean train-env plots ssl-models fmnist-fixtures \
-        fmnist-data calibrate evaluate load-bench bench-env swagger-ui \
+        fmnist-data calibrate evaluate qreg-models load-bench bench-env swagger-ui \
         photos dct-scaling-bench profile fp16-models gpu-bench-prepare int8-env int8-photos int8-models \
         explain-core explain-bench
 
@@ -182,6 +182,23 @@ train-env:
 # Train and export the bundled SSL encoders (models/fmnist-<method>/), one after another.
 ssl-models: train-env
 	$(foreach m,$(SSL_METHODS),$(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) $(TRAIN_FLAGS_$(m)) &&) true
+
+# Q-Score-regularised fine-tuning with its control (models/recipes/finetune_qscore.py) for every
+# method in QREG_METHODS, under QREG_DIR: each method is trained again with --checkpoint (the
+# bundled ONNX files have no heads, which the SSL loss needs), fine-tuned twice from that
+# checkpoint, and the two encoders are calibrated by qscore itself with `make calibrate`'s flags.
+# About 25-60 minutes per method on 2 idle cores; nothing here is bundled until it earns a place.
+QREG_DIR     ?= /tmp/qscore-qreg
+QREG_METHODS ?= $(SSL_METHODS)
+qreg-models: train-env build fmnist-data
+	mkdir -p $(QREG_DIR)/models
+	$(foreach m,$(QREG_METHODS),\
+	  { test -f $(QREG_DIR)/$(m).pt || $(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) \
+	      $(TRAIN_FLAGS_$(m)) --out $(QREG_DIR)/models/fmnist-$(m) --checkpoint $(QREG_DIR)/$(m).pt; } && \
+	  $(TRAIN_PY) models/recipes/finetune_qscore.py --checkpoint $(QREG_DIR)/$(m).pt \
+	    --source $(QREG_DIR)/models/fmnist-$(m) --out $(QREG_DIR)/models && \
+	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-control $(CALIBRATE_FLAGS) > /dev/null && \
+	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-qreg $(CALIBRATE_FLAGS) > /dev/null &&) true
 
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:

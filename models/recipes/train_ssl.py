@@ -65,9 +65,13 @@ Outputs, under --out (default models/fmnist-<method>): model.onnx (opset 17, dyn
 model.toml, README.md (provenance and results), train_log.json, golden.json (PyTorch
 embeddings of the first committed fixture of every class, for qscore's own Rust test).
 
-Reproducible: the same --seed, --epochs and --threads give the same weights on the same
-machine (all randomness flows from seeded generators; CPU kernels are deterministic at a fixed
-thread count).
+Repeatable, not bit-reproducible: the same --seed, --epochs and --threads give the same data
+order, augmentations and schedule (all randomness flows from seeded generators), but PyTorch's
+CPU kernels are not deterministic across runs here: a BYOL rerun's first-epoch loss differed in
+the third digit and its probe by 0.7 points (models/fmnist-byol/README.md).
+
+--checkpoint FILE also saves the shipped epoch's whole method (heads included) for
+models/recipes/finetune_qscore.py.
 
 Choosing the number of epochs without touching t10k (t10k is qscore's calibration hold-out):
 `--val-fraction 0.1 --choose-epochs 3,5,10` trains once, to the largest candidate, on every
@@ -558,6 +562,10 @@ def main():
                     help="comma-separated candidate epoch counts: train to the largest, keep the one whose probe "
                          "does best on the validation split (overrides --epochs)")
     ap.add_argument("--out", type=pathlib.Path)
+    ap.add_argument("--checkpoint", type=pathlib.Path,
+                    help="also save the shipped epoch's whole method (encoder, heads, target network, queue) "
+                         "as a PyTorch state dict, for models/recipes/finetune_qscore.py; not bundled (heads are "
+                         "dropped at export)")
     ap.add_argument("--fixtures", type=pathlib.Path, default=pathlib.Path("tests/fixtures/fmnist"))
     args = ap.parse_args()
     candidates = sorted({int(e) for e in args.choose_epochs.split(",") if e.strip()})
@@ -620,17 +628,22 @@ def main():
             choice["curve"].append({"epoch": epoch + 1, "val_accuracy": val_acc})
             entry["val_accuracy"] = val_acc
             if val_acc > best_acc:  # strictly: the earliest of equal epochs
-                best_acc, best_state = val_acc, copy.deepcopy(enc.state_dict())
+                # The whole method (heads, target network, queue), not only the encoder, so
+                # that --checkpoint keeps what fine-tuning with the method's own loss needs.
+                best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
                 choice["chosen"] = epoch + 1
         log["epochs"].append(entry)
         print(json.dumps(entry), flush=True)
     train_seconds = time.time() - t0
     if candidates:
-        enc.load_state_dict(best_state)
+        model.load_state_dict(best_state)
         log["epoch_choice"] = choice
         print(json.dumps({"epoch_choice": choice}), flush=True)
     epochs_shipped = choice["chosen"] if candidates else args.epochs
 
+    if args.checkpoint:
+        torch.save({"method": args.method, "width": args.width, "seed": args.seed, "epochs": epochs_shipped,
+                    "state_dict": model.cpu().state_dict()}, args.checkpoint)
     enc = enc.cpu().eval()
     tp = time.time()
     train_f = embed(enc, train_x)
