@@ -13,17 +13,23 @@ TRAIN_VENV     := .venv-train
 # -s: leave out the user's ~/.local site-packages, where a pip-installed numpy 2 would shadow the
 # Debian numpy 1.24 that Debian's scipy, scikit-learn and matplotlib are built against.
 TRAIN_PY       := $(TRAIN_VENV)/bin/python -s
-SSL_METHODS    := simclr byol vicreg barlow_twins moco
+SSL_METHODS    := simclr byol vicreg barlow_twins moco simsiam swav dino
 # Epochs per method, as the bundled models were trained (BYOL needs the longer schedule).
 EPOCHS_simclr       ?= 3
 EPOCHS_byol         ?= 10
 EPOCHS_vicreg       ?= 3
 EPOCHS_barlow_twins ?= 3
 EPOCHS_moco         ?= 3
+EPOCHS_simsiam      ?= 3
+EPOCHS_swav         ?= 3
+EPOCHS_dino         ?= 3
 # Further recipe flags per method, as the bundled models were trained: the later methods chose
 # their epoch count on a validation split of the training images (never t10k) and ran on one
 # thread (a busy machine); the same thread count is what makes a rerun give the same weights.
 TRAIN_FLAGS_moco    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 1
+TRAIN_FLAGS_simsiam ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 2
+TRAIN_FLAGS_swav    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 2
+TRAIN_FLAGS_dino    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 2
 CARGO          ?= cargo
 # The Label Studio the labelling test starts (tests/labelling.rs), and the environment it runs
 # it in: offline (no version check, no analytics), legacy tokens on, loopback ML backends allowed.
@@ -43,9 +49,9 @@ RANDOM_SUBSETS    := 3
 COMPRESSION_CURVE := 0.4,0.6,0.8,1.0
 # What `make calibrate` passes `qscore calibrate` after --model; `make int8-models` calibrates the
 # int8 models with exactly the same flags and seed.
-CALIBRATE_FLAGS   := --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
-                     --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)' \
-                     --random-subsets $(RANDOM_SUBSETS) --compression-curve $(COMPRESSION_CURVE)
+CALIBRATE_BASE    := --fit $(FMNIST_DIR)/train --holdout $(FMNIST_DIR)/t10k \
+                     --seed 0 --sweep-epsilon '$(SWEEP_EPSILON)' --sweep-percentiles '$(SWEEP_PERCENTILES)'
+CALIBRATE_FLAGS   := $(CALIBRATE_BASE) --random-subsets $(RANDOM_SUBSETS) --compression-curve $(COMPRESSION_CURVE)
 # The int8 recipes' venv (models/recipes/requirements-int8.txt) and what they calibrate on:
 # Fashion-MNIST train images (a seeded sample) for the SSL encoders; for MobileNetV2, photos from
 # scikit-image's wheel and Debian's mate-backgrounds, split into calibration and held-out folders.
@@ -185,20 +191,30 @@ ssl-models: train-env
 
 # Q-Score-regularised fine-tuning with its control (models/recipes/finetune_qscore.py) for every
 # method in QREG_METHODS, under QREG_DIR: each method is trained again with --checkpoint (the
-# bundled ONNX files have no heads, which the SSL loss needs), fine-tuned twice from that
-# checkpoint, and the two encoders are calibrated by qscore itself with `make calibrate`'s flags.
-# About 25-60 minutes per method on 2 idle cores; nothing here is bundled until it earns a place.
+# bundled ONNX files have no heads, which the SSL loss needs; a rerun is close to the bundled
+# weights, not bit-identical, so its own export is the "before" encoder and is calibrated too;
+# `train_ssl.py --checkpoint` beside a bundled model's own training can seed QREG_DIR instead,
+# as for the reported runs), fine-tuned twice from that checkpoint (QREG_FLAGS: half an epoch, the
+# budget the reported runs had), and the two encoders are calibrated by qscore itself with `make
+# calibrate`'s flags less the compression curve and with one random subset (the D and A_j > 0
+# points stay). Then
+# models/recipes/qreg_table.py writes the table into models/README.md. About 15 minutes per method
+# on 2 idle cores plus its training; nothing here is bundled until it earns a place.
 QREG_DIR     ?= /tmp/qscore-qreg
 QREG_METHODS ?= $(SSL_METHODS)
+QREG_FLAGS   ?= --limit 30000
+QREG_CALIBRATE := $(CALIBRATE_BASE) --random-subsets 1 --compression-curve 1
 qreg-models: train-env build fmnist-data
 	mkdir -p $(QREG_DIR)/models
 	$(foreach m,$(QREG_METHODS),\
-	  { test -f $(QREG_DIR)/$(m).pt || $(TRAIN_PY) models/recipes/train_ssl.py --method $(m) --epochs $(EPOCHS_$(m)) \
-	      $(TRAIN_FLAGS_$(m)) --out $(QREG_DIR)/models/fmnist-$(m) --checkpoint $(QREG_DIR)/$(m).pt; } && \
-	  $(TRAIN_PY) models/recipes/finetune_qscore.py --checkpoint $(QREG_DIR)/$(m).pt \
+	  { test -f $(QREG_DIR)/models/fmnist-$(m)/calibration.json || { $(TRAIN_PY) models/recipes/train_ssl.py --method $(m) \
+	      --epochs $(EPOCHS_$(m)) $(TRAIN_FLAGS_$(m)) --out $(QREG_DIR)/models/fmnist-$(m) --checkpoint $(QREG_DIR)/$(m).pt && \
+	    $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m) $(QREG_CALIBRATE) > /dev/null; }; } && \
+	  $(TRAIN_PY) models/recipes/finetune_qscore.py --checkpoint $(QREG_DIR)/$(m).pt $(QREG_FLAGS) \
 	    --source $(QREG_DIR)/models/fmnist-$(m) --out $(QREG_DIR)/models && \
-	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-control $(CALIBRATE_FLAGS) > /dev/null && \
-	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-qreg $(CALIBRATE_FLAGS) > /dev/null &&) true
+	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-control $(QREG_CALIBRATE) > /dev/null && \
+	  $(BIN) calibrate --models-dir $(QREG_DIR)/models --model fmnist-$(m)-qreg $(QREG_CALIBRATE) > /dev/null &&) true
+	$(TRAIN_PY) models/recipes/qreg_table.py --qreg-dir $(QREG_DIR)/models --write models/README.md
 
 # The committed Fashion-MNIST fixtures: the first 20 t10k images of every class.
 fmnist-fixtures:

@@ -128,7 +128,8 @@ def write_model(out, source, variant, ckpt, args, acc):
                   toml, count=1, flags=re.M)
     toml = re.sub(r'^recipe = ".*"$',
                   f'recipe = "models/recipes/finetune_qscore.py --source models/{source.name} --epochs {args.epochs} '
-                  f'--lr {args.lr:g} --seed {args.seed} --threads {args.threads} (probe t10k {acc:.4f})"',
+                  f'--lr {args.lr:g} --seed {args.seed} --threads {args.threads}'
+                  + (f' --limit {args.limit}' if args.limit else '') + f' (probe t10k {acc:.4f})"',
                   toml, count=1, flags=re.M)
     (out / "model.toml").write_text(toml)
 
@@ -146,7 +147,8 @@ def main():
     ap.add_argument("--w-over", type=float, default=1e-4, help="weight of term 2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--limit", type=int, default=0, help="fine-tune on the first N images only (smoke tests)")
+    ap.add_argument("--limit", type=int, default=0, help="fine-tune on the first N training images only (a shorter schedule; recorded in the "
+                         "exported model.toml)")
     ap.add_argument("--probe-limit", type=int, default=0,
                     help="fit the probe on the first N train images and test it on the first N t10k images "
                          "(smoke tests; the reported figures use all of them)")

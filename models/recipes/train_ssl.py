@@ -767,8 +767,9 @@ non-negative features. {HEADS[m]} dropped at export.
 ```
 
 PyTorch {log['torch']} (Debian `python3-torch`), seed {log['seed']}. The same seed, epochs and
-thread count on the same kind of machine give the same weights; `train_log.json` has the full
-record. Preprocessing served by qscore: greyscale, 28 x 28, scale to [0, 1], mean {MEAN}, std {STD}.
+thread count give the same data order, augmentations and schedule, and not always
+bit-identical weights (a SimCLR rerun gave the same model.onnx; a BYOL rerun's probe moved 0.7
+points, see `fmnist-byol`); `train_log.json` has the full record. Preprocessing served by qscore: greyscale, 28 x 28, scale to [0, 1], mean {MEAN}, std {STD}.
 """)
 
 
