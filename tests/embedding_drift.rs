@@ -244,7 +244,16 @@ fn measure_false_alarms_on_undrifted_windows() {
         classes
     };
     let (train, t10k) = (class_files("train"), class_files("t10k"));
-    for model in ["fmnist-simclr", "fmnist-byol", "fmnist-barlow_twins", "fmnist-vicreg", "fmnist-moco"] {
+    for model in [
+        "fmnist-simclr",
+        "fmnist-byol",
+        "fmnist-barlow_twins",
+        "fmnist-vicreg",
+        "fmnist-moco",
+        "fmnist-simsiam",
+        "fmnist-swav",
+        "fmnist-dino",
+    ] {
         let dir = std::env::temp_dir().join(format!("qscore-false-alarms-{model}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let m = dir.join("models").join(model);

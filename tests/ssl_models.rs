@@ -7,7 +7,7 @@ use common::{Server, cosine, floats, root};
 use reqwest::blocking::multipart::{Form, Part};
 use serde_json::Value;
 
-const METHODS: [&str; 5] = ["simclr", "byol", "vicreg", "barlow_twins", "moco"];
+const METHODS: [&str; 8] = ["simclr", "byol", "vicreg", "barlow_twins", "moco", "simsiam", "swav", "dino"];
 const CLASSES: [&str; 10] =
     ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
 
