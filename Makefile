@@ -24,8 +24,9 @@ EPOCHS_simsiam      ?= 3
 EPOCHS_swav         ?= 3
 EPOCHS_dino         ?= 3
 # Further recipe flags per method, as the bundled models were trained: the later methods chose
-# their epoch count on a validation split of the training images (never t10k) and ran on one
-# thread (a busy machine); the same thread count is what makes a rerun give the same weights.
+# their epoch count on a validation split of the training images (never t10k); MoCo ran on one
+# thread (a busy machine). The same thread count gives the same data order and schedule; the
+# weights are close, not always bit-identical (models/recipes/README.md).
 TRAIN_FLAGS_moco    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 1
 TRAIN_FLAGS_simsiam ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 2
 TRAIN_FLAGS_swav    ?= --val-fraction 0.1 --choose-epochs 1,2,3 --threads 2
@@ -197,9 +198,9 @@ ssl-models: train-env
 # as for the reported runs), fine-tuned twice from that checkpoint (QREG_FLAGS: half an epoch, the
 # budget the reported runs had), and the two encoders are calibrated by qscore itself with `make
 # calibrate`'s flags less the compression curve and with one random subset (the D and A_j > 0
-# points stay). Then
-# models/recipes/qreg_table.py writes the table into models/README.md. About 15 minutes per method
-# on 2 idle cores plus its training; nothing here is bundled until it earns a place.
+# points stay). Then models/recipes/qreg_table.py writes the table into models/README.md. About
+# 15 minutes per method on 2 idle cores plus its training; nothing here is bundled until it
+# earns a place.
 QREG_DIR     ?= /tmp/qscore-qreg
 QREG_METHODS ?= $(SSL_METHODS)
 QREG_FLAGS   ?= --limit 30000
