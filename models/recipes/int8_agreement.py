@@ -42,6 +42,7 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from quantize_int8 import list_images, prepare, read_manifest, views  # noqa: E402
+from readme_sections import replace_section  # noqa: E402
 
 TARGETS = {"spearman": 0.99, "flag_agreement": 0.99, "auprc_points": 1.0}
 
@@ -251,16 +252,6 @@ def notes(rows) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: pathlib.Path, body: str):
-    text = path.read_text()
-    start, end = "<!-- agreement -->", "<!-- /agreement -->"
-    if start not in text:
-        raise SystemExit(f"{path} has no {start} marker")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1] if end in rest else "\n"
-    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models-dir", type=pathlib.Path, default=pathlib.Path("models"))
@@ -298,11 +289,11 @@ def main():
     if args.write:
         body = f"{table(rows)}\n\n{notes(rows)}\n\nThroughput: ONNX Runtime sessions alone, best of three " \
                f"alternating rounds, on {machine}."
-        replace_section(args.models_dir / "README.md", body)
+        replace_section(args.models_dir / "README.md", "agreement", body)
         for r in rows:
             readme = args.models_dir / r["int8"] / "README.md"
             if readme.exists() and not r["misses"]:
-                replace_section(readme, f"{table([r])}\n\n{notes([r])}\n\nThroughput on {machine}.")
+                replace_section(readme, "agreement", f"{table([r])}\n\n{notes([r])}\n\nThroughput on {machine}.")
     failed = [r for r in rows if r["misses"]]
     for r in failed:
         print(f"{r['int8']} misses its targets: {'; '.join(r['misses'])}", file=sys.stderr)

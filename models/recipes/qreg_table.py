@@ -20,6 +20,9 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from readme_sections import replace_section  # noqa: E402
+
 
 def pct(x):
     return f"{100 * x:.2f}"
@@ -71,16 +74,11 @@ def main():
     body = list(rows(args.qreg_dir))
     if not body:
         sys.exit(f"no *-finetune_log.json under {args.qreg_dir}: run make qreg-models first")
-    table = HEADER + "\n" + "\n".join(body) + "\n"
-    if not args.write:
-        sys.stdout.write(table)
-        return
-    text = args.write.read_text()
-    start, end = "<!-- qreg -->\n", "<!-- /qreg -->"
-    i, j = text.find(start), text.find(end)
-    if i < 0 or j < i:
-        sys.exit(f"{args.write} has no {start.strip()} ... {end} block to replace")
-    args.write.write_text(text[: i + len(start)] + table + text[j:])
+    table = HEADER + "\n" + "\n".join(body)
+    if args.write:
+        replace_section(args.write, "qreg", table)
+    else:
+        print(table)
 
 
 if __name__ == "__main__":
