@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Openapi => print_openapi(),
         Command::Serve(args) => {
+            qscore::engine::budget::release_large_frees_to_the_os();
             init_logging(args.log_format);
             runtime()
                 .and_then(|rt| {

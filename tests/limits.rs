@@ -326,7 +326,9 @@ fn stalled_uploads_hold_at_most_the_budget() {
     assert!(refused > 0, "no upload was refused: {:?}", answers.iter().map(status).collect::<Vec<_>>());
     assert_eq!(refused + timed_out, 16, "{:?}", answers.iter().map(status).collect::<Vec<_>>());
     assert!(answers.iter().any(|a| a.contains("memory_budget_exhausted")));
-    assert_unharmed(&s, base, 128 + 64, "stalled uploads");
+    // The share plus 32 MiB for connection buffers: before the allocator returned freed bodies
+    // (`release_large_frees_to_the_os`), this grew 150-200 MiB and a loaded CI run failed.
+    assert_unharmed(&s, base, 128 + 32, "stalled uploads");
 }
 
 /// A declared length is not a reservation: 16 connections that declare 32 MiB bodies against a
@@ -416,7 +418,7 @@ fn label_studio_fetches_share_the_budget() {
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 64, "every task answers");
     assert!(results.iter().any(|t| t["error"]["code"] == "memory_budget_exhausted"), "{r}");
-    assert_unharmed(&s, base, 128 + 64, "Label Studio fetches");
+    assert_unharmed(&s, base, 128 + 32, "Label Studio fetches");
 }
 
 /// Headers trickled a line at a time, idle keep-alive connections and connections past the cap
