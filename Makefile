@@ -291,11 +291,15 @@ evaluate: build
 	$(BIN) evaluate --models-dir models
 
 # Do discriminative features fire on the garment? Occlusion heatmaps of every active feature of
-# EXPLAIN_PER_CLASS seeded t10k images per class, for every calibrated fmnist-* model, against
-# the garment pixels: the table in models/README.md (examples/explain_core.rs says how).
+# EXPLAIN_PER_CLASS seeded t10k images per class, for every calibrated fmnist-* model in
+# EXPLAIN_MODELS_DIR, against the garment pixels: the table in models/README.md
+# (examples/explain_core.rs says how). A run replaces the rows of the models it explains and
+# keeps the others', so `make explain-core EXPLAIN_MODELS_DIR=$(QREG_DIR)/models` adds the
+# fine-tuned encoders (control and Q-reg) beside their starting ones.
 EXPLAIN_PER_CLASS ?= 60
+EXPLAIN_MODELS_DIR ?= models
 explain-core: build fmnist-data
-	$(CARGO) run --release --locked --quiet --example explain_core -- models $(FMNIST_DIR)/t10k $(EXPLAIN_PER_CLASS) 0 \
+	$(CARGO) run --release --locked --quiet --example explain_core -- $(EXPLAIN_MODELS_DIR) $(FMNIST_DIR)/t10k $(EXPLAIN_PER_CLASS) 0 \
 	  --write models/README.md
 
 # What one explanation costs: `qscore explain` with the defaults over the Fashion-MNIST fixtures

@@ -13,11 +13,13 @@
 //!
 //! cargo run --release --example explain_core -- MODELS_DIR T10K_DIR PER_CLASS SEED [--write README]
 //!
-//! Prints the table; with `--write`, replaces the part of README between
-//! `<!-- explain-core -->` and `<!-- /explain-core -->` (appending a section when it has none).
-//! Every calibrated `fmnist-*` model in MODELS_DIR (int8 copies left out) gets rows for both
-//! fills (mean, black); a later variant (a Q-Score-regularised encoder, a folder named `*qreg*`)
-//! is one more model folder and so more rows, its `variant` column saying so.
+//! Prints the table; with `--write`, writes it into the part of README between
+//! `<!-- explain-core -->` and `<!-- /explain-core -->` (appending a section when it has none),
+//! replacing the rows of the models it explained and keeping the other models' rows: one run
+//! costs minutes per model on two cores, so a new method or the fine-tuned encoders are run on
+//! their own. Every calibrated `fmnist-*` model in MODELS_DIR (int8 copies left out) gets rows
+//! for both fills (mean, black); the fine-tuned encoders of `make qreg-models` (`*-control`,
+//! `*-qreg`) are model folders like any other, their `variant` column saying which.
 
 use std::{
     collections::BTreeMap,
@@ -135,15 +137,76 @@ fn sample(root: &Path, per_class: usize, seed: u64) -> anyhow::Result<Vec<(Strin
     Ok(out)
 }
 
-/// The table's `variant` column: a model folder whose name says `qreg` holds a Q-Score-regularised
-/// encoder (the next rows of the table), any other one the encoder as trained.
+/// The table's `variant` column, from the folder names `make qreg-models` gives: `*-qreg` holds a
+/// Q-Score-regularised encoder, `*-control` the same fine-tuning without the regulariser, any
+/// other one the encoder as trained.
 fn variant(name: &str) -> &'static str {
-    if name.contains("qreg") { "Q-Score regularised" } else { "as trained" }
+    if name.ends_with("-qreg") {
+        "Q-Score regularised"
+    } else if name.ends_with("-control") {
+        "fine-tuned control"
+    } else {
+        "as trained"
+    }
+}
+
+const BEGIN: &str = "<!-- explain-core -->";
+const END: &str = "<!-- /explain-core -->";
+const COST: &str = "Cost per explanation on this machine (2 cores, some runs beside other jobs): ";
+/// What the block said about maps left out before the count moved into each cost note.
+const EARLIER: &str = "Rows whose cost note has no count were run together and left out ";
+
+/// What an earlier `--write` left in the README for the models this run did not explain: their
+/// table rows, their cost notes, and the sentence about maps left out by runs that counted them
+/// together. A run over a few models (one new method, the fine-tuned variants) so keeps the
+/// rest of the table instead of dropping it.
+#[derive(Default)]
+struct Kept {
+    rows: Vec<String>,
+    costs: Vec<String>,
+    earlier: Option<String>,
+}
+
+fn kept_from(readme: &Path, explained: &[&str]) -> anyhow::Result<Kept> {
+    let text = std::fs::read_to_string(readme).with_context(|| format!("cannot read {}", readme.display()))?;
+    let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) else { return Ok(Kept::default()) };
+    let block = &text[a..b.max(a)];
+    let ours = |model: &str| explained.contains(&model.trim());
+    let mut kept = Kept::default();
+    for line in block.lines() {
+        if let Some(cells) = line.strip_prefix("| fmnist-") {
+            let model = format!("fmnist-{}", cells.split('|').next().unwrap_or_default().trim());
+            if !ours(&model) {
+                kept.rows.push(line.to_owned());
+            }
+        } else if let Some(notes) = line.split_once("): ").map(|(_, n)| n).filter(|_| line.starts_with("Cost ")) {
+            kept.costs.extend(
+                notes
+                    .trim_end_matches('.')
+                    .split("; ")
+                    .filter(|n| !ours(n.split(" (").next().unwrap_or_default()))
+                    .map(str::to_owned),
+            );
+        }
+        // The older header counted the left-out maps of all its rows together.
+        let total = match (line.find(EARLIER), line.find(" maps with no positive mass are left out")) {
+            (Some(i), _) => line[i + EARLIER.len()..].split_whitespace().next(),
+            (None, Some(i)) => line[..i].split_whitespace().last(),
+            (None, None) => None,
+        };
+        if let Some(n) = total.filter(|n| n.parse::<usize>().is_ok()) {
+            kept.earlier = Some(n.to_owned());
+        }
+    }
+    if kept.costs.iter().all(|c| c.contains("without positive mass")) {
+        kept.earlier = None;
+    }
+    Ok(kept)
 }
 
 fn replace_section(readme: &Path, section: &str) -> anyhow::Result<()> {
-    let (begin, end) = ("<!-- explain-core -->", "<!-- /explain-core -->");
     let text = std::fs::read_to_string(readme).with_context(|| format!("cannot read {}", readme.display()))?;
+    let (begin, end) = (BEGIN, END);
     let block = format!("{begin}\n{section}{end}");
     let new = match (text.find(begin), text.find(end)) {
         (Some(a), Some(b)) if a < b => format!("{}{block}{}", &text[..a], &text[b + end.len()..]),
@@ -225,18 +288,25 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             }
+            let massless: usize = rows
+                .iter()
+                .filter(|((m, f, _), _)| m == model.name() && *f == fill_name)
+                .map(|(_, r)| r.massless)
+                .sum();
             cost.push(format!(
-                "{} ({fill_name}): {:.1} ms per explanation",
+                "{} ({fill_name}): {:.1} ms per explanation, maps without positive mass: {massless}",
                 model.name(),
                 t.elapsed().as_secs_f64() * 1e3 / files.len() as f64
             ));
         }
     }
 
-    let mut table = String::from(
-        "| model | variant | fill | probe | images | core area | L ∩ D maps | L ∩ D mass in core | L \\ D maps | L \\ D mass in core |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let explained: Vec<&str> = models.iter().map(|m| m.name()).collect();
+    let kept = match &write {
+        Some(readme) => kept_from(readme, &explained)?,
+        None => Kept::default(),
+    };
+    let mut lines: Vec<String> = kept.rows;
     for model in &models {
         for fill in ["mean", "black"] {
             let get = |c: bool| rows.get(&(model.name().to_owned(), fill, c)).cloned().unwrap_or_default();
@@ -248,8 +318,8 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     "n/a".into()
                 };
-                table.push_str(&format!(
-                    "| {} | {} | {fill} | {label} | {} | {area} | {} | {} | {} | {} |\n",
+                lines.push(format!(
+                    "| {} | {} | {fill} | {label} | {} | {area} | {} | {} | {} | {} |",
                     model.name(),
                     variant(model.name()),
                     row.images,
@@ -261,16 +331,29 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let massless: usize = rows.values().map(|r| r.massless).sum();
+    // Sorted by model, each model's rows in the order they were made (mean before black,
+    // correct, wrong, all): a stable sort on the model column alone.
+    lines.sort_by(|a, b| a.split('|').nth(1).cmp(&b.split('|').nth(1)));
+    let table = format!(
+        "| model | variant | fill | probe | images | core area | L ∩ D maps | L ∩ D mass in core | L \\ D maps | L \\ D mass in core |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|\n{}\n",
+        lines.join("\n")
+    );
+    let mut costs = kept.costs;
+    costs.extend(cost);
+    costs.sort_by(|a, b| a.split(" (").next().cmp(&b.split(" (").next()));
+    let earlier = kept.earlier.map(|n| format!(" {EARLIER}{n} maps in all.")).unwrap_or_default();
     let section = format!(
-        "Made by `make explain-core` (`cargo run --release --example explain_core -- {models_dir} {images} {per_class} {seed} --write models/README.md`): \
+        "Made by `make explain-core` (`cargo run --release --example explain_core -- MODELS_DIR {images} {per_class} {seed} --write models/README.md`; \
+         MODELS_DIR is `models`, or `make qreg-models`'s folder for the fine-tuned encoders): \
          {per_class} t10k images per class ({} images, seeded sample {seed}), every active feature (L) of each explained by occlusion with \
          `POST /v1/explain`'s defaults (4 px patch, stride 2, 169 passes), filled with the normalisation mean and with black. \
          Mass in core: the share of a map's positive mass on garment pixels (> {CORE_THRESHOLD}/255), in %, mean ± 2 standard errors over maps; \
          core area: the garments' share of the image (chance). Probe: the calibration's linear probe on the image (t10k is held out from it). \
-         {massless} maps with no positive mass are left out.\n\n{table}\nCost on this machine (2 shared cores, while other jobs ran): {}.\n",
+         Maps with no positive mass (occluding nowhere lowers the feature) are left out of the means; the cost notes count them.{earlier} \
+         A run over some of the models replaces their rows and keeps the others'.\n\n{table}\n{COST}{}.\n",
         files.len(),
-        cost.join("; ")
+        costs.join("; ")
     );
     print!("{section}");
     if let Some(readme) = write {
